@@ -1,0 +1,1 @@
+"""Event contracts shared between services: envelope, topic names and payload models. No logic."""

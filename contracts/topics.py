@@ -1,0 +1,9 @@
+"""Kafka topics, one per aggregate; messages are keyed by the aggregate id to keep its order."""
+
+INVOICE = "billing.invoice"
+PAYMENT = "billing.payment"
+SUBSCRIPTION = "billing.subscription"
+NOTIFICATION = "billing.notification"
+STRIPE = "billing.stripe"
+
+ALL = (INVOICE, PAYMENT, SUBSCRIPTION, NOTIFICATION, STRIPE)

@@ -1,0 +1,97 @@
+"""Exactly-once effects from at-least-once Kafka delivery.
+
+Each event is applied inside one unit of work that also records its id in the inbox; the Kafka
+offset is committed only after that transaction commits. A repeat finds the inbox row and is
+skipped; a crash before commit leaves the offset uncommitted, so the event comes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from pydantic import ValidationError
+
+from contracts.envelope import CloudEvent
+from kit.db import Database, UnitOfWork
+from kit.errors import AppError
+from kit.logging import bind_correlation_id
+
+log = structlog.get_logger(__name__)
+
+EventHandler = Callable[[UnitOfWork, CloudEvent], Awaitable[None]]
+
+
+class EventConsumer:
+    def __init__(
+        self,
+        db: Database,
+        name: str,
+        handlers: Mapping[str, EventHandler],
+        *,
+        retry_delays: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0, 2.0),
+    ) -> None:
+        self._db = db
+        self.name = name
+        self._handlers = handlers
+        self._retry_delays = retry_delays
+
+    async def apply(self, event: CloudEvent) -> bool:
+        """Apply one event once. Returns False when it was a duplicate or of no interest."""
+        handler = self._handlers.get(event.type)
+        if handler is None:
+            return False
+        async with self._db.unit_of_work() as uow:
+            if not await uow.claim_event(event.id, event.type, self.name):
+                log.info("event_duplicate_skipped", event_id=event.id, event_type=event.type)
+                return False
+            await handler(uow, event)
+            await uow.commit()
+        return True
+
+    async def handle_message(self, body: bytes, message: KafkaMessage) -> None:
+        try:
+            event = CloudEvent.model_validate_json(body)
+        except ValidationError as exc:
+            log.error("event_malformed_dropped", consumer=self.name, error=str(exc)[:500])
+            await message.ack()
+            return
+        bind_correlation_id(event.correlationid)
+        for attempt, delay in enumerate((*self._retry_delays, None)):
+            try:
+                applied = await self.apply(event)
+                if applied:
+                    log.info("event_applied", consumer=self.name, event_type=event.type, subject=event.subject)
+                break
+            except AppError as exc:
+                # The domain refuses it (e.g. a payment for a cancelled invoice): retrying cannot help.
+                log.warning(
+                    "event_refused", consumer=self.name, event_id=event.id, event_type=event.type,
+                    code=exc.code, reason=exc.message,
+                )
+                break
+            except Exception as exc:
+                if delay is None:
+                    log.error("event_failed_will_redeliver", consumer=self.name, event_id=event.id, error=str(exc))
+                    await message.nack()  # rewinds the partition: the event comes back
+                    return
+                log.warning("event_retry", consumer=self.name, attempt=attempt + 1, error=str(exc))
+                await asyncio.sleep(delay)
+        await message.ack()
+
+    def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str) -> None:
+        async def handler(body: bytes, message: KafkaMessage) -> None:
+            await self.handle_message(body, message)
+
+        handler.__name__ = f"{self.name}_handler"
+        broker.subscriber(
+            *topics,
+            group_id=group_id,
+            ack_policy=AckPolicy.MANUAL,
+            auto_offset_reset="earliest",
+            title=f"{self.name}:{','.join(topics)}",
+        )(handler)

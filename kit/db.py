@@ -1,0 +1,148 @@
+"""Async SQLAlchemy engine and a unit of work that rolls back unless committed.
+
+The unit of work also carries the transactional outbox: events added with `publish()` are written
+in the same transaction as the change they describe, and a NOTIFY wakes the relay after commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy import BigInteger, DateTime, Identity, Index, LargeBinary, String, func, text
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Mapped, declared_attr, mapped_column
+
+from contracts.envelope import CONTENT_TYPE, CloudEvent
+
+OUTBOX_CHANNEL = "outbox"
+
+
+class OutboxMixin:
+    """Events waiting for (or already through) the relay. Mixed into each service's own Base."""
+
+    __tablename__ = "outbox"
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[Any, ...]:
+        return (Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    topic: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, str]] = mapped_column(JSONB, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class InboxMixin:
+    """Ids of events a consumer has applied; written in the same transaction as the effect."""
+
+    __tablename__ = "inbox"
+
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    consumer: Mapped[str] = mapped_column(String(100), primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Database:
+    def __init__(
+        self,
+        url: str,
+        *,
+        outbox_model: type[OutboxMixin] | None = None,
+        inbox_model: type[InboxMixin] | None = None,
+        pool_size: int = 10,
+    ) -> None:
+        self.url = url
+        self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.outbox_model = outbox_model
+        self.inbox_model = inbox_model
+
+    def unit_of_work(self) -> UnitOfWork:
+        return UnitOfWork(self)
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+class UnitOfWork:
+    """`async with db.unit_of_work() as uow: ...; await uow.commit()`; anything else rolls back."""
+
+    session: AsyncSession
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pending_events = 0
+        self.committed = False
+
+    async def __aenter__(self) -> Self:
+        self.session = self._db.sessionmaker()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if not self.committed:
+                await self.session.rollback()
+        finally:
+            await self.session.close()
+
+    def publish(self, event: CloudEvent, *, topic: str, key: str) -> None:
+        """Stage an event; it is stored with the change and relayed to Kafka after commit."""
+        if self._db.outbox_model is None:
+            raise RuntimeError("this service has no outbox table")
+        headers = {"content-type": CONTENT_TYPE, "ce_type": event.type}
+        if event.correlationid:
+            headers["correlation_id"] = event.correlationid
+        self.session.add(
+            self._db.outbox_model(
+                event_id=event.id,
+                event_type=event.type,
+                topic=topic,
+                key=key,
+                payload=event.to_bytes(),
+                headers=headers,
+            )
+        )
+        self._pending_events += 1
+
+    async def claim_event(self, event_id: str, event_type: str, consumer: str) -> bool:
+        """Record that `consumer` handles `event_id`; False when it was already handled."""
+        if self._db.inbox_model is None:
+            raise RuntimeError("this service has no inbox table")
+        model = self._db.inbox_model
+        stmt = (
+            insert(model)
+            .values(event_id=event_id, consumer=consumer, event_type=event_type)
+            .on_conflict_do_nothing()
+            .returning(model.event_id)
+        )
+        return (await self.session.execute(stmt)).first() is not None
+
+    async def commit(self) -> None:
+        if self._pending_events:
+            await self.session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
+        await self.session.commit()
+        self.committed = True
+        self._pending_events = 0
+
+
+def new_id() -> uuid.UUID:
+    return uuid.uuid4()

@@ -1,0 +1,123 @@
+"""Outbox relay: publishes committed outbox rows to Kafka with an idempotent producer (acks=all).
+
+Only one relay per service publishes at a time (a transaction-scoped advisory lock), so events of
+one aggregate leave in commit order even with several replicas running. A crash between publish
+and marking rows published re-sends them: delivery is at least once and consumers deduplicate by
+event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+
+import asyncpg
+import structlog
+from faststream.kafka import KafkaBroker
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import make_url
+
+from kit.db import OUTBOX_CHANNEL, Database, OutboxMixin
+
+log = structlog.get_logger(__name__)
+
+
+def asyncpg_dsn(sqlalchemy_url: str) -> str:
+    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        db: Database,
+        broker: KafkaBroker,
+        *,
+        service: str,
+        batch_size: int = 200,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if db.outbox_model is None:
+            raise ValueError("database has no outbox model")
+        self._db = db
+        self._model: type[OutboxMixin] = db.outbox_model
+        self._broker = broker
+        self._lock_key = zlib.crc32(f"outbox:{service}".encode())
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    async def start(self) -> None:
+        try:
+            self._listener = await asyncpg.connect(asyncpg_dsn(self._db.url))
+            await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: self._wakeup.set())
+        except (OSError, asyncpg.PostgresError) as exc:  # polling still works without LISTEN
+            log.warning("outbox_listen_unavailable", error=str(exc))
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.drain()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Kafka or DB down: keep rows, retry later
+                log.warning("outbox_relay_error", error=str(exc))
+                await asyncio.sleep(self._poll_interval)
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval)
+
+    async def drain(self) -> int:
+        """Publish everything pending; returns how many events went out."""
+        sent = 0
+        while True:
+            batch = await self._publish_batch()
+            sent += batch
+            if batch < self._batch_size:
+                return sent
+
+    async def _publish_batch(self) -> int:
+        model = self._model
+        async with self._db.sessionmaker() as session, session.begin():
+            if not await session.scalar(select(func.pg_try_advisory_xact_lock(self._lock_key))):
+                return 0  # another replica is relaying
+            rows = (
+                await session.scalars(
+                    select(model)
+                    .where(model.published_at.is_(None))
+                    .order_by(model.id)
+                    .limit(self._batch_size)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not rows:
+                return 0
+            futures = [
+                await self._broker.publish(
+                    row.payload,
+                    topic=row.topic,
+                    key=row.key.encode(),
+                    headers=row.headers,
+                    correlation_id=row.headers.get("correlation_id"),
+                    no_confirm=True,
+                )
+                for row in rows
+            ]
+            await asyncio.gather(*futures)  # acks=all for every record before we mark them
+            await session.execute(
+                update(model).where(model.id.in_([r.id for r in rows])).values(published_at=func.now())
+            )
+        log.debug("outbox_published", count=len(rows))
+        return len(rows)

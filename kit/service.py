@@ -1,0 +1,158 @@
+"""Process wiring shared by every service: logging, errors, health, DB, Kafka, outbox relay, jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+from faststream.kafka import KafkaBroker
+
+from kit.db import Database
+from kit.errors import install_error_handlers
+from kit.logging import configure_logging, correlation_middleware
+from kit.migrations import upgrade_to_head_async
+from kit.outbox import OutboxRelay
+from kit.settings import ServiceSettings
+
+log = structlog.get_logger(__name__)
+
+
+def make_broker(settings: ServiceSettings) -> KafkaBroker:
+    # Idempotent producer: forces acks=all and keeps per-partition order across retries.
+    return KafkaBroker(
+        settings.kafka_bootstrap,
+        client_id=settings.service_name,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        graceful_timeout=10.0,
+    )
+
+
+@dataclass
+class PeriodicJob:
+    """A coroutine run every `interval` seconds; it must itself be safe with several replicas."""
+
+    name: str
+    interval: float
+    run: Callable[[], Awaitable[object]]
+
+
+@dataclass
+class ServiceRuntime:
+    settings: ServiceSettings
+    db: Database
+    broker: KafkaBroker
+    migrations: Path | None = None
+    jobs: Sequence[PeriodicJob] = ()
+    relay: OutboxRelay | None = None
+    on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        if self.settings.migrate_on_start and self.migrations is not None:
+            await upgrade_to_head_async(self.migrations, self.settings.database_url)
+        if self.settings.kafka_enabled:
+            await self.broker.start()
+            if self.db.outbox_model is not None:
+                self.relay = OutboxRelay(
+                    self.db, self.broker, service=self.settings.service_name,
+                    poll_interval=self.settings.outbox_poll_interval,
+                )
+                await self.relay.start()
+        for hook in self.on_startup:
+            await hook()
+        self._tasks = [asyncio.create_task(self._loop(job), name=job.name) for job in self.jobs]
+        log.info("service_started", port=self.settings.port)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for hook in self.on_shutdown:
+            await hook()
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.settings.kafka_enabled:
+            await self.broker.stop()
+        await self.db.dispose()
+        log.info("service_stopped")
+
+    async def _loop(self, job: PeriodicJob) -> None:
+        while True:
+            await asyncio.sleep(job.interval)
+            try:
+                await job.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("job_failed", job=job.name, error=str(exc))
+
+    async def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            await self.db.ping()
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {exc}"
+        if self.settings.kafka_enabled:
+            try:
+                ok = await self.broker.ping(timeout=2.0)
+                checks["kafka"] = "ok" if ok else "unreachable"
+            except Exception as exc:
+                checks["kafka"] = f"error: {exc}"
+        return checks
+
+
+def create_service_app(
+    runtime: ServiceRuntime,
+    *,
+    title: str,
+    routers: Sequence[APIRouter] = (),
+    description: str = "",
+) -> FastAPI:
+    settings = runtime.settings
+    configure_logging(settings.service_name, settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title=title, description=description, lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.internal_token = settings.internal_token
+    app.middleware("http")(correlation_middleware)
+    install_error_handlers(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        checks = await runtime.readiness()
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def serve(app: FastAPI, settings: ServiceSettings) -> None:
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
