@@ -11,10 +11,13 @@ from pathlib import Path
 
 import structlog
 import uvicorn
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
 
+from contracts import topics
 from kit.db import Database
 from kit.errors import install_error_handlers
 from kit.logging import configure_logging, correlation_middleware
@@ -35,6 +38,21 @@ def make_broker(settings: ServiceSettings) -> KafkaBroker:
         linger_ms=2,
         graceful_timeout=10.0,
     )
+
+
+async def ensure_topics(bootstrap: str, names: Sequence[str], partitions: int = 3) -> None:
+    """Create the platform's topics up front so partition counts are ours, not the broker default."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names
+                   if name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+    finally:
+        await admin.close()
 
 
 @dataclass
@@ -62,8 +80,9 @@ class ServiceRuntime:
         if self.settings.migrate_on_start and self.migrations is not None:
             await upgrade_to_head_async(self.migrations, self.settings.database_url)
         if self.settings.kafka_enabled:
+            await ensure_topics(self.settings.kafka_bootstrap, topics.ALL)
             await self.broker.start()
-            if self.db.outbox_model is not None:
+            if self.db.outbox_model is not None and self.settings.relay_enabled:
                 self.relay = OutboxRelay(
                     self.db, self.broker, service=self.settings.service_name,
                     poll_interval=self.settings.outbox_poll_interval,

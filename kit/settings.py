@@ -22,5 +22,7 @@ class ServiceSettings(BaseSettings):
     log_json: bool = False
     migrate_on_start: bool = True
     kafka_enabled: bool = True
+    # Off lets an operator run the relay elsewhere; tests use it to stop between commit and publish.
+    relay_enabled: bool = True
     outbox_poll_interval: float = 1.0
     db_pool_size: int = 10

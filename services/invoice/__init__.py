@@ -1,0 +1,1 @@
+"""Invoice service: clients, invoices, line items, numbering, status machine, invoice events."""

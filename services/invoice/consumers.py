@@ -1,0 +1,64 @@
+"""Kafka consumers of the invoice service: payments and email opens move invoices along."""
+
+from __future__ import annotations
+
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+
+from contracts import topics
+from contracts.envelope import CloudEvent
+from contracts.invoice import InvoiceSnapshotV1
+from contracts.payment import PaymentEventType, PaymentEventV1
+from kit.consumer import EventConsumer
+from kit.db import Database, UnitOfWork
+from services.invoice.service import InvoiceService
+
+GROUP_ID = "invoice"
+NOTIFICATION_OPENED = "notification.opened"
+
+
+async def on_payment_settled(uow: UnitOfWork, event: CloudEvent) -> None:
+    await InvoiceService(uow).apply_payment(event.data_as(PaymentEventV1), event_time=event.time)
+
+
+async def on_payment_failed(uow: UnitOfWork, event: CloudEvent) -> None:
+    await InvoiceService(uow).payment_failed(event.data_as(PaymentEventV1))
+
+
+async def on_payment_refunded(uow: UnitOfWork, event: CloudEvent) -> None:
+    await InvoiceService(uow).apply_refund(event.data_as(PaymentEventV1))
+
+
+async def on_notification_opened(uow: UnitOfWork, event: CloudEvent) -> None:
+    import uuid
+
+    invoice_id = event.data.get("invoiceId") or event.subject
+    if invoice_id:
+        await InvoiceService(uow).mark_viewed(uuid.UUID(str(invoice_id)), cause_id=event.data.get("messageId"))
+
+
+HANDLERS = {
+    PaymentEventType.SUCCEEDED: on_payment_settled,
+    PaymentEventType.RECORDED: on_payment_settled,
+    PaymentEventType.FAILED: on_payment_failed,
+    PaymentEventType.REFUNDED: on_payment_refunded,
+    NOTIFICATION_OPENED: on_notification_opened,
+}
+
+
+def register_consumers(broker: KafkaBroker, db: Database) -> EventConsumer:
+    consumer = EventConsumer(db, "invoice", HANDLERS)
+    consumer.subscribe(broker, topics.PAYMENT, topics.NOTIFICATION, group_id=GROUP_ID)
+    # Declared for the AsyncAPI document: what this service publishes (through its outbox).
+    broker.publisher(topics.INVOICE, title="invoice events", schema=InvoiceSnapshotV1,
+                     description="invoice.created/.updated/.sent/.viewed/.partially_paid/.paid/.overdue/.cancelled "
+                                 "as CloudEvents; key = invoice id")
+    return consumer
+
+
+def asyncapi_app() -> FastStream:
+    """`faststream docs gen services.invoice.consumers:asyncapi_app --factory`"""
+    broker = KafkaBroker("127.0.0.1:9092")
+    register_consumers(broker, Database("postgresql+asyncpg://unused/unused"))
+    return FastStream(broker, specification=AsyncAPI(title="Invoice service", version="1.0.0"))

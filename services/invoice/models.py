@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from kit.db import InboxMixin, OutboxMixin
+
+
+def _now() -> datetime:
+    # Set in Python (not by the DB) so the new value is known without re-reading the row.
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    # Fetch server defaults (created_at) with RETURNING on insert: no lazy reload in async code.
+    __mapper_args__ = {"eager_defaults": True}
+
+
+class OutboxMessage(OutboxMixin, Base):
+    pass
+
+
+class InboxEvent(InboxMixin, Base):
+    pass
+
+
+class Client(Base):
+    __tablename__ = "clients"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(300))
+    email: Mapped[str] = mapped_column(String(320))
+    address: Mapped[str | None] = mapped_column(Text)
+    currency: Mapped[str] = mapped_column(String(3))
+    tax_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=_now
+    )
+
+
+class Invoice(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        UniqueConstraint("number_year", "number_seq", name="uq_invoice_number"),
+        CheckConstraint("amount_paid >= 0", name="ck_amount_paid_non_negative"),
+        Index("ix_invoices_client_created", "client_id", "created_at"),
+        Index("ix_invoices_status_due", "status", "due_date"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    invoice_number: Mapped[str | None] = mapped_column(String(20), unique=True)
+    number_year: Mapped[int | None] = mapped_column(Integer)
+    number_seq: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(12), default="DRAFT")
+    currency: Mapped[str] = mapped_column(String(3))
+    client_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clients.id"))
+    project_id: Mapped[str | None] = mapped_column(String(100))
+    notes: Mapped[str | None] = mapped_column(Text)
+    tax_rate: Mapped[Decimal | None] = mapped_column(Numeric(7, 4))
+    discount_percent: Mapped[Decimal | None] = mapped_column(Numeric(7, 4))
+    discount_fixed: Mapped[int] = mapped_column(BigInteger, default=0)
+    subtotal: Mapped[int] = mapped_column(BigInteger, default=0)
+    discount_amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    tax_amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    total: Mapped[int] = mapped_column(BigInteger, default=0)
+    amount_paid: Mapped[int] = mapped_column(BigInteger, default=0)
+    issue_date: Mapped[date | None] = mapped_column(Date)
+    due_date: Mapped[date | None] = mapped_column(Date)
+    net_days: Mapped[int | None] = mapped_column(Integer)
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    viewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    stripe_invoice_id: Mapped[str | None] = mapped_column(String(100))
+    stripe_checkout_session_id: Mapped[str | None] = mapped_column(String(200))
+    template_version: Mapped[int | None] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=_now
+    )
+
+    client: Mapped[Client] = relationship(lazy="joined")
+    items: Mapped[list[InvoiceItem]] = relationship(
+        order_by="InvoiceItem.position", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+    @property
+    def amount_due(self) -> int:
+        return max(self.total - self.amount_paid, 0)
+
+
+class InvoiceItem(Base):
+    __tablename__ = "invoice_items"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(Text)
+    quantity: Mapped[Decimal] = mapped_column(Numeric(18, 4))
+    unit_price: Mapped[int] = mapped_column(BigInteger)
+    discount: Mapped[int] = mapped_column(BigInteger, default=0)
+    discount_percent: Mapped[Decimal | None] = mapped_column(Numeric(7, 4))
+    tax_rate: Mapped[Decimal | None] = mapped_column(Numeric(7, 4))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    tax_amount: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class InvoicePayment(Base):
+    """The invoice's own ledger of payments applied to it, one row per payment id: this is what
+    makes a repeated or replayed payment event count once."""
+
+    __tablename__ = "invoice_payments"
+    __table_args__ = (UniqueConstraint("payment_id", "kind", name="uq_invoice_payment"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"), index=True)
+    payment_id: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(20))  # payment | refund
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    method: Mapped[str] = mapped_column(String(30))
+    reference: Mapped[str | None] = mapped_column(String(200))
+    paid_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class NumberCounter(Base):
+    """Last invoice number handed out per calendar year. Incremented in the sending transaction
+    under a row lock, so numbers are gapless and unique across replicas."""
+
+    __tablename__ = "invoice_number_counters"
+
+    year: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_value: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,184 @@
+"""Request and response bodies of the invoice API (camelCase JSON, amounts in minor units)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from services.invoice.money import MAX_AMOUNT, known_currencies
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+
+class InputModel(ApiModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
+    )
+
+
+Money = Annotated[int, Field(ge=0, le=MAX_AMOUNT, strict=True)]
+Percent = Annotated[Decimal, Field(ge=0, le=100, max_digits=7, decimal_places=4)]
+Quantity = Annotated[Decimal, Field(gt=0, le=Decimal(10**9), max_digits=18, decimal_places=4)]
+CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{3}$", to_upper=True)]
+ShortText = Annotated[str, StringConstraints(max_length=200)]
+
+
+def _check_currency(value: str | None) -> str | None:
+    if value is not None and value not in known_currencies():
+        raise ValueError(f"{value} is not an ISO 4217 currency code")
+    return value
+
+
+class ClientCreate(InputModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=300)]
+    email: EmailStr
+    address: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    currency: CurrencyCode = "USD"
+    tax_id: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    _currency = field_validator("currency")(_check_currency)
+
+
+class ClientOut(ApiModel):
+    id: uuid.UUID
+    name: str
+    email: str
+    address: str | None
+    currency: str
+    tax_id: str | None
+    created_at: datetime
+
+
+class ItemIn(InputModel):
+    description: Annotated[str, StringConstraints(min_length=1, max_length=5000)]
+    quantity: Quantity = Decimal(1)
+    unit_price: Money
+    discount: Money = 0
+    discount_percent: Percent | None = None
+    tax_rate: Percent | None = None
+
+    @model_validator(mode="after")
+    def _one_discount_kind(self) -> ItemIn:
+        if self.discount and self.discount_percent is not None:
+            raise ValueError("give either discount (an amount) or discountPercent, not both")
+        return self
+
+
+class InvoiceFields(InputModel):
+    """Fields shared by create and update."""
+
+    project_id: ShortText | None = None
+    notes: Annotated[str, StringConstraints(max_length=10000)] | None = None
+    tax_rate: Percent | None = None
+    discount_percent: Percent | None = None
+    discount_fixed: Money | None = None
+    issue_date: date | None = None
+    due_date: date | None = None
+    net_days: Annotated[int, Field(ge=0, le=365)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InvoiceFields:
+        if self.discount_fixed and self.discount_percent is not None:
+            raise ValueError("give either discountFixed or discountPercent, not both")
+        if self.issue_date and self.due_date and self.due_date < self.issue_date:
+            raise ValueError("dueDate cannot be before issueDate")
+        return self
+
+
+class InvoiceCreate(InvoiceFields):
+    client_id: uuid.UUID
+    currency: CurrencyCode | None = None
+    items: Annotated[list[ItemIn], Field(max_length=1000)] = []
+
+    _currency = field_validator("currency")(_check_currency)
+
+
+class InvoiceUpdate(InvoiceFields):
+    """PUT on a draft: fields present replace the stored ones; `items`, when present, replaces all lines."""
+
+    currency: CurrencyCode | None = None
+    items: Annotated[list[ItemIn], Field(max_length=1000)] | None = None
+
+    _currency = field_validator("currency")(_check_currency)
+
+
+class SendRequest(InputModel):
+    resend: bool = False
+
+
+class ItemOut(ApiModel):
+    id: uuid.UUID
+    description: str
+    quantity: Decimal
+    unit_price: int
+    discount: int
+    discount_percent: Decimal | None
+    tax_rate: Decimal | None
+    amount: int
+
+
+class InvoiceOut(ApiModel):
+    id: uuid.UUID
+    invoice_number: str | None
+    status: str
+    currency: str
+    subtotal: int
+    discount_amount: int
+    discount_percent: Decimal | None
+    discount_fixed: int
+    tax_rate: Decimal | None
+    tax_amount: int
+    total: int
+    amount_paid: int
+    amount_due: int
+    issue_date: date | None
+    due_date: date | None
+    paid_at: datetime | None
+    client_id: uuid.UUID
+    project_id: str | None
+    items: list[ItemOut]
+    notes: str | None
+    stripe_invoice_id: str | None
+    stripe_checkout_session_id: str | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class InvoicePage(ApiModel):
+    items: list[InvoiceOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class PaymentOut(ApiModel):
+    payment_id: str
+    kind: str
+    amount: int
+    currency: str
+    method: str
+    reference: str | None
+    paid_at: datetime
+    recorded_at: datetime
+
+
+class OverdueScanRequest(InputModel):
+    as_of: date | None = None
+
+
+class OverdueScanResult(ApiModel):
+    marked_overdue: int
+
+
+SortField = Literal[
+    "createdAt", "-createdAt", "issueDate", "-issueDate", "dueDate", "-dueDate",
+    "total", "-total", "invoiceNumber", "-invoiceNumber", "status", "-status",
+]

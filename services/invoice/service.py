@@ -1,0 +1,413 @@
+"""Invoice domain logic: validation, totals, numbering, status changes and their events. No HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import structlog
+
+from contracts import topics
+from contracts.envelope import CloudEvent
+from contracts.invoice import SCHEMA_V1, InvoiceEventType, InvoiceLineV1, InvoiceSnapshotV1
+from contracts.payment import PaymentEventV1
+from kit.actor import Actor
+from kit.db import UnitOfWork
+from kit.errors import Conflict, InvalidInput, NotFound
+from kit.logging import current_correlation_id
+from services.invoice.models import Client, Invoice, InvoiceItem, InvoicePayment
+from services.invoice.money import AmountError, LineInput, compute_totals
+from services.invoice.repository import ClientRepository, InvoiceFilter, InvoiceRepository
+from services.invoice.schemas import ClientCreate, InvoiceCreate, InvoiceFields, InvoiceUpdate, ItemIn
+from services.invoice.status import OPEN, InvoiceStatus, can_transition
+
+log = structlog.get_logger(__name__)
+S = InvoiceStatus
+SOURCE = "invoice"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_number(year: int, seq: int) -> str:
+    return f"{year}-{seq:04d}"
+
+
+def snapshot(invoice: Invoice, *, cause_id: str | None = None, reason: str | None = None) -> InvoiceSnapshotV1:
+    return InvoiceSnapshotV1(
+        id=str(invoice.id),
+        invoice_number=invoice.invoice_number,
+        status=invoice.status,
+        currency=invoice.currency,
+        client_id=str(invoice.client_id),
+        client_name=invoice.client.name if invoice.client else None,
+        client_email=invoice.client.email if invoice.client else None,
+        project_id=invoice.project_id,
+        subtotal=invoice.subtotal,
+        discount_amount=invoice.discount_amount,
+        tax_amount=invoice.tax_amount,
+        total=invoice.total,
+        amount_paid=invoice.amount_paid,
+        amount_due=invoice.amount_due,
+        issue_date=invoice.issue_date,
+        due_date=invoice.due_date,
+        paid_at=invoice.paid_at,
+        version=invoice.version,
+        items=[
+            InvoiceLineV1(
+                id=str(item.id),
+                description=item.description,
+                quantity=item.quantity,
+                unit_price=item.unit_price,
+                discount=item.discount,
+                tax_rate=item.tax_rate,
+                amount=item.amount,
+            )
+            for item in invoice.items
+        ],
+        cause_id=cause_id,
+        reason=reason,
+    )
+
+
+@dataclass
+class InvoiceService:
+    uow: UnitOfWork
+    default_net_days: int = 30
+
+    @property
+    def invoices(self) -> InvoiceRepository:
+        return InvoiceRepository(self.uow.session)
+
+    @property
+    def clients(self) -> ClientRepository:
+        return ClientRepository(self.uow.session)
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    async def create_client(self, data: ClientCreate) -> Client:
+        client = Client(id=uuid.uuid4(), **data.model_dump())
+        self.clients.add(client)
+        await self.uow.session.flush()
+        return client
+
+    async def get_client(self, client_id: uuid.UUID, actor: Actor) -> Client:
+        client = await self.clients.get(client_id)
+        if client is None or not actor.can_see_client(str(client_id)):
+            raise NotFound(f"Client {client_id} not found.")
+        return client
+
+    async def list_clients(self, actor: Actor, limit: int, offset: int) -> list[Client]:
+        only = None if actor.is_admin else uuid.UUID(actor.client_id or str(uuid.UUID(int=0)))
+        return await self.clients.list(only=only, limit=limit, offset=offset)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def get_invoice(self, invoice_id: uuid.UUID, actor: Actor, *, for_update: bool = False) -> Invoice:
+        invoice = await self.invoices.get(invoice_id, for_update=for_update)
+        if invoice is None or not actor.can_see_client(str(invoice.client_id)):
+            # Another client's invoice is "not found", not "forbidden": its existence is not leaked.
+            raise NotFound(f"Invoice {invoice_id} not found.")
+        return invoice
+
+    async def search(
+        self, f: InvoiceFilter, actor: Actor, *, sort: str, page: int, page_size: int
+    ) -> tuple[list[Invoice], int]:
+        if not actor.is_admin:
+            if f.client_id is not None and str(f.client_id) != actor.client_id:
+                return [], 0
+            f = InvoiceFilter(**{**f.__dict__, "client_id": uuid.UUID(actor.client_id)})  # type: ignore[arg-type]
+        return await self.invoices.search(f, sort=sort, limit=page_size, offset=(page - 1) * page_size)
+
+    async def payments(self, invoice_id: uuid.UUID, actor: Actor) -> list[InvoicePayment]:
+        await self.get_invoice(invoice_id, actor)
+        return await self.invoices.payments(invoice_id)
+
+    # -- drafting --------------------------------------------------------------------------------
+
+    async def create_invoice(self, data: InvoiceCreate) -> Invoice:
+        client = await self.clients.get(data.client_id)
+        if client is None:
+            raise InvalidInput(f"Client {data.client_id} does not exist.", details=[{"field": "clientId"}])
+        invoice = Invoice(
+            id=uuid.uuid4(),
+            status=S.DRAFT,
+            client_id=client.id,
+            client=client,
+            currency=data.currency or client.currency,
+            discount_fixed=0,
+            amount_paid=0,
+            version=1,
+            items=[],
+        )
+        self._apply_fields(invoice, data)
+        self._replace_items(invoice, data.items)
+        self.invoices.add(invoice)
+        await self.uow.session.flush()
+        self._emit(invoice, InvoiceEventType.CREATED)
+        return invoice
+
+    async def update_invoice(self, invoice_id: uuid.UUID, data: InvoiceUpdate) -> Invoice:
+        invoice = await self.get_invoice(invoice_id, Actor("system"), for_update=True)
+        if invoice.status != S.DRAFT:
+            raise Conflict(
+                f"Invoice {invoice.invoice_number} is {invoice.status}; only drafts can be edited.",
+                code="invoice_not_editable",
+            )
+        if data.currency:
+            invoice.currency = data.currency
+        self._apply_fields(invoice, data)
+        if data.items is not None:
+            self._replace_items(invoice, data.items)
+        else:
+            self._recompute(invoice)
+        invoice.version += 1
+        await self.uow.session.flush()
+        self._emit(invoice, InvoiceEventType.UPDATED)
+        return invoice
+
+    def _apply_fields(self, invoice: Invoice, data: InvoiceFields) -> None:
+        for name in data.model_fields_set & set(InvoiceFields.model_fields):
+            value = getattr(data, name)
+            if name == "discount_fixed":
+                value = value or 0
+            setattr(invoice, name, value)
+        if "discount_percent" in data.model_fields_set and data.discount_percent is not None:
+            invoice.discount_fixed = 0
+        if "discount_fixed" in data.model_fields_set and data.discount_fixed:
+            invoice.discount_percent = None
+        if invoice.issue_date and invoice.due_date and invoice.due_date < invoice.issue_date:
+            raise InvalidInput("dueDate cannot be before issueDate.", details=[{"field": "dueDate"}])
+
+    def _replace_items(self, invoice: Invoice, items: list[ItemIn]) -> None:
+        invoice.items = [
+            InvoiceItem(
+                id=uuid.uuid4(),
+                position=index,
+                description=item.description,
+                quantity=item.quantity,
+                unit_price=item.unit_price,
+                discount=item.discount,
+                discount_percent=item.discount_percent,
+                tax_rate=item.tax_rate,
+                amount=0,
+            )
+            for index, item in enumerate(items)
+        ]
+        self._recompute(invoice)
+
+    def _recompute(self, invoice: Invoice) -> None:
+        try:
+            totals = compute_totals(
+                [
+                    LineInput(
+                        quantity=item.quantity,
+                        unit_price=item.unit_price,
+                        discount=item.discount if item.discount_percent is None else 0,
+                        discount_percent=item.discount_percent,
+                        tax_rate=item.tax_rate,
+                    )
+                    for item in invoice.items
+                ],
+                discount_fixed=invoice.discount_fixed or 0,
+                discount_percent=invoice.discount_percent,
+                tax_rate=invoice.tax_rate,
+            )
+        except AmountError as exc:
+            raise InvalidInput(str(exc), code="invalid_amounts") from exc
+        for item, line in zip(invoice.items, totals.lines, strict=True):
+            item.discount = line.discount
+            item.amount = line.amount
+            item.tax_amount = line.tax
+        invoice.subtotal = totals.subtotal
+        invoice.discount_amount = totals.discount_amount
+        invoice.tax_amount = totals.tax_amount
+        invoice.total = totals.total
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def send(self, invoice_id: uuid.UUID, *, resend: bool = False, today: date | None = None) -> Invoice:
+        invoice = await self.get_invoice(invoice_id, Actor("system"), for_update=True)
+        today = today or utcnow().date()
+        if invoice.status == S.DRAFT:
+            if not invoice.items:
+                raise InvalidInput("An invoice needs at least one line item before it is sent.",
+                                   code="invoice_empty")
+            if invoice.total <= 0:
+                raise InvalidInput("An invoice with a zero total cannot be sent.", code="invoice_zero_total")
+            invoice.issue_date = invoice.issue_date or today
+            net_days = invoice.net_days if invoice.net_days is not None else self.default_net_days
+            invoice.due_date = invoice.due_date or invoice.issue_date + timedelta(days=net_days)
+            if invoice.invoice_number is None:
+                year = today.year
+                seq = await self.invoices.next_number(year)
+                invoice.number_year, invoice.number_seq = year, seq
+                invoice.invoice_number = format_number(year, seq)
+            invoice.status = S.SENT
+            invoice.sent_at = utcnow()
+            invoice.version += 1
+            await self.uow.session.flush()
+            self._emit(invoice, InvoiceEventType.SENT)
+            return invoice
+        if resend and invoice.status in OPEN:
+            invoice.sent_at = utcnow()
+            self._emit(invoice, InvoiceEventType.SENT, reason="resent")
+            return invoice
+        raise Conflict(
+            f"Invoice {invoice.invoice_number} is already {invoice.status}"
+            + ("; pass resend=true to send it again." if invoice.status in OPEN else "."),
+            code="invalid_transition",
+        )
+
+    async def cancel(self, invoice_id: uuid.UUID) -> Invoice:
+        invoice = await self.get_invoice(invoice_id, Actor("system"), for_update=True)
+        self._transition(invoice, S.CANCELLED)
+        invoice.cancelled_at = utcnow()
+        await self.uow.session.flush()
+        self._emit(invoice, InvoiceEventType.CANCELLED)
+        return invoice
+
+    async def mark_viewed(self, invoice_id: uuid.UUID, *, cause_id: str | None = None) -> bool:
+        """SENT → VIEWED; any other state is left alone (a late open never moves it back)."""
+        invoice = await self.invoices.get(invoice_id, for_update=True)
+        if invoice is None or invoice.status != S.SENT:
+            return False
+        invoice.status = S.VIEWED
+        invoice.viewed_at = utcnow()
+        invoice.version += 1
+        await self.uow.session.flush()
+        self._emit(invoice, InvoiceEventType.VIEWED, cause_id=cause_id)
+        return True
+
+    async def mark_overdue(self, as_of: date, batch_size: int = 500) -> int:
+        """Move open invoices whose due date is before `as_of` to OVERDUE. Rows are claimed with
+        SKIP LOCKED, so replicas running this together split the work instead of doubling it."""
+        ids = await self.invoices.past_due_ids(as_of, (S.SENT, S.VIEWED, S.PARTIAL), batch_size)
+        for invoice_id in ids:
+            invoice = await self.invoices.get(invoice_id, for_update=True)
+            assert invoice is not None
+            self._transition(invoice, S.OVERDUE)
+            await self.uow.session.flush()
+            self._emit(invoice, InvoiceEventType.OVERDUE, reason="past_due")
+        return len(ids)
+
+    # -- payments (driven by payment.* events) ---------------------------------------------------
+
+    async def apply_payment(self, payment: PaymentEventV1, *, event_time: datetime | None = None) -> Invoice | None:
+        invoice = await self._payment_target(payment)
+        if invoice is None:
+            return None
+        if payment.currency.upper() != invoice.currency:
+            raise Conflict(
+                f"Payment {payment.payment_id} is in {payment.currency}, invoice is in {invoice.currency}.",
+                code="currency_mismatch",
+            )
+        if invoice.status in (S.DRAFT, S.CANCELLED):
+            raise Conflict(f"Invoice is {invoice.status}; payment {payment.payment_id} not applied.",
+                           code="invoice_not_payable")
+        paid_at = payment.paid_at or event_time or utcnow()
+        added = await self.invoices.add_payment(
+            InvoicePayment(
+                invoice_id=invoice.id,
+                payment_id=payment.payment_id,
+                kind="payment",
+                amount=payment.amount,
+                currency=invoice.currency,
+                method=payment.method,
+                reference=payment.reference,
+                paid_at=paid_at,
+            )
+        )
+        if not added:
+            log.info("payment_already_applied", payment_id=payment.payment_id)
+            return invoice
+        invoice.amount_paid += payment.amount
+        invoice.version += 1
+        if invoice.amount_paid >= invoice.total:
+            if invoice.status != S.PAID:
+                self._transition(invoice, S.PAID)
+            invoice.paid_at = invoice.paid_at or paid_at
+            event_type = InvoiceEventType.PAID
+        else:
+            target = S.OVERDUE if invoice.due_date and invoice.due_date < utcnow().date() else S.PARTIAL
+            if invoice.status != target and invoice.status != S.PAID:
+                self._transition(invoice, target)
+            event_type = InvoiceEventType.PARTIALLY_PAID
+        await self.uow.session.flush()
+        self._emit(invoice, event_type, cause_id=payment.payment_id)
+        return invoice
+
+    async def apply_refund(self, payment: PaymentEventV1) -> Invoice | None:
+        invoice = await self._payment_target(payment)
+        if invoice is None:
+            return None
+        added = await self.invoices.add_payment(
+            InvoicePayment(
+                invoice_id=invoice.id,
+                payment_id=payment.payment_id,
+                kind="refund",
+                amount=-payment.amount,
+                currency=invoice.currency,
+                method=payment.method,
+                reference=payment.reference,
+                paid_at=payment.paid_at or utcnow(),
+            )
+        )
+        if not added:
+            return invoice
+        invoice.amount_paid = max(invoice.amount_paid - payment.amount, 0)
+        invoice.version += 1
+        if invoice.status == S.PAID and invoice.amount_paid < invoice.total:
+            # A refund is new money movement, not a stale event: the invoice is open again.
+            invoice.status = S.PARTIAL if invoice.amount_paid > 0 else S.SENT
+            invoice.paid_at = None
+        await self.uow.session.flush()
+        self._emit(invoice, InvoiceEventType.UPDATED, cause_id=payment.payment_id, reason="refunded")
+        return invoice
+
+    async def payment_failed(self, payment: PaymentEventV1) -> Invoice | None:
+        """The seed's flow: a failed payment makes the invoice OVERDUE (if it is still open)."""
+        invoice = await self._payment_target(payment)
+        if invoice is None or invoice.status not in (S.SENT, S.VIEWED, S.PARTIAL):
+            return invoice
+        self._transition(invoice, S.OVERDUE)
+        await self.uow.session.flush()
+        self._emit(invoice, InvoiceEventType.OVERDUE, cause_id=payment.payment_id, reason="payment_failed")
+        return invoice
+
+    async def _payment_target(self, payment: PaymentEventV1) -> Invoice | None:
+        try:
+            invoice_id = uuid.UUID(payment.invoice_id)
+        except ValueError:
+            raise InvalidInput(f"Payment {payment.payment_id} names no valid invoice.") from None
+        invoice = await self.invoices.get(invoice_id, for_update=True)
+        if invoice is None:
+            raise NotFound(f"Invoice {payment.invoice_id} of payment {payment.payment_id} not found.")
+        return invoice
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _transition(self, invoice: Invoice, target: InvoiceStatus) -> None:
+        current = InvoiceStatus(invoice.status)
+        if not can_transition(current, target):
+            raise Conflict(
+                f"Invoice cannot go from {current} to {target}.",
+                code="invalid_transition",
+                details={"from": current, "to": target},
+            )
+        invoice.status = target
+        invoice.version += 1
+
+    def _emit(self, invoice: Invoice, event_type: InvoiceEventType, *, cause_id: str | None = None,
+              reason: str | None = None) -> None:
+        event = CloudEvent.create(
+            source=SOURCE,
+            type=event_type,
+            subject=str(invoice.id),
+            data=snapshot(invoice, cause_id=cause_id, reason=reason),
+            correlation_id=current_correlation_id(),
+            dataschema=SCHEMA_V1,
+        )
+        self.uow.publish(event, topic=topics.INVOICE, key=str(invoice.id))

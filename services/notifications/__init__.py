@@ -1,0 +1,1 @@
+"""notifications service: see DESIGN.md and its issue; not built yet."""

@@ -1,0 +1,1 @@
+"""reporting service: see DESIGN.md and its issue; not built yet."""

@@ -1,0 +1,1 @@
+"""subscriptions service: see DESIGN.md and its issue; not built yet."""
