@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import structlog
 from faststream import AckPolicy
@@ -53,9 +54,9 @@ class EventConsumer:
             await uow.commit()
         return True
 
-    async def handle_message(self, body: bytes, message: KafkaMessage) -> None:
+    async def handle_message(self, message: KafkaMessage) -> None:
         try:
-            event = CloudEvent.model_validate_json(body)
+            event = CloudEvent.model_validate_json(message.body)
         except ValidationError as exc:
             log.error("event_malformed_dropped", consumer=self.name, error=str(exc)[:500])
             await message.ack()
@@ -84,8 +85,9 @@ class EventConsumer:
         await message.ack()
 
     def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str) -> None:
-        async def handler(body: bytes, message: KafkaMessage) -> None:
-            await self.handle_message(body, message)
+        async def handler(body: Any, message: KafkaMessage) -> None:
+            # The raw bytes are parsed here, so a malformed event is dropped with a log, not a crash loop.
+            await self.handle_message(message)
 
         handler.__name__ = f"{self.name}_handler"
         broker.subscriber(
