@@ -1,0 +1,45 @@
+# Local development and CI entry points. Everything runs from this directory; run state lives in .run/.
+#   make install   venv + Python deps (skipped while .venv is newer than pyproject.toml),
+#                  PostgreSQL (apt), Kafka jars (Maven -> .run/kafka-jars), stripe-mock (go -> .run/bin)
+#   make test      install, ruff, then pytest (starts throwaway Kafka/Postgres/stripe-mock/mail sink)
+#                  extra pytest arguments: make test PYTEST_ARGS="deploy -x"
+#   make run       install, then the whole stack (python -m deploy.run); Ctrl-C stops it
+#   make lint      ruff
+#   make bench     python -m bench
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install deps test lint run bench clean-run
+
+install: $(STAMP)
+	@$(PY) -m deploy.install
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "pip install -e '.[dev]' (quiet)..."
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+deps: $(STAMP)
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+run: install
+	$(PY) -m deploy.run
+
+bench: install
+	$(PY) -m bench
+
+# Forget local run state (databases, Kafka data, mail, logs); keeps the downloaded jars and binaries.
+clean-run:
+	rm -rf .run/pg .run/kafka .run/mail .run/logs

@@ -1,0 +1,1 @@
+"""Local stack: infrastructure processes (infra), service registry (services), launcher (run), test plugin."""

@@ -1,0 +1,135 @@
+"""Demo data for `make run`, created through the public API of the gateway (so it exercises it).
+
+    python -m deploy.seed [--gateway http://127.0.0.1:8000]
+
+Idempotent: when the demo client already exists, it does nothing. Creates two clients, a client
+login, and invoices in several states (draft, sent, part-paid, paid, overdue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import date, timedelta
+from typing import Any
+
+import httpx
+
+DEMO_CLIENT_EMAIL = "accounts@acme-studio.example.com"
+CLIENT_LOGIN = ("client@example.com", "client-password")
+
+
+class Seeder:
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise RuntimeError(f"{method} {path} -> {response.status_code}: {response.text}")
+        return response.json() if response.content else None
+
+    def invoice(self, client_id: str, items: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        return self.call("POST", "/api/invoices", json={"clientId": client_id, "items": items, **fields})
+
+    def run(self) -> None:
+        clients = self.call("GET", "/api/clients")
+        if any(c["email"] == DEMO_CLIENT_EMAIL for c in clients):
+            print("[seed] demo data already present")
+            return
+        acme = self.call(
+            "POST",
+            "/api/clients",
+            json={
+                "name": "Acme Studio GmbH",
+                "email": DEMO_CLIENT_EMAIL,
+                "currency": "EUR",
+                "address": "Torstraße 1\n10119 Berlin\nGermany",
+                "taxId": "DE123456789",
+            },
+        )
+        globex = self.call(
+            "POST",
+            "/api/clients",
+            json={
+                "name": "Globex Corporation",
+                "email": "ap@globex.example.com",
+                "currency": "USD",
+                "address": "1 Globex Way\nCypress Creek, OR",
+            },
+        )
+        self.call(
+            "POST",
+            "/api/users",
+            json={"email": CLIENT_LOGIN[0], "password": CLIENT_LOGIN[1], "role": "client", "clientId": acme["id"]},
+        )
+        website = [
+            {"description": "Website redesign: discovery and UX", "quantity": "16", "unitPrice": 9_500},
+            {"description": "Visual design", "quantity": "24", "unitPrice": 9_500, "discountPercent": "10"},
+            {"description": "Hosting setup", "quantity": "1", "unitPrice": 25_000, "taxRate": "0"},
+        ]
+        self.invoice(acme["id"], website, taxRate="19", projectId="web-2026", notes="Draft for review")
+        sent = self.invoice(acme["id"], website[:2], taxRate="19", projectId="web-2026")
+        self.call("POST", f"/api/invoices/{sent['id']}/send")
+        part = self.invoice(globex["id"], [{"description": "Maintenance Q4", "quantity": "3", "unitPrice": 120_000}])
+        part = self.call("POST", f"/api/invoices/{part['id']}/send")
+        paid = self.invoice(globex["id"], [{"description": "Audit", "quantity": "1", "unitPrice": 80_000}])
+        paid = self.call("POST", f"/api/invoices/{paid['id']}/send")
+        past = date.today() - timedelta(days=45)
+        overdue = self.invoice(
+            acme["id"],
+            [{"description": "SEO retainer", "quantity": "1", "unitPrice": 60_000}],
+            issueDate=past.isoformat(),
+            dueDate=(past + timedelta(days=14)).isoformat(),
+        )
+        self.call("POST", f"/api/invoices/{overdue['id']}/send")
+        self.call("POST", "/api/invoices/mark-overdue", json={})
+        try:
+            self.call(
+                "POST",
+                f"/api/invoices/{part['id']}/mark-paid",
+                json={"amount": 150_000, "method": "bank_transfer", "reference": "WIRE-1001"},
+            )
+            self.call(
+                "POST",
+                f"/api/invoices/{paid['id']}/mark-paid",
+                json={"amount": paid["total"], "method": "cheque", "reference": "CHQ-77"},
+            )
+        except RuntimeError as exc:  # payments service not running: the rest of the demo still stands
+            print(f"[seed] payments skipped: {exc}")
+        print(f"[seed] demo data created: 2 clients, 5 invoices, client login {CLIENT_LOGIN[0]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.seed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gateway", default=os.environ.get("BILLING_GATEWAY_URL", "http://127.0.0.1:8000"))
+    args = parser.parse_args(argv)
+    password = os.environ.get("BILLING_ADMIN_PASSWORD", "admin-password")
+    with httpx.Client(base_url=args.gateway, timeout=30) as http:
+        for _ in range(30):
+            try:
+                login = http.post("/api/auth/login", json={"email": "admin@example.com", "password": password})
+                break
+            except httpx.TransportError:
+                time.sleep(1)
+        else:
+            print("[seed] gateway not reachable", file=sys.stderr)
+            return 1
+        if login.status_code != 200:
+            print(f"[seed] admin login failed: {login.text}", file=sys.stderr)
+            return 1
+        http.headers["Authorization"] = f"Bearer {login.json()['accessToken']}"
+        try:
+            Seeder(http).run()
+        except RuntimeError as exc:
+            print(f"[seed] failed: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""pytest plugin: real local infrastructure for tests, started lazily, once per session.
+
+Enabled by the root conftest.py (``pytest_plugins = ["deploy.testing"]``). Fixtures (session scope
+unless noted):
+
+  infra_dir             .run/test-<pid>/ : every server's data and logs for this session
+  kafka                 deploy.infra.KafkaServer, started on free ports (``kafka.bootstrap``)
+  postgres              deploy.infra.PostgresServer in fast mode (fsync off), free port
+  database_url_factory  ``database_url_factory("invoice")`` -> URL of a new, uniquely named database
+  stripe_mock           deploy.infra.StripeMock (``stripe_mock.url``)
+  mail_sink             deploy.infra.MailSink (``messages()``, ``clear()``, ``fail_next(n)``, ...)
+  fresh_mail_sink       (function scope) the same sink, cleared before the test
+  infra_endpoints       deploy.services.InfraEndpoints: a fresh database per service, free service
+                        ports, for starting services with deploy.services.make_service_process
+
+Each session has its own servers on free ports, so several sessions can run at once on one machine.
+The session directory is removed at the end unless a test failed or BILLING_KEEP_INFRA=1; leftovers
+of sessions that died are cleaned up by the next session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from deploy.infra import (
+    RUN_DIR,
+    InfraError,
+    KafkaServer,
+    MailSink,
+    PostgresServer,
+    StripeMock,
+    ensure_kafka_jars,
+    find_postgres_bin,
+    free_port,
+    free_ports,
+    make_traversable,
+)
+from deploy.services import SERVICES, InfraEndpoints
+
+DatabaseUrlFactory = Callable[[str], str]
+S = TypeVar("S")
+
+_PORT_TRIES = 3
+
+
+def _start_on_free_ports(make: Callable[[], S], start: Callable[[S], None]) -> S:
+    """Build and start a server; on a port clash with a concurrent session, retry with new ports."""
+    for attempt in range(1, _PORT_TRIES + 1):
+        server = make()
+        try:
+            start(server)
+            return server
+        except InfraError as exc:
+            if attempt == _PORT_TRIES or "in use" not in str(exc).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale_session_dirs() -> None:
+    for path in RUN_DIR.glob("test-*"):
+        match = re.fullmatch(r"test-(\d+)", path.name)
+        if not match or not path.is_dir() or _pid_alive(int(match.group(1))):
+            continue
+        pg_dir = path / "pg"
+        if (pg_dir / "postmaster.pid").exists() and find_postgres_bin() is not None:
+            stale = PostgresServer(pg_dir, 0)
+            stale.bin_dir = find_postgres_bin()
+            stale.stop()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def infra_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """This session's directory for server data and logs (postgres can traverse to it)."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    _clean_stale_session_dirs()
+    path = RUN_DIR / f"test-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    make_traversable(path)
+    yield path
+    keep = os.environ.get("BILLING_KEEP_INFRA") == "1" or request.session.testsfailed > 0
+    if keep:
+        print(f"\n[infra] test infrastructure data and logs kept in {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kafka(infra_dir: Path) -> Iterator[KafkaServer]:
+    """A single-node Kafka 4 (KRaft) for the session; ``kafka.bootstrap`` is "127.0.0.1:<port>"."""
+    jars = ensure_kafka_jars(RUN_DIR / "kafka-jars")
+    counter = itertools.count()
+
+    def make() -> KafkaServer:
+        port, controller_port = free_ports(2)
+        return KafkaServer(infra_dir / f"kafka{next(counter) or ''}", port, controller_port, jars_dir=jars)
+
+    server = _start_on_free_ports(make, lambda s: s.start())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(infra_dir: Path) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (fsync off); make databases with database_url_factory."""
+    counter = itertools.count()
+
+    def make() -> PostgresServer:
+        return PostgresServer(infra_dir / f"pg{next(counter) or ''}", free_port(), fast=True)
+
+    def start(server: PostgresServer) -> None:
+        server.ensure_installed()
+        server.start()
+
+    server = _start_on_free_ports(make, start)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url_factory(postgres: PostgresServer) -> DatabaseUrlFactory:
+    """``factory(name)`` creates a new database named after ``name`` and returns its asyncpg URL."""
+    counter = itertools.count(1)
+
+    def factory(name: str = "db") -> str:
+        base = re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")[:40] or "db"
+        if base[0].isdigit():
+            base = f"db_{base}"
+        return postgres.create_database(f"{base}_{next(counter)}_{uuid.uuid4().hex[:6]}")
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def stripe_mock(infra_dir: Path) -> Iterator[StripeMock]:
+    """stripe-mock for the session; point the SDK at ``stripe_mock.url``."""
+    bin_dir = RUN_DIR / "bin"
+
+    def make() -> StripeMock:
+        port = free_port()
+        return StripeMock(port, bin_dir=bin_dir, log_path=infra_dir / "logs" / f"stripe-mock-{port}.log")
+
+    server = _start_on_free_ports(make, lambda s: s.start())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mail_sink(infra_dir: Path) -> Iterator[MailSink]:
+    """The SMTP sink for the session (``host``, ``port``); ``clear()`` between tests that count mail."""
+
+    def make() -> MailSink:
+        port = free_port()
+        return MailSink(infra_dir / "mail", port, log_path=infra_dir / "logs" / f"mailsink-{port}.log")
+
+    sink = _start_on_free_ports(make, lambda s: s.start())
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def fresh_mail_sink(mail_sink: MailSink) -> MailSink:
+    """The session's mail sink, emptied (and failure mode reset) before this test."""
+    mail_sink.clear()
+    return mail_sink
+
+
+@pytest.fixture(scope="session")
+def infra_endpoints(
+    infra_dir: Path,
+    kafka: KafkaServer,
+    database_url_factory: DatabaseUrlFactory,
+    stripe_mock: StripeMock,
+    mail_sink: MailSink,
+) -> InfraEndpoints:
+    """Everything a service needs, for deploy.services.build_service_env / make_service_process:
+    a fresh database per service and a free HTTP port per service."""
+    ports = dict(zip([s.name for s in SERVICES], free_ports(len(SERVICES)), strict=True))
+    return InfraEndpoints(
+        kafka_bootstrap=kafka.bootstrap,
+        database_urls={spec.name: database_url_factory(spec.database_name) for spec in SERVICES},
+        stripe_api_base=stripe_mock.url,
+        smtp_host=mail_sink.host,
+        smtp_port=mail_sink.port,
+        mail_dir=mail_sink.directory,
+        stripe_webhook_secret="whsec_test",
+        stripe_secret_key="sk_test_local",
+        admin_password="admin-password",
+        ports=ports,
+    )
