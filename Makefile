@@ -6,6 +6,7 @@
 #   make run       install, then the whole stack (python -m deploy.run); Ctrl-C stops it
 #   make lint      ruff
 #   make bench     python -m bench
+#   make asyncapi  regenerate docs/asyncapi/*.json from the FastStream apps
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
@@ -14,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install deps test lint run bench clean-run
+.PHONY: install deps test lint run bench clean-run asyncapi
 
 install: $(STAMP)
 	@$(PY) -m deploy.install
@@ -39,6 +40,16 @@ run: install
 
 bench: install
 	$(PY) -m bench
+
+# AsyncAPI 3 documents of every service that declares `asyncapi_app` in its consumers.py.
+asyncapi: $(STAMP)
+	@mkdir -p docs/asyncapi
+	@for svc in services/*/consumers.py; do \
+	  name=$$(basename $$(dirname $$svc)); \
+	  if grep -q "def asyncapi_app" $$svc; then \
+	    $(VENV)/bin/faststream docs gen services.$$name.consumers:asyncapi_app --factory --out docs/asyncapi/$$name.json; \
+	  fi; \
+	done
 
 # Forget local run state (databases, Kafka data, mail, logs); keeps the downloaded jars and binaries.
 clean-run:

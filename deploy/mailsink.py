@@ -119,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m deploy.mailsink", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dir", type=Path, required=True, help="directory for the .eml files")
-    parser.add_argument("--port", type=int, default=1025, help="SMTP port on 127.0.0.1 (default 1025)")
+    parser.add_argument("--port", type=int, default=1025, help="SMTP port (default 1025)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 only inside a container)")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.dir.resolve(), args.port))
+        asyncio.run(serve(args.dir.resolve(), args.port, args.host))
 
 
 if __name__ == "__main__":
