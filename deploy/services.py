@@ -97,6 +97,8 @@ class InfraEndpoints:
     smtp_port: int
     mail_dir: Path | None = None
     internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # One signing key for every gateway replica of a run, so tokens survive across replicas.
+    jwt_secret: str = field(default_factory=lambda: os.environ.get("GATEWAY_JWT_SECRET") or secrets.token_urlsafe(32))
     stripe_webhook_secret: str = field(default_factory=lambda: os.environ.get("STRIPE_WEBHOOK_SECRET", "whsec_local"))
     stripe_secret_key: str = field(default_factory=lambda: os.environ.get("STRIPE_SECRET_KEY", "sk_test_local"))
     admin_password: str = field(default_factory=lambda: os.environ.get("BILLING_ADMIN_PASSWORD", "admin-password"))
@@ -111,6 +113,7 @@ class InfraEndpoints:
     def global_env(self) -> dict[str, str]:
         env = {
             "BILLING_INTERNAL_TOKEN": self.internal_token,
+            "GATEWAY_JWT_SECRET": self.jwt_secret,
             "STRIPE_WEBHOOK_SECRET": self.stripe_webhook_secret,
             "STRIPE_API_BASE": self.stripe_api_base,
             "STRIPE_SECRET_KEY": self.stripe_secret_key,

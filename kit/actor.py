@@ -15,7 +15,7 @@ CLIENT_HEADER = "X-Actor-Client-Id"
 USER_HEADER = "X-Actor-User-Id"
 INTERNAL_TOKEN_HEADER = "X-Internal-Token"
 
-Role = Literal["admin", "client", "system"]
+Role = Literal["admin", "client", "system", "anonymous"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ def get_actor(request: Request) -> Actor:
         if not client_id:
             raise Forbidden("A client login must be bound to a client.")
         return Actor(role="client", user_id=request.headers.get(USER_HEADER), client_id=client_id)
+    if role == "anonymous":
+        # A public route of the gateway (checkout page, tracking pixel): no rights at all.
+        return Actor(role="anonymous")
     raise Unauthorized(f"Unknown role {role!r}.")
 
 

@@ -1,0 +1,222 @@
+"""The gateway application: its own endpoints (auth, users), the proxy, the merged OpenAPI."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.middleware import Middleware
+from starlette.responses import Response
+from starlette.routing import Route as StarletteRoute
+
+from kit.db import Database
+from kit.errors import Forbidden, NotFound, Unauthorized
+from kit.service import ServiceRuntime, create_service_app, make_broker
+from services.gateway import routes as route_table
+from services.gateway.config import GatewaySettings
+from services.gateway.middleware import GatewayMiddleware
+from services.gateway.openapi import BEARER_SCHEME, OpenApiAggregator
+from services.gateway.proxy import ANONYMOUS, ForwardedActor, UpstreamPool
+from services.gateway.schemas import (
+    CreateUserRequest,
+    ErrorResponse,
+    LoginRequest,
+    LoginResponse,
+    UserList,
+    UserOut,
+)
+from services.gateway.security import Passwords, TokenClaims, TokenCodec, bearer_token
+from services.gateway.service import AuthService, IdempotencyService
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+@dataclass
+class GatewayContext:
+    settings: GatewaySettings
+    tokens: TokenCodec
+    auth: AuthService
+    idempotency: IdempotencyService
+    upstreams: UpstreamPool
+    openapi: OpenApiAggregator
+
+
+def get_context(request: Request) -> GatewayContext:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+Context = Annotated[GatewayContext, Depends(get_context)]
+_bearer = HTTPBearer(auto_error=False, scheme_name=BEARER_SCHEME, description="`accessToken` from the login.")
+
+
+def current_claims(
+    request: Request,
+    ctx: Context,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> TokenClaims:
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise Unauthorized("A bearer token is required.", code="unauthorized")
+    return ctx.tokens.decode(token)
+
+
+def admin_claims(claims: Annotated[TokenClaims, Depends(current_claims)]) -> TokenClaims:
+    if claims.role != "admin":
+        raise Forbidden("This action needs an admin.")
+    return claims
+
+
+Claims = Annotated[TokenClaims, Depends(current_claims)]
+AdminClaims = Annotated[TokenClaims, Depends(admin_claims)]
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+api = APIRouter(prefix="/api", responses=_errors(422))
+
+
+@api.post(
+    "/auth/login", response_model=LoginResponse, tags=["auth"], summary="Log in with email and password",
+    responses=_errors(401),
+)
+async def login(body: LoginRequest, ctx: Context) -> LoginResponse:
+    return await ctx.auth.login(body.email, body.password)
+
+
+@api.get("/auth/me", response_model=UserOut, tags=["auth"], summary="The logged-in user", responses=_errors(401))
+async def me(claims: Claims, ctx: Context) -> UserOut:
+    return await ctx.auth.current_user(claims)
+
+
+@api.post(
+    "/users", response_model=UserOut, status_code=201, tags=["users"], summary="Create a login (admin)",
+    responses=_errors(401, 403, 409, 503),
+)
+async def create_user(body: CreateUserRequest, _: AdminClaims, ctx: Context) -> UserOut:
+    return await ctx.auth.create_user(body)
+
+
+@api.get("/users", response_model=UserList, tags=["users"], summary="List logins (admin)", responses=_errors(401, 403))
+async def list_users(
+    _: AdminClaims,
+    ctx: Context,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> UserList:
+    return await ctx.auth.list_users(limit=limit, offset=offset)
+
+
+proxy_router = APIRouter()
+
+
+@proxy_router.api_route("/{full_path:path}", methods=PROXY_METHODS, include_in_schema=False)
+async def proxy(request: Request, ctx: Context) -> Response:
+    path = request.url.path
+    route = route_table.resolve(path)
+    if route is None:
+        raise NotFound(f"No route for {request.method} {path}.")
+    if route.auth is route_table.Auth.PUBLIC:
+        actor = ANONYMOUS
+    else:
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise Unauthorized("A bearer token is required.")
+        claims = ctx.tokens.decode(token)
+        actor = ForwardedActor(role=claims.role, user_id=claims.user_id, client_id=claims.client_id)
+    body = await request.body()
+    return await ctx.upstreams.forward(request, route.upstream, body, actor)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    # ServiceRuntime wants a broker; with kafka_enabled False it is never started.
+    runtime = ServiceRuntime(settings=settings, db=db, broker=make_broker(settings), migrations=MIGRATIONS)
+
+    secret_generated = not settings.jwt_secret
+    secret = settings.jwt_secret or secrets.token_urlsafe(48)
+    tokens = TokenCodec(secret, ttl_seconds=settings.jwt_ttl_seconds, issuer=settings.jwt_issuer)
+    upstreams = UpstreamPool(
+        settings.upstream_urls(),
+        internal_token=settings.internal_token,
+        connect_timeout=settings.upstream_connect_timeout,
+        timeout=settings.upstream_timeout,
+        max_connections=settings.upstream_max_connections,
+        max_keepalive=settings.upstream_max_keepalive,
+        keepalive_expiry=settings.upstream_keepalive_expiry,
+    )
+    auth = AuthService(db, Passwords(), tokens, upstreams)
+    idempotency = IdempotencyService(
+        db,
+        ttl_seconds=settings.idempotency_ttl_seconds,
+        lock_timeout_seconds=settings.idempotency_lock_timeout_seconds,
+        cleanup_interval_seconds=settings.idempotency_cleanup_interval_seconds,
+    )
+    aggregator = OpenApiAggregator(
+        upstreams,
+        lambda: route_table.ROUTES,
+        cache_seconds=settings.openapi_cache_seconds,
+        retry_seconds=settings.openapi_retry_seconds,
+        fetch_timeout=settings.openapi_fetch_timeout,
+    )
+
+    async def on_startup() -> None:
+        if secret_generated:
+            log.warning(
+                "jwt_secret_generated",
+                hint="GATEWAY_JWT_SECRET is not set: tokens are signed with a per-process secret and stop "
+                "working on restart and across replicas.",
+            )
+        await auth.ensure_admin(settings.admin_email, settings.admin_password)
+
+    async def on_shutdown() -> None:
+        await idempotency.close()
+        await upstreams.close()
+
+    runtime.on_startup.append(on_startup)
+    runtime.on_shutdown.append(on_shutdown)
+
+    app = create_service_app(
+        runtime,
+        title="Billing platform API",
+        description="Invoices, payments, subscriptions, reminders and reports. Authenticate with "
+        "`POST /api/auth/login` and send `Authorization: Bearer <accessToken>`.",
+        routers=[api, proxy_router],
+    )
+    app.version = "1.0.0"
+    app.state.gateway = GatewayContext(
+        settings=settings, tokens=tokens, auth=auth, idempotency=idempotency, upstreams=upstreams,
+        openapi=aggregator,
+    )
+    _serve_merged_openapi(app, aggregator)
+    # Innermost user middleware: runs inside the correlation-id middleware, so replayed and refused
+    # requests carry the correlation id too.
+    app.user_middleware.append(
+        Middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, idempotency=idempotency, tokens=tokens)
+    )
+    return app
+
+
+def _serve_merged_openapi(app: FastAPI, aggregator: OpenApiAggregator) -> None:
+    """Swap FastAPI's /openapi.json for one that merges in the upstream services' documents."""
+    url = app.openapi_url or "/openapi.json"
+
+    async def openapi_json(_: Request) -> JSONResponse:
+        return JSONResponse(await aggregator.document(app.openapi()))
+
+    merged = StarletteRoute(url, openapi_json, methods=["GET"], include_in_schema=False)
+    for i, existing in enumerate(app.router.routes):
+        if getattr(existing, "path", None) == url:
+            app.router.routes[i] = merged
+            return
+    app.router.routes.insert(0, merged)

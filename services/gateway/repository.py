@@ -1,0 +1,145 @@
+"""Data access for users and idempotency keys (one AsyncSession, no commits here)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.models import (
+    ROLE_ADMIN,
+    STATE_COMPLETED,
+    STATE_IN_PROGRESS,
+    IdempotencyKey,
+    User,
+)
+
+
+class UserRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        return await self.session.get(User, user_id)
+
+    async def get_by_email(self, email: str) -> User | None:
+        return await self.session.scalar(select(User).where(User.email == email.strip().lower()))
+
+    async def insert(self, *, email: str, password_hash: str, role: str, client_id: str | None) -> User | None:
+        """The new user, or None when the email is taken (no exception, no aborted transaction)."""
+        stmt = (
+            insert(User)
+            .values(id=uuid.uuid4(), email=email.strip().lower(), password_hash=password_hash, role=role,
+                    client_id=client_id)
+            .on_conflict_do_nothing(index_elements=[User.email])
+            .returning(User)
+        )
+        return (await self.session.scalars(stmt)).first()
+
+    async def any_admin(self) -> bool:
+        return (await self.session.scalar(select(User.id).where(User.role == ROLE_ADMIN).limit(1))) is not None
+
+    async def list_page(self, *, limit: int, offset: int) -> tuple[list[User], int]:
+        total = await self.session.scalar(select(func.count()).select_from(User)) or 0
+        rows = await self.session.scalars(
+            select(User).order_by(User.created_at, User.email).limit(limit).offset(offset)
+        )
+        return list(rows), total
+
+    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
+        await self.session.execute(update(User).where(User.id == user_id).values(password_hash=password_hash))
+
+
+@dataclass(frozen=True)
+class ExistingKey:
+    row: IdempotencyKey
+    expired: bool
+    stale: bool
+
+
+class IdempotencyRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def try_insert(
+        self, *, owner: str, key: str, fingerprint: str, method: str, path: str, lock_id: uuid.UUID
+    ) -> bool:
+        """Claim the key atomically; False when a row already exists."""
+        stmt = (
+            insert(IdempotencyKey)
+            .values(
+                owner=owner, key=key, fingerprint=fingerprint, method=method, path=path,
+                state=STATE_IN_PROGRESS, lock_id=lock_id, created_at=func.now(), locked_at=func.now(),
+            )
+            .on_conflict_do_nothing(index_elements=[IdempotencyKey.owner, IdempotencyKey.key])
+            .returning(IdempotencyKey.key)
+        )
+        return (await self.session.execute(stmt)).first() is not None
+
+    async def get_for_update(
+        self, owner: str, key: str, *, ttl: timedelta, lock_timeout: timedelta
+    ) -> ExistingKey | None:
+        stmt = (
+            select(
+                IdempotencyKey,
+                (IdempotencyKey.created_at < func.now() - ttl).label("expired"),
+                (IdempotencyKey.locked_at < func.now() - lock_timeout).label("stale"),
+            )
+            .where(IdempotencyKey.owner == owner, IdempotencyKey.key == key)
+            .with_for_update()
+        )
+        found = (await self.session.execute(stmt)).first()
+        if found is None:
+            return None
+        row, expired, stale = found
+        return ExistingKey(row=row, expired=bool(expired), stale=bool(stale))
+
+    async def restart(
+        self, *, owner: str, key: str, fingerprint: str, method: str, path: str, lock_id: uuid.UUID,
+        keep_created_at: bool,
+    ) -> None:
+        """Turn an expired or abandoned row into a fresh in-progress claim held by `lock_id`."""
+        values: dict[str, Any] = {
+            "fingerprint": fingerprint, "method": method, "path": path, "state": STATE_IN_PROGRESS,
+            "lock_id": lock_id, "locked_at": func.now(), "response_status": None, "response_headers": None,
+            "response_body": None, "completed_at": None,
+        }
+        if not keep_created_at:
+            values["created_at"] = func.now()
+        await self.session.execute(
+            update(IdempotencyKey).where(IdempotencyKey.owner == owner, IdempotencyKey.key == key).values(**values)
+        )
+
+    async def complete(
+        self, *, owner: str, key: str, lock_id: uuid.UUID, status: int, headers: dict[str, str], body: bytes
+    ) -> bool:
+        result = await self.session.execute(
+            update(IdempotencyKey)
+            .where(
+                IdempotencyKey.owner == owner, IdempotencyKey.key == key, IdempotencyKey.lock_id == lock_id,
+                IdempotencyKey.state == STATE_IN_PROGRESS,
+            )
+            .values(
+                state=STATE_COMPLETED, response_status=status, response_headers=headers, response_body=body,
+                completed_at=func.now(), lock_id=None,
+            )
+            .returning(IdempotencyKey.key)
+        )
+        return result.first() is not None
+
+    async def release(self, *, owner: str, key: str, lock_id: uuid.UUID) -> None:
+        await self.session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.owner == owner, IdempotencyKey.key == key, IdempotencyKey.lock_id == lock_id,
+                IdempotencyKey.state == STATE_IN_PROGRESS,
+            )
+        )
+
+    async def delete_expired(self, ttl: timedelta) -> int:
+        result = await self.session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < func.now() - ttl))
+        return int(getattr(result, "rowcount", 0) or 0)

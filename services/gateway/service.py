@@ -1,0 +1,271 @@
+"""Gateway logic without HTTP: logins, users, idempotency keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+import structlog
+
+from kit.db import Database
+from kit.errors import AppError, Conflict, InvalidInput, Unauthorized
+from services.gateway.models import ROLE_ADMIN, STATE_IN_PROGRESS, User
+from services.gateway.repository import IdempotencyRepository, UserRepository
+from services.gateway.schemas import CreateUserRequest, LoginResponse, UserList, UserOut
+from services.gateway.security import Passwords, TokenClaims, TokenCodec
+
+log = structlog.get_logger(__name__)
+
+
+class ClientDirectory(Protocol):
+    """Answers whether a client exists (the invoice service owns clients)."""
+
+    async def client_exists(self, client_id: str) -> bool: ...
+
+
+def user_out(user: User) -> UserOut:
+    return UserOut(id=user.id, email=user.email, role=user.role, client_id=user.client_id,
+                   created_at=user.created_at)
+
+
+class AuthService:
+    def __init__(self, db: Database, passwords: Passwords, tokens: TokenCodec, clients: ClientDirectory) -> None:
+        self._db = db
+        self._passwords = passwords
+        self._tokens = tokens
+        self._clients = clients
+
+    async def login(self, email: str, password: str) -> LoginResponse:
+        # Read what we need inside the unit of work: its rollback on exit expires ORM objects.
+        async with self._db.unit_of_work() as uow:
+            user = await UserRepository(uow.session).get_by_email(email)
+            found = (user_out(user), user.password_hash) if user is not None else None
+        ok = await self._passwords.verify(found[1] if found else None, password)
+        if found is None or not ok:
+            raise Unauthorized("Invalid email or password.", code="invalid_credentials")
+        out, password_hash = found
+        if self._passwords.needs_rehash(password_hash):
+            new_hash = await self._passwords.hash(password)
+            async with self._db.unit_of_work() as uow:
+                await UserRepository(uow.session).set_password_hash(out.id, new_hash)
+                await uow.commit()
+        token = self._tokens.issue(user_id=str(out.id), role=out.role, client_id=out.client_id)
+        log.info("login_succeeded", user_id=str(out.id), role=out.role)
+        return LoginResponse(access_token=token, expires_in=self._tokens.ttl_seconds, user=out)
+
+    async def current_user(self, claims: TokenClaims) -> UserOut:
+        try:
+            user_id = uuid.UUID(claims.user_id)
+        except ValueError as exc:
+            raise Unauthorized("The access token is invalid.", code="invalid_token") from exc
+        async with self._db.unit_of_work() as uow:
+            user = await UserRepository(uow.session).get(user_id)
+            if user is None:
+                raise Unauthorized("This login no longer exists.", code="invalid_token")
+            return user_out(user)
+
+    async def create_user(self, request: CreateUserRequest) -> UserOut:
+        async with self._db.unit_of_work() as uow:
+            if await UserRepository(uow.session).get_by_email(request.email) is not None:
+                raise Conflict("A login with this email already exists.", code="email_taken")
+        if request.role == "client":
+            assert request.client_id is not None
+            if not await self._clients.client_exists(request.client_id):
+                raise InvalidInput(
+                    f"Client {request.client_id} does not exist.",
+                    code="client_not_found",
+                    details=[{"field": "clientId", "message": "unknown client", "type": "client_not_found"}],
+                )
+        password_hash = await self._passwords.hash(request.password)
+        async with self._db.unit_of_work() as uow:
+            user = await UserRepository(uow.session).insert(
+                email=request.email, password_hash=password_hash, role=request.role, client_id=request.client_id
+            )
+            if user is None:
+                raise Conflict("A login with this email already exists.", code="email_taken")
+            await uow.commit()
+        log.info("user_created", user_id=str(user.id), role=user.role, client_id=user.client_id)
+        return user_out(user)
+
+    async def list_users(self, *, limit: int, offset: int) -> UserList:
+        async with self._db.unit_of_work() as uow:
+            users, total = await UserRepository(uow.session).list_page(limit=limit, offset=offset)
+            return UserList(items=[user_out(u) for u in users], total=total, limit=limit, offset=offset)
+
+    async def ensure_admin(self, email: str, password: str) -> bool:
+        """Create the first admin when there is none. Safe with several replicas starting at once."""
+        async with self._db.unit_of_work() as uow:
+            if await UserRepository(uow.session).any_admin():
+                return False
+        password_hash = await self._passwords.hash(password)
+        async with self._db.unit_of_work() as uow:
+            created = await UserRepository(uow.session).insert(
+                email=email, password_hash=password_hash, role=ROLE_ADMIN, client_id=None
+            )
+            await uow.commit()
+        if created is None:
+            log.warning("bootstrap_admin_email_taken", email=email)
+            return False
+        log.info("bootstrap_admin_created", email=created.email)
+        return True
+
+
+# --- idempotency ---------------------------------------------------------------------------------
+
+MAX_KEY_LENGTH = 255
+
+
+class IdempotencyKeyReused(AppError):
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+class IdempotencyInProgress(AppError):
+    status_code = 409
+    code = "idempotency_in_progress"
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """This request holds the key; it must end with `complete` or `release`."""
+
+    owner: str
+    key: str
+    lock_id: uuid.UUID
+
+
+def request_fingerprint(method: str, path: str, body: bytes) -> str:
+    body_hash = hashlib.sha256(body).hexdigest()
+    return hashlib.sha256(f"{method.upper()}\n{path}\n{body_hash}".encode()).hexdigest()
+
+
+def validate_key(key: str) -> str:
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable() or not key.isascii():
+        raise AppError(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.",
+            code="invalid_idempotency_key",
+        )
+    return key
+
+
+class IdempotencyService:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl_seconds: float,
+        lock_timeout_seconds: float,
+        cleanup_interval_seconds: float,
+    ) -> None:
+        self._db = db
+        self._ttl = timedelta(seconds=ttl_seconds)
+        self._lock_timeout = timedelta(seconds=lock_timeout_seconds)
+        self._cleanup_interval = cleanup_interval_seconds
+        self._last_cleanup = float("-inf")
+        self._cleanup_task: asyncio.Task[None] | None = None
+
+    async def begin(self, *, owner: str, key: str, method: str, path: str, body: bytes) -> KeyClaim | StoredResponse:
+        """Claim `key` for this request, or return the response stored for its first run.
+
+        Raises `IdempotencyKeyReused` (the key was used for another request) or
+        `IdempotencyInProgress` (the first request with this key has not finished).
+        """
+        validate_key(key)
+        self._maybe_cleanup()
+        fingerprint = request_fingerprint(method, path, body)
+        lock_id = uuid.uuid4()
+        async with self._db.unit_of_work() as uow:
+            repo = IdempotencyRepository(uow.session)
+            for _ in range(3):
+                if await repo.try_insert(
+                    owner=owner, key=key, fingerprint=fingerprint, method=method, path=path[:2048], lock_id=lock_id
+                ):
+                    await uow.commit()
+                    return KeyClaim(owner, key, lock_id)
+                existing = await repo.get_for_update(owner, key, ttl=self._ttl, lock_timeout=self._lock_timeout)
+                if existing is None:
+                    continue  # released between our insert and select: try again
+                row = existing.row
+                if existing.expired:
+                    await repo.restart(owner=owner, key=key, fingerprint=fingerprint, method=method,
+                                       path=path[:2048], lock_id=lock_id, keep_created_at=False)
+                    await uow.commit()
+                    return KeyClaim(owner, key, lock_id)
+                if row.fingerprint != fingerprint:
+                    raise IdempotencyKeyReused(
+                        "This Idempotency-Key was already used for a different request.",
+                        details={"method": row.method, "path": row.path},
+                    )
+                if row.state == STATE_IN_PROGRESS:
+                    if existing.stale:
+                        log.warning("idempotency_abandoned_claim_taken_over", key=key, owner=owner)
+                        await repo.restart(owner=owner, key=key, fingerprint=fingerprint, method=method,
+                                           path=path[:2048], lock_id=lock_id, keep_created_at=True)
+                        await uow.commit()
+                        return KeyClaim(owner, key, lock_id)
+                    raise IdempotencyInProgress(
+                        "A request with this Idempotency-Key is still being processed; retry later."
+                    )
+                assert row.response_status is not None
+                return StoredResponse(
+                    status=row.response_status, headers=dict(row.response_headers or {}), body=row.response_body or b""
+                )
+        raise IdempotencyInProgress("A request with this Idempotency-Key is changing state; retry later.")
+
+    async def complete(self, claim: KeyClaim, response: StoredResponse) -> None:
+        async with self._db.unit_of_work() as uow:
+            stored = await IdempotencyRepository(uow.session).complete(
+                owner=claim.owner, key=claim.key, lock_id=claim.lock_id,
+                status=response.status, headers=response.headers, body=response.body,
+            )
+            await uow.commit()
+        if not stored:
+            log.warning("idempotency_claim_lost", key=claim.key, owner=claim.owner)
+
+    async def release(self, claim: KeyClaim) -> None:
+        async with self._db.unit_of_work() as uow:
+            await IdempotencyRepository(uow.session).release(owner=claim.owner, key=claim.key, lock_id=claim.lock_id)
+            await uow.commit()
+
+    async def cleanup(self) -> int:
+        async with self._db.unit_of_work() as uow:
+            removed = await IdempotencyRepository(uow.session).delete_expired(self._ttl)
+            await uow.commit()
+        if removed:
+            log.info("idempotency_keys_expired", removed=removed)
+        return removed
+
+    def _maybe_cleanup(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cleanup < self._cleanup_interval:
+            return
+        if self._cleanup_task is not None and not self._cleanup_task.done():
+            return
+        self._last_cleanup = now
+        self._cleanup_task = asyncio.create_task(self._cleanup_quietly(), name="idempotency-cleanup")
+
+    async def _cleanup_quietly(self) -> None:
+        try:
+            await self.cleanup()
+        except Exception as exc:  # the next request tries again later
+            log.warning("idempotency_cleanup_failed", error=str(exc))
+
+    async def close(self) -> None:
+        if self._cleanup_task is not None and not self._cleanup_task.done():
+            self._cleanup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup_task
+
