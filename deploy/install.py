@@ -8,6 +8,7 @@ PostgreSQL (Debian package, via apt-get when absent), the Kafka broker jars (Mav
 
 from __future__ import annotations
 
+import ctypes.util
 import shutil
 import sys
 
@@ -20,10 +21,24 @@ def ensure_tool(command: str, package: str) -> None:
         apt_install(package)
 
 
+def ensure_pdf_packages() -> None:
+    """Fonts for invoice PDFs (Unicode coverage), pdftoppm and zbarimg for the PDF tests, pango for
+    the WeasyPrint comparison in the PDF benchmark."""
+    from services.invoice.pdf.system import missing_apt_packages
+
+    missing = missing_apt_packages()
+    missing += [pkg for lib, pkg in (("pango-1.0", "libpango-1.0-0"), ("pangoft2-1.0", "libpangoft2-1.0-0"))
+                if ctypes.util.find_library(lib) is None]
+    if missing:
+        print(f"[infra] apt-get install -y {' '.join(missing)}", flush=True)
+        apt_install(*missing)
+
+
 def main() -> int:
     try:
         ensure_tool("java", "openjdk-17-jre-headless")
         ensure_tool("mvn", "maven")
+        ensure_pdf_packages()
         pg_bin = PostgresServer(RUN_DIR / "pg", 0).ensure_installed()
         jars = ensure_kafka_jars(RUN_DIR / "kafka-jars")
         stripe_mock = StripeMock(0).ensure_installed(RUN_DIR / "bin")
