@@ -91,3 +91,14 @@ async def test_unauthenticated_and_bad_requests(stack: dict[str, ServiceProcess]
         assert bad.status_code == 401
         docs = await anon.get("/openapi.json")
         assert docs.status_code == 200 and "/api/invoices" in docs.json()["paths"]
+
+
+async def test_correlation_id_flows_from_request_to_event(admin: httpx.AsyncClient,
+                                                          kafka_events: TopicWatcher) -> None:
+    client = (await admin.post("/api/clients", json={"name": "Trace", "email": "t@trace.example.com"})).json()
+    correlation_id = f"trace-{uuid.uuid4().hex}"
+    created = await admin.post("/api/invoices", headers={"X-Correlation-Id": correlation_id}, json={
+        "clientId": client["id"], "items": [{"description": "Work", "quantity": "1", "unitPrice": 100}]})
+    assert created.headers["X-Correlation-Id"] == correlation_id
+    [event] = await kafka_events.wait_for(created.json()["id"], "invoice.created")
+    assert event.correlationid == correlation_id
