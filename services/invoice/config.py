@@ -14,3 +14,5 @@ class InvoiceSettings(ServiceSettings):
     overdue_scan_interval: float = 60.0
     # Base URL of the client portal, used for pay links in PDFs.
     portal_url: str = "http://127.0.0.1:8000/portal"
+    # PDFs rendered at once per replica (each render is CPU-bound work in a worker thread).
+    pdf_render_concurrency: int = 4

@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -12,12 +13,14 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     Numeric,
     String,
     Text,
     UniqueConstraint,
     func,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from kit.db import InboxMixin, OutboxMixin
@@ -151,3 +154,39 @@ class NumberCounter(Base):
 
     year: Mapped[int] = mapped_column(Integer, primary_key=True)
     last_value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class InvoiceTemplate(Base):
+    """One saved version of the invoice template (branding and defaults). Append-only: every save
+    inserts a new version and rows are never updated, so an invoice pinned to a version keeps its
+    look. The current template is the highest version; no row at all means the built-in defaults."""
+
+    __tablename__ = "invoice_templates"
+    __table_args__ = (
+        CheckConstraint("version > 0", name="ck_invoice_templates_version_positive"),
+        CheckConstraint("(logo_data IS NULL) = (logo_mime IS NULL)", name="ck_invoice_templates_logo_complete"),
+    )
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # TemplateSettings.model_dump(mode="json", by_alias=True) without the logo
+    settings: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # the validated, normalized logo (PNG, or sanitized SVG) and its metadata
+    logo_data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    logo_mime: Mapped[str | None] = mapped_column(String(40))
+    logo_width: Mapped[int | None] = mapped_column(Integer)
+    logo_height: Mapped[int | None] = mapped_column(Integer)
+    logo_source_mime: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    created_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class InvoicePdf(Base):
+    """The last rendered PDF of each invoice, keyed by the content fingerprint it was rendered from.
+    One row per invoice (upserted), so the cache never grows beyond the number of invoices."""
+
+    __tablename__ = "invoice_pdfs"
+
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    pdf: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

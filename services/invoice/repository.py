@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.invoice.models import Client, Invoice, InvoicePayment, NumberCounter
+from services.invoice.models import Client, Invoice, InvoicePayment, InvoicePdf, InvoiceTemplate, NumberCounter
 
 SORT_COLUMNS = {
     "createdAt": Invoice.created_at,
@@ -134,3 +136,69 @@ class InvoiceRepository:
             .order_by(InvoicePayment.paid_at, InvoicePayment.id)
         )
         return list((await self.session.scalars(stmt)).all())
+
+
+# Key of the transaction-scoped advisory lock that serializes template saves across replicas.
+TEMPLATE_LOCK_KEY = zlib.crc32(b"invoice:invoice_templates")
+
+
+@dataclass(frozen=True)
+class TemplateHead:
+    """The current template version and the one default the send path needs (no logo bytes)."""
+
+    version: int
+    default_net_days: int | None
+
+
+class TemplateRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def lock(self) -> None:
+        """Held until the transaction ends: concurrent saves (any replica) take turns, so each one
+        derives its version from the one before it and `max(version) + 1` cannot collide."""
+        await self.session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": TEMPLATE_LOCK_KEY})
+
+    async def latest_version(self) -> int:
+        """0 when no template was ever saved (the built-in defaults)."""
+        value = await self.session.scalar(select(func.max(InvoiceTemplate.version)))
+        return int(value or 0)
+
+    async def head(self) -> TemplateHead | None:
+        row = (
+            await self.session.execute(
+                select(InvoiceTemplate.version, InvoiceTemplate.settings["defaultNetDays"].as_integer())
+                .order_by(InvoiceTemplate.version.desc())
+                .limit(1)
+            )
+        ).first()
+        return None if row is None else TemplateHead(version=row[0], default_net_days=row[1])
+
+    async def get(self, version: int) -> InvoiceTemplate | None:
+        return await self.session.get(InvoiceTemplate, version)
+
+    async def add(self, row: InvoiceTemplate) -> InvoiceTemplate:
+        self.session.add(row)
+        await self.session.flush()
+        return row
+
+
+class PdfCacheRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, invoice_id: uuid.UUID, fingerprint: str) -> bytes | None:
+        return await self.session.scalar(
+            select(InvoicePdf.pdf).where(InvoicePdf.invoice_id == invoice_id, InvoicePdf.fingerprint == fingerprint)
+        )
+
+    async def put(self, invoice_id: uuid.UUID, fingerprint: str, pdf: bytes) -> None:
+        """Keep only the latest rendering of each invoice."""
+        values: dict[str, Any] = {"invoice_id": invoice_id, "fingerprint": fingerprint, "pdf": pdf}
+        stmt = insert(InvoicePdf).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[InvoicePdf.invoice_id],
+            set_={"fingerprint": stmt.excluded.fingerprint, "pdf": stmt.excluded.pdf, "created_at": func.now()},
+            where=InvoicePdf.fingerprint != stmt.excluded.fingerprint,
+        )
+        await self.session.execute(stmt)

@@ -11,10 +11,18 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, 
 from pydantic.alias_generators import to_camel
 
 from services.invoice.money import MAX_AMOUNT, known_currencies
+from services.invoice.pdf import BankDetails, NormalizedLogo, TemplateSettings
 
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+
+def _no_nul(value: object) -> object:
+    # PostgreSQL text and JSONB cannot hold U+0000: refuse it here rather than fail on insert.
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    return value
 
 
 class InputModel(ApiModel):
@@ -22,6 +30,11 @@ class InputModel(ApiModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
     )
 
+    _text = field_validator("*")(_no_nul)
+
+
+# A line description may be long (a pasted statement of work); the PDF wraps and splits it across pages.
+MAX_DESCRIPTION = 10_000
 
 Money = Annotated[int, Field(ge=0, le=MAX_AMOUNT, strict=True)]
 Percent = Annotated[Decimal, Field(ge=0, le=100, max_digits=7, decimal_places=4)]
@@ -57,7 +70,7 @@ class ClientOut(ApiModel):
 
 
 class ItemIn(InputModel):
-    description: Annotated[str, StringConstraints(min_length=1, max_length=5000)]
+    description: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DESCRIPTION)]
     quantity: Quantity = Decimal(1)
     unit_price: Money
     discount: Money = 0
@@ -182,3 +195,79 @@ SortField = Literal[
     "createdAt", "-createdAt", "issueDate", "-issueDate", "dueDate", "-dueDate",
     "total", "-total", "invoiceNumber", "-invoiceNumber", "status", "-status",
 ]
+
+
+# -- invoice template ------------------------------------------------------------------------------
+
+_EDITABLE = frozenset(TemplateSettings.model_fields) - {"logo"}
+
+
+class BankDetailsIn(BankDetails):
+    model_config = ConfigDict(extra="forbid")
+
+    _text = field_validator("*")(_no_nul)
+
+
+class _TemplateInput(TemplateSettings):
+    """The editable template fields, camelCase; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bank_details: BankDetailsIn | None = None
+
+    _text = field_validator("*")(_no_nul)
+
+    def to_settings(self, logo: NormalizedLogo | None) -> TemplateSettings:
+        return TemplateSettings.model_validate({**self.model_dump(include=set(_EDITABLE)), "logo": logo})
+
+
+class TemplateUpdate(_TemplateInput):
+    """`PUT /api/invoice-template`: a full replace of the editable fields. Omitted fields take their
+    defaults (not the stored values); `companyName` is required. The saved logo is kept unless
+    `removeLogo` is true (a logo is uploaded with `POST /api/invoice-template/logo`). `version`, when
+    given, is the version the editor started from: a save over a newer version is refused with 409."""
+
+    company_name: str = Field(min_length=1, max_length=200)
+    logo: None = Field(default=None, description="Read-only here: upload with POST /api/invoice-template/logo.")
+    remove_logo: bool = False
+    version: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("company_name")
+    @classmethod
+    def _company_named(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("companyName must not be blank")
+        return value
+
+    @field_validator("logo", mode="before")
+    @classmethod
+    def _no_logo(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("the logo is set with POST /api/invoice-template/logo (or removed with removeLogo)")
+        return None
+
+
+class TemplatePreview(_TemplateInput):
+    """`POST /api/invoice-template/preview`: unsaved settings. `logo` omitted: the saved logo;
+    `logo: null` or `removeLogo: true`: no logo; `logo` given (the validated base64 form): that one,
+    checked again."""
+
+    remove_logo: bool = False
+
+
+class LogoOut(ApiModel):
+    mime: str
+    width: int
+    height: int
+    source_mime: str | None = None
+    url: str
+
+
+class TemplateOut(TemplateSettings):
+    """The current template: version, every setting, and the logo as a link (not its bytes)."""
+
+    version: int = Field(description="0 = the built-in defaults (nothing saved yet)")
+    created_at: datetime | None = None
+    created_by: str | None = None
+    logo: LogoOut | None = None  # type: ignore[assignment]

@@ -18,7 +18,7 @@ from kit.errors import Conflict, InvalidInput, NotFound
 from kit.logging import current_correlation_id
 from services.invoice.models import Client, Invoice, InvoiceItem, InvoicePayment
 from services.invoice.money import AmountError, LineInput, compute_totals
-from services.invoice.repository import ClientRepository, InvoiceFilter, InvoiceRepository
+from services.invoice.repository import ClientRepository, InvoiceFilter, InvoiceRepository, TemplateRepository
 from services.invoice.schemas import ClientCreate, InvoiceCreate, InvoiceFields, InvoiceUpdate, ItemIn
 from services.invoice.status import OPEN, InvoiceStatus, can_transition
 
@@ -238,7 +238,13 @@ class InvoiceService:
             if invoice.total <= 0:
                 raise InvalidInput("An invoice with a zero total cannot be sent.", code="invoice_zero_total")
             invoice.issue_date = invoice.issue_date or today
-            net_days = invoice.net_days if invoice.net_days is not None else self.default_net_days
+            # The invoice keeps the template (look and defaults) current at sending; 0 = built-in defaults.
+            head = await TemplateRepository(self.uow.session).head()
+            invoice.template_version = head.version if head else 0
+            net_days = invoice.net_days
+            if net_days is None:
+                template_days = head.default_net_days if head else None
+                net_days = template_days if template_days is not None else self.default_net_days
             invoice.due_date = invoice.due_date or invoice.issue_date + timedelta(days=net_days)
             if invoice.invoice_number is None:
                 year = today.year
