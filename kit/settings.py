@@ -25,4 +25,10 @@ class ServiceSettings(BaseSettings):
     # Off lets an operator run the relay elsewhere; tests use it to stop between commit and publish.
     relay_enabled: bool = True
     outbox_poll_interval: float = 1.0
+    # Kafka consumer group; empty means the service name. Replicas of one deployment share it.
+    consumer_group: str = ""
     db_pool_size: int = 10
+
+    @property
+    def group_id(self) -> str:
+        return self.consumer_group or self.service_name

@@ -356,7 +356,7 @@ def build_runtime(settings: InvoiceSettings | None = None) -> ServiceRuntime:
     db = Database(settings.database_url, outbox_model=OutboxMessage, inbox_model=InboxEvent,
                   pool_size=settings.db_pool_size)
     broker = make_broker(settings)
-    register_consumers(broker, db)
+    register_consumers(broker, db, settings.group_id)
 
     async def overdue_job() -> int:
         async with db.unit_of_work() as uow:

@@ -14,7 +14,6 @@ from kit.consumer import EventConsumer
 from kit.db import Database, UnitOfWork
 from services.invoice.service import InvoiceService
 
-GROUP_ID = "invoice"
 NOTIFICATION_OPENED = "notification.opened"
 
 
@@ -47,9 +46,9 @@ HANDLERS = {
 }
 
 
-def register_consumers(broker: KafkaBroker, db: Database) -> EventConsumer:
+def register_consumers(broker: KafkaBroker, db: Database, group_id: str = "invoice") -> EventConsumer:
     consumer = EventConsumer(db, "invoice", HANDLERS)
-    consumer.subscribe(broker, topics.PAYMENT, topics.NOTIFICATION, group_id=GROUP_ID)
+    consumer.subscribe(broker, topics.PAYMENT, topics.NOTIFICATION, group_id=group_id)
     # Declared for the AsyncAPI document: what this service publishes (through its outbox).
     broker.publisher(topics.INVOICE, title="invoice events", schema=InvoiceSnapshotV1,
                      description="invoice.created/.updated/.sent/.viewed/.partially_paid/.paid/.overdue/.cancelled "

@@ -1,1 +1,1 @@
-"""notifications service: see DESIGN.md and its issue; not built yet."""
+"""Notifications service: emails for invoice and payment events, payment reminders, open tracking."""

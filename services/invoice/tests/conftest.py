@@ -30,6 +30,8 @@ def invoice_settings(kafka: Any, database_url_factory: Callable[[str], str]) -> 
         kafka_bootstrap=kafka.bootstrap,
         outbox_poll_interval=0.5,
         overdue_scan_interval=3600,
+        # Its own group: the end-to-end tests run another invoice service on the same Kafka.
+        consumer_group=f"invoice-inproc-{uuid.uuid4().hex[:8]}",
     )
 
 

@@ -1,0 +1,344 @@
+"""The delivery worker: claims due messages, fetches the PDF, renders, sends over SMTP, records.
+
+Crash safety: a message is claimed (status 'sending', lease until `next_attempt_at`) in its own
+transaction before anything is sent; its outcome is recorded after. A replica that dies in between
+leaves the lease to expire, and the message is sent again with the same Message-ID. Failures are
+retried with exponential backoff; after `max_attempts` the message is marked failed (and
+notification.failed published), never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import func
+
+from contracts import topics
+from contracts.envelope import CloudEvent
+from contracts.notification import SCHEMA_V1, NotificationEventType, NotificationEventV1, NotificationKind
+from kit.db import Database, UnitOfWork
+from services.notifications import repository as repo
+from services.notifications.config import NotificationsSettings
+from services.notifications.mailer import Attachment, SmtpMailer, SmtpSendError, build_message
+from services.notifications.models import Notification
+from services.notifications.pdf import PdfFetcher, PdfUnavailable
+from services.notifications.service import SOURCE, NotificationService
+
+log = structlog.get_logger(__name__)
+
+_REMINDERS = {NotificationKind.REMINDER_BEFORE_DUE.value, NotificationKind.REMINDER_OVERDUE.value}
+_FROM_EVENT_SNAPSHOT = {NotificationKind.INVOICE_SENT.value, NotificationKind.INVOICE_CANCELLED.value}
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Seconds to wait before try `attempt + 1`: base * 2**(attempt-1), capped, +-20% jitter."""
+    delay = min(cap, base * (2 ** max(0, attempt - 1)))
+    return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        db: Database,
+        service: NotificationService,
+        mailer: SmtpMailer,
+        pdf: PdfFetcher | None,
+        settings: NotificationsSettings | None = None,
+    ) -> None:
+        self.db = db
+        self.service = service
+        self.settings = settings or service.settings
+        self.mailer = mailer
+        self.pdf = pdf
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._slots = asyncio.Semaphore(max(1, self.settings.delivery_concurrency))
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="notification-delivery")
+
+    async def stop(self) -> None:
+        """Finish the sends in flight (claims not started yet are released), then stop."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=self.settings.smtp_timeout + 5)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        await self.mailer.close()
+        if self.pdf is not None:
+            await self.pdf.close()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                handled = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # DB down and the like: keep going
+                log.warning("delivery_loop_error", error=str(exc))
+                handled = 0
+            if handled >= self.settings.delivery_batch_size:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self.settings.delivery_poll_interval)
+
+    async def drain(self, max_rounds: int = 10_000) -> int:
+        """Deliver everything due now (tests, bench). Returns how many messages were handled."""
+        total = 0
+        for _ in range(max_rounds):
+            handled = await self.run_once()
+            total += handled
+            if handled == 0:
+                break
+        return total
+
+    # ------------------------------------------------------------------------------------------
+    # one round
+
+    async def run_once(self) -> int:
+        token = uuid.uuid4()
+        async with self.db.unit_of_work() as uow:
+            claimed = await repo.claim_batch(
+                uow.session,
+                limit=self.settings.delivery_batch_size,
+                lease=timedelta(seconds=self.settings.lease_seconds),
+                claim_token=token,
+            )
+            await uow.commit()
+        if not claimed:
+            return 0
+        claimed_at = time.monotonic()
+        async with self.db.unit_of_work() as uow:
+            invoices = await repo.get_invoice_infos(uow.session, list({n.invoice_id for n in claimed if n.invoice_id}))
+        await asyncio.gather(
+            *(self._deliver_guarded(n, token, claimed_at, invoices.get(n.invoice_id or "")) for n in claimed)
+        )
+        return len(claimed)
+
+    async def _deliver_guarded(
+        self, n: Notification, token: uuid.UUID, claimed_at: float, invoice: repo.InvoiceInfo | None
+    ) -> None:
+        async with self._slots:
+            s = self.settings
+            # Never start a send that could outlive the lease (another replica would take it over).
+            budget = max(s.lease_seconds / 2, s.lease_seconds - (s.smtp_timeout * 2 + s.pdf_timeout + 5))
+            if self._stopping or time.monotonic() - claimed_at > budget:
+                await self._finish(n, token, "released", None, status="pending", next_attempt_at=func.now())
+                return
+            try:
+                await self.deliver(n, token, invoice)
+            except Exception as exc:  # a bug or the DB: the lease expires and it is retried
+                log.exception("delivery_error", notification_id=str(n.id), error=str(exc))
+
+    async def deliver(self, n: Notification, token: uuid.UUID, invoice: repo.InvoiceInfo | None) -> str:
+        """Handle one claimed message (`invoice`: its invoice's copy, if any); returns the outcome."""
+        s = self.settings
+
+        # Reminders only while the invoice still expects money (paid/cancelled since the scan: skip).
+        if n.kind in _REMINDERS and (invoice is None or not invoice.open_for_reminders):
+            why = f"invoice is {invoice.status}" if invoice else "invoice unknown"
+            return await self._finish(n, token, "skipped", why, status="skipped", claim_token=None, last_error=why)
+
+        context = n.context or {}
+        if n.kind in _FROM_EVENT_SNAPSHOT and context.get("invoice"):
+            snapshot: dict[str, Any] | None = context["invoice"]
+        else:
+            snapshot = invoice.snapshot if invoice is not None else context.get("invoice")
+        recipient = n.recipient or (invoice.client_email if invoice else None)
+        recipient_name = n.recipient_name or (invoice.client_name if invoice else None)
+
+        if not recipient or (n.invoice_id and snapshot is None):
+            # A payment event can overtake its invoice's events: wait for the invoice copy a while.
+            if n.invoice_id and invoice is None and n.defer_count < s.recipient_wait_attempts:
+                delay = backoff(n.defer_count + 1, s.retry_base_delay, s.retry_max_delay)
+                return await self._finish(
+                    n, token, "deferred", "waiting for the invoice (no copy yet)", status="pending",
+                    defer_count=n.defer_count + 1, next_attempt_at=func.now() + timedelta(seconds=delay),
+                )
+            return await self._fail(n, token, "no recipient address", attempts=n.attempts)
+
+        attachments: tuple[Attachment, ...] = ()
+        pdf_attempts = n.pdf_attempts
+        attachment_missing = False
+        if self._needs_pdf(n):
+            if pdf_attempts >= s.pdf_max_attempts:
+                attachment_missing = True
+            else:
+                try:
+                    assert self.pdf is not None and n.invoice_id is not None
+                    content = await self.pdf.fetch(n.invoice_id)
+                    number = (snapshot or {}).get("invoiceNumber") or n.invoice_id
+                    filename = f"invoice-{_UNSAFE_FILENAME.sub('-', str(number))}.pdf"
+                    attachments = (Attachment(filename=filename, content=content),)
+                except PdfUnavailable as exc:
+                    pdf_attempts += 1
+                    if pdf_attempts < s.pdf_max_attempts:
+                        delay = backoff(pdf_attempts, s.pdf_retry_base_delay, s.retry_max_delay)
+                        return await self._finish(
+                            n, token, "pdf_retry", str(exc), status="pending", pdf_attempts=pdf_attempts,
+                            next_attempt_at=func.now() + timedelta(seconds=delay), last_error=str(exc),
+                        )
+                    log.warning("pdf_missing_sending_without", notification_id=str(n.id), error=str(exc))
+                    await self._attempt(n, "pdf_missing", str(exc))
+                    attachment_missing = True
+
+        ctx = self.service.email_context(
+            kind=n.kind,
+            token=n.tracking_token,
+            invoice_id=n.invoice_id,
+            recipient=recipient,
+            recipient_name=recipient_name,
+            context=context,
+            invoice_snapshot=snapshot,
+            attachment_missing=attachment_missing,
+        )
+        headers = {"X-Billing-Notification-Id": str(n.id), "X-Billing-Kind": n.kind}
+        if n.invoice_id:
+            headers["X-Billing-Invoice-Id"] = n.invoice_id
+        try:
+            content_ = self.service.renderer.render(n.kind, ctx)
+            message = build_message(
+                mail_from=s.mail_from,
+                recipient=recipient,
+                recipient_name=recipient_name,
+                content=content_,
+                message_id=n.smtp_message_id,
+                attachments=attachments,
+                headers=headers,
+            )
+            if not recipient.isascii():
+                raise ValueError(f"non-ASCII address {recipient!r} (SMTPUTF8 is not supported)")
+        except Exception as exc:  # noqa: BLE001 - retrying cannot fix a message that cannot be built
+            log.exception("message_build_failed", notification_id=str(n.id))
+            return await self._fail(n, token, f"cannot build the message: {type(exc).__name__}: {exc}",
+                                    attempts=n.attempts)
+        attempts = n.attempts + 1
+        common = {
+            "subject": content_.subject, "recipient": recipient, "recipient_name": recipient_name,
+            "attempts": attempts, "pdf_attempts": pdf_attempts, "attachment_missing": attachment_missing,
+        }
+        try:
+            await self.mailer.send(message)
+        except SmtpSendError as exc:
+            error = str(exc)
+            if attempts >= s.max_attempts:
+                return await self._fail(n, token, error, smtp_code=exc.code, **common)
+            delay = backoff(attempts, s.retry_base_delay, s.retry_max_delay)
+            log.warning("smtp_send_retry", notification_id=str(n.id), attempt=attempts, error=error,
+                        retry_in=round(delay, 1))
+            return await self._finish(
+                n, token, "retry", error, smtp_code=exc.code, status="pending", last_error=error,
+                next_attempt_at=func.now() + timedelta(seconds=delay), **common,
+            )
+        now = datetime.now(UTC)
+        await self._finish(
+            n, token, "sent", None, status="sent", sent_at=now, claim_token=None,
+            event=self._event(n, NotificationEventType.SENT, recipient, content_.subject, attempts,
+                              sent_at=now, attachment_missing=attachment_missing),
+            **common,
+        )
+        log.info("notification_sent", notification_id=str(n.id), kind=n.kind, invoice_id=n.invoice_id,
+                 attempt=attempts)
+        return "sent"
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    def _needs_pdf(self, n: Notification) -> bool:
+        if self.pdf is None or not n.invoice_id:
+            return False
+        return n.kind == NotificationKind.INVOICE_SENT.value or n.kind in self.settings.reminder_kinds_with_pdf
+
+    async def _fail(
+        self, n: Notification, token: uuid.UUID, error: str, smtp_code: int | None = None, **values: Any
+    ) -> str:
+        now = datetime.now(UTC)
+        values.setdefault("attempts", n.attempts)
+        event = self._event(
+            n, NotificationEventType.FAILED, values.get("recipient") or n.recipient or "",
+            values.get("subject") or n.subject or "", values["attempts"], failed_at=now, error=error,
+            attachment_missing=bool(values.get("attachment_missing")),
+        )
+        log.error("notification_failed", notification_id=str(n.id), kind=n.kind, error=error)
+        return await self._finish(
+            n, token, "failed", error, smtp_code=smtp_code, status="failed", failed_at=now, last_error=error,
+            claim_token=None, event=event, **values,
+        )
+
+    async def _finish(
+        self,
+        n: Notification,
+        token: uuid.UUID,
+        outcome: str,
+        error: str | None,
+        *,
+        smtp_code: int | None = None,
+        event: CloudEvent | None = None,
+        **values: Any,
+    ) -> str:
+        async with self.db.unit_of_work() as uow:
+            if not await repo.finish_claim(uow.session, n.id, token, **values):
+                log.warning("delivery_lease_lost", notification_id=str(n.id), outcome=outcome)
+                return "lease_lost"
+            await repo.add_attempt(
+                uow.session, n.id, int(values.get("attempts", n.attempts)), outcome, error, smtp_code
+            )
+            if event is not None:
+                self._publish(uow, n, event)
+            await uow.commit()
+        return outcome
+
+    async def _attempt(self, n: Notification, outcome: str, error: str | None) -> None:
+        async with self.db.unit_of_work() as uow:
+            await repo.add_attempt(uow.session, n.id, n.attempts, outcome, error)
+            await uow.commit()
+
+    def _event(
+        self,
+        n: Notification,
+        type_: NotificationEventType,
+        recipient: str,
+        subject: str,
+        attempts: int,
+        **extra: Any,
+    ) -> CloudEvent:
+        data = NotificationEventV1(
+            message_id=str(n.id),
+            smtp_message_id=n.smtp_message_id,
+            invoice_id=n.invoice_id,
+            kind=n.kind,
+            recipient=recipient,
+            subject=subject,
+            attempts=attempts,
+            reminder_sequence=n.reminder_sequence,
+            **extra,
+        )
+        return CloudEvent.create(
+            source=SOURCE, type=type_.value, subject=n.invoice_id or str(n.id), data=data,
+            correlation_id=n.correlation_id, dataschema=SCHEMA_V1,
+        )
+
+    def _publish(self, uow: UnitOfWork, n: Notification, event: CloudEvent) -> None:
+        uow.publish(event, topic=topics.NOTIFICATION, key=n.invoice_id or str(n.id))

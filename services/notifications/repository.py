@@ -1,0 +1,377 @@
+"""Data access for the notifications service (SQLAlchemy 2 async, PostgreSQL)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, and_, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.invoice import InvoiceSnapshotV1
+from services.notifications.models import (
+    OPEN_STATUSES,
+    DeliveryAttempt,
+    InvoiceCopy,
+    Notification,
+    Reminder,
+)
+
+# ----------------------------------------------------------------------------------------------
+# invoices (the local copy)
+
+
+async def upsert_invoice(session: AsyncSession, snap: InvoiceSnapshotV1, raw: dict[str, Any]) -> bool:
+    """Store the snapshot unless a newer version is already there. True when stored (not stale)."""
+    values = {
+        "id": snap.id,
+        "version": snap.version,
+        "status": snap.status,
+        "invoice_number": snap.invoice_number,
+        "currency": snap.currency,
+        "client_id": snap.client_id,
+        "client_name": snap.client_name,
+        "client_email": snap.client_email,
+        "total": snap.total,
+        "amount_paid": snap.amount_paid,
+        "amount_due": snap.amount_due,
+        "issue_date": snap.issue_date,
+        "due_date": snap.due_date,
+        "paid_at": snap.paid_at,
+        "snapshot": raw,
+    }
+    stmt = insert(InvoiceCopy).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[InvoiceCopy.id],
+        set_={**{k: stmt.excluded[k] for k in values if k != "id"}, "updated_at": func.now()},
+        # Equal versions are re-applied (harmless); an older snapshot never overwrites a newer one.
+        where=InvoiceCopy.version <= stmt.excluded.version,
+    ).returning(InvoiceCopy.id)
+    return (await session.execute(stmt)).first() is not None
+
+
+async def get_invoice(session: AsyncSession, invoice_id: str) -> InvoiceCopy | None:
+    return await session.get(InvoiceCopy, invoice_id)
+
+
+@dataclass(frozen=True)
+class InvoiceInfo:
+    """What delivery needs of an invoice copy (a plain value, no ORM state)."""
+
+    id: str
+    status: str
+    amount_due: int
+    client_email: str | None
+    client_name: str | None
+    snapshot: dict[str, Any]
+
+    @property
+    def open_for_reminders(self) -> bool:
+        return self.status in OPEN_STATUSES and self.amount_due > 0
+
+
+async def get_invoice_infos(session: AsyncSession, invoice_ids: Sequence[str]) -> dict[str, InvoiceInfo]:
+    """The copies of several invoices in one query."""
+    if not invoice_ids:
+        return {}
+    c = InvoiceCopy
+    stmt = select(c.id, c.status, c.amount_due, c.client_email, c.client_name, c.snapshot).where(
+        c.id.in_(list(invoice_ids))
+    )
+    return {row.id: InvoiceInfo(*row) for row in (await session.execute(stmt)).all()}
+
+
+# ----------------------------------------------------------------------------------------------
+# notifications
+
+
+async def insert_notification(session: AsyncSession, values: dict[str, Any]) -> uuid.UUID | None:
+    """Insert one message unless its dedupe key exists. Returns its id, or None for a duplicate."""
+    stmt = (
+        insert(Notification)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[Notification.dedupe_key])
+        .returning(Notification.id)
+    )
+    return (await session.execute(stmt)).scalar()
+
+
+async def insert_notifications(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await session.execute(insert(Notification), list(rows))
+
+
+async def claim_batch(
+    session: AsyncSession, *, limit: int, lease: timedelta, claim_token: uuid.UUID
+) -> list[Notification]:
+    """Take up to `limit` messages that are due (pending, or sending with an expired lease).
+
+    Rows locked by another replica are skipped; the claim itself is the lease: status 'sending',
+    `next_attempt_at` pushed past the lease, our `claim_token` recorded.
+    """
+    due = (
+        select(Notification.id)
+        .where(Notification.status.in_(("pending", "sending")), Notification.next_attempt_at <= func.now())
+        .order_by(Notification.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(Notification)
+        .where(Notification.id.in_(due))
+        .values(
+            status="sending",
+            next_attempt_at=func.now() + lease,
+            claim_token=claim_token,
+            updated_at=func.now(),
+        )
+        .returning(Notification)
+    )
+    return list((await session.scalars(stmt)).all())
+
+
+async def finish_claim(
+    session: AsyncSession, notification_id: uuid.UUID, held_token: uuid.UUID, /, **values: Any
+) -> bool:
+    """Update a claimed message if we still hold its lease. False when the lease was lost."""
+    stmt = (
+        update(Notification)
+        .where(Notification.id == notification_id, Notification.claim_token == held_token)
+        .values(updated_at=func.now(), **values)
+        .returning(Notification.id)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def add_attempt(
+    session: AsyncSession,
+    notification_id: uuid.UUID,
+    attempt: int,
+    outcome: str,
+    error: str | None = None,
+    smtp_code: int | None = None,
+) -> None:
+    await session.execute(
+        insert(DeliveryAttempt).values(
+            notification_id=notification_id, attempt=attempt, outcome=outcome, error=error, smtp_code=smtp_code
+        )
+    )
+
+
+async def record_open(session: AsyncSession, token: str, via: str, now: datetime) -> Notification | None:
+    """Record the first open of a message. None when the token is unknown or it was opened before."""
+    values: dict[str, Any] = {"opened_at": now, "opened_via": via, "updated_at": func.now()}
+    stmt = (
+        update(Notification)
+        .where(Notification.tracking_token == token, Notification.opened_at.is_(None))
+        .values(**values)
+        .returning(Notification)
+    )
+    return (await session.scalars(stmt)).first()
+
+
+async def record_click(session: AsyncSession, token: str, now: datetime) -> Notification | None:
+    """The message behind a tracked link (its first click time recorded); None for a bad token."""
+    stmt = (
+        update(Notification)
+        .where(Notification.tracking_token == token)
+        .values(clicked_at=func.coalesce(Notification.clicked_at, now))
+        .returning(Notification)
+    )
+    return (await session.scalars(stmt)).first()
+
+
+@dataclass
+class NotificationFilter:
+    invoice_id: str | None = None
+    client_id: str | None = None
+    kind: str | None = None
+    status: str | None = None
+    recipient: str | None = None
+    opened: bool | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+
+async def list_notifications(
+    session: AsyncSession, f: NotificationFilter, *, limit: int, offset: int
+) -> tuple[list[Notification], int]:
+    conditions = []
+    if f.invoice_id:
+        conditions.append(Notification.invoice_id == f.invoice_id)
+    if f.client_id:
+        conditions.append(Notification.client_id == f.client_id)
+    if f.kind:
+        conditions.append(Notification.kind == f.kind)
+    if f.status:
+        conditions.append(Notification.status == f.status)
+    if f.recipient:
+        conditions.append(func.lower(Notification.recipient) == f.recipient.lower())
+    if f.opened is True:
+        conditions.append(Notification.opened_at.is_not(None))
+    elif f.opened is False:
+        conditions.append(Notification.opened_at.is_(None))
+    if f.created_from:
+        conditions.append(Notification.created_at >= f.created_from)
+    if f.created_to:
+        conditions.append(Notification.created_at < f.created_to)
+    where = and_(*conditions) if conditions else None
+    query = select(Notification)
+    count = select(func.count()).select_from(Notification)
+    if where is not None:
+        query = query.where(where)
+        count = count.where(where)
+    query = query.order_by(Notification.created_at.desc(), Notification.id.desc()).limit(limit).offset(offset)
+    items = list((await session.scalars(query)).all())
+    total = int(await session.scalar(count) or 0)
+    return items, total
+
+
+async def get_notification(session: AsyncSession, notification_id: uuid.UUID) -> Notification | None:
+    return await session.get(Notification, notification_id)
+
+
+async def list_attempts(session: AsyncSession, notification_id: uuid.UUID) -> list[DeliveryAttempt]:
+    stmt = (
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.notification_id == notification_id)
+        .order_by(DeliveryAttempt.id)
+    )
+    return list((await session.scalars(stmt)).all())
+
+
+async def requeue_failed(session: AsyncSession, notification_id: uuid.UUID) -> Notification | None:
+    stmt = (
+        update(Notification)
+        .where(Notification.id == notification_id, Notification.status == "failed")
+        .values(
+            status="pending", attempts=0, pdf_attempts=0, defer_count=0, failed_at=None,
+            next_attempt_at=func.now(), claim_token=None, updated_at=func.now(),
+        )
+        .returning(Notification)
+    )
+    return (await session.scalars(stmt)).first()
+
+
+# ----------------------------------------------------------------------------------------------
+# reminders
+
+# Open invoices whose due date falls in [lo, hi] (the partial index ix_invoices_open_due), with the
+# reminder each one is due for as of :as_of, minus those already claimed. The predicate on status and
+# amount_due repeats the partial index's own, so the planner can use it.
+_FIND_DUE_SQL = text(
+    """
+    WITH c AS (
+        SELECT i.id, i.due_date, i.issue_date,
+               CASE WHEN i.due_date > CAST(:as_of AS date) THEN 'before_due' ELSE 'overdue' END AS kind,
+               CASE WHEN i.due_date > CAST(:as_of AS date)
+                    THEN (SELECT min(t) FROM unnest(CAST(:days AS integer[])) AS t
+                          WHERE t >= i.due_date - CAST(:as_of AS date))
+                    ELSE LEAST(CAST(:max_notices AS integer),
+                               1 + (CAST(:as_of AS date) - i.due_date - 1) / CAST(:repeat AS integer))
+               END AS sequence
+        FROM invoices i
+        WHERE i.status IN ('SENT', 'VIEWED', 'PARTIAL', 'OVERDUE') AND i.amount_due > 0
+          AND i.due_date BETWEEN CAST(:lo AS date) AND CAST(:hi AS date)
+          AND i.due_date <> CAST(:as_of AS date)
+    )
+    SELECT c.id AS invoice_id, c.kind, c.sequence, c.due_date
+    FROM c
+    WHERE c.sequence > 0
+      AND (c.kind = 'overdue' OR c.issue_date IS NULL OR c.due_date - c.sequence > c.issue_date)
+      AND NOT EXISTS (SELECT 1 FROM reminders r
+                      WHERE r.invoice_id = c.id AND r.kind = c.kind AND r.sequence = c.sequence)
+    ORDER BY c.due_date, c.id
+    LIMIT :limit
+    """
+)
+
+# Claim the reminders found above: the unique (invoice_id, kind, sequence) lets exactly one scan win
+# each; a concurrent scan blocks on the same keys until the winner commits, then inserts nothing.
+_CLAIM_SQL = text(
+    """
+    WITH ins AS (
+        INSERT INTO reminders (invoice_id, kind, sequence, due_date, as_of)
+        SELECT x.invoice_id, x.kind, x.sequence, x.due_date, CAST(:as_of AS date)
+        FROM unnest(CAST(:invoice_ids AS varchar[]), CAST(:kinds AS varchar[]),
+                    CAST(:sequences AS integer[]), CAST(:due_dates AS date[]))
+             AS x(invoice_id, kind, sequence, due_date)
+        ORDER BY x.due_date, x.invoice_id
+        ON CONFLICT (invoice_id, kind, sequence) DO NOTHING
+        RETURNING id, invoice_id, kind, sequence
+    )
+    SELECT ins.id AS reminder_id, ins.kind, ins.sequence, i.id AS invoice_id, i.client_id, i.client_email,
+           i.client_name, i.snapshot
+    FROM ins JOIN invoices i ON i.id = ins.invoice_id
+    """
+)
+
+
+@dataclass(frozen=True)
+class ReminderWindow:
+    """The due-date range the scan must look at, as of one day."""
+
+    as_of: date
+    days_before: tuple[int, ...]
+    repeat: int
+    max_notices: int
+
+    @property
+    def lo(self) -> date:
+        return self.as_of - timedelta(days=self.max_notices * self.repeat)
+
+    @property
+    def hi(self) -> date:
+        return self.as_of + timedelta(days=max(self.days_before, default=0))
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "as_of": self.as_of,
+            "days": list(self.days_before),
+            "repeat": self.repeat,
+            "max_notices": self.max_notices,
+            "lo": self.lo,
+            "hi": self.hi,
+        }
+
+
+async def find_due_reminders(session: AsyncSession, window: ReminderWindow, *, limit: int) -> list[Row[Any]]:
+    result = await session.execute(_FIND_DUE_SQL, {**window.params(), "limit": limit})
+    return list(result.all())
+
+
+async def claim_reminders(session: AsyncSession, as_of: date, found: Sequence[Row[Any]]) -> list[Row[Any]]:
+    if not found:
+        return []
+    result = await session.execute(
+        _CLAIM_SQL,
+        {
+            "as_of": as_of,
+            "invoice_ids": [r.invoice_id for r in found],
+            "kinds": [r.kind for r in found],
+            "sequences": [r.sequence for r in found],
+            "due_dates": [r.due_date for r in found],
+        },
+    )
+    return list(result.all())
+
+
+async def list_reminders(
+    session: AsyncSession, *, invoice_id: str | None, limit: int, offset: int
+) -> list[Row[Any]]:
+    stmt = (
+        select(Reminder, Notification.id, Notification.status, Notification.sent_at)
+        .join(Notification, Notification.reminder_id == Reminder.id, isouter=True)
+        .order_by(Reminder.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    if invoice_id:
+        stmt = stmt.where(Reminder.invoice_id == invoice_id)
+    return list((await session.execute(stmt)).all())
+

@@ -1,0 +1,307 @@
+"""Notifications fixtures: real PostgreSQL, the real SMTP mail sink, real Kafka where a test needs it."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import date, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from contracts.envelope import CloudEvent
+from deploy.infra import MailSink, free_port
+from kit.db import Database
+from kit.migrations import upgrade_to_head_async
+from services.notifications.app import MIGRATIONS
+from services.notifications.config import NotificationsSettings
+from services.notifications.models import InboxEvent, OutboxMessage
+
+ADMIN = {"X-Actor-Role": "admin", "X-Actor-User-Id": "admin-1"}
+FAKE_PDF = b"%PDF-1.4\n% fake invoice pdf for tests\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# events
+
+
+def snapshot(
+    *,
+    invoice_id: str | None = None,
+    status: str = "SENT",
+    due: date | None = None,
+    issue: date | None = None,
+    total: int = 120_00,
+    paid: int = 0,
+    version: int = 2,
+    email_: str = "client@acme.example.com",
+    name: str = "Acme Ltd",
+    number: str | None = None,
+    currency: str = "EUR",
+) -> dict[str, Any]:
+    invoice_id = invoice_id or str(uuid.uuid4())
+    due = due or date(2026, 3, 31)
+    return {
+        "id": invoice_id,
+        "invoiceNumber": number or f"2026-{uuid.uuid4().int % 10000:04d}",
+        "status": status,
+        "currency": currency,
+        "clientId": str(uuid.uuid5(uuid.NAMESPACE_DNS, email_)),
+        "clientName": name,
+        "clientEmail": email_,
+        "projectId": None,
+        "subtotal": total,
+        "discountAmount": 0,
+        "taxAmount": 0,
+        "total": total,
+        "amountPaid": paid,
+        "amountDue": total - paid,
+        "issueDate": (issue or due - timedelta(days=30)).isoformat(),
+        "dueDate": due.isoformat(),
+        "paidAt": None,
+        "version": version,
+        "items": [],
+    }
+
+
+def invoice_event(event_type: str, snap: dict[str, Any]) -> CloudEvent:
+    return CloudEvent(source="invoice", type=event_type, subject=snap["id"], data=snap)
+
+
+def payment_event(event_type: str, invoice_id: str, amount: int, **extra: Any) -> CloudEvent:
+    data = {
+        "paymentId": extra.pop("payment_id", str(uuid.uuid4())),
+        "invoiceId": invoice_id,
+        "amount": amount,
+        "currency": "EUR",
+        "method": "card",
+        "status": "failed" if event_type == "payment.failed" else "succeeded",
+        "paidAt": "2026-03-20T10:00:00+00:00",
+        **extra,
+    }
+    return CloudEvent(source="payments", type=event_type, subject=invoice_id, data=data)
+
+
+# ------------------------------------------------------------------------------------------------
+# settings and database
+
+
+@pytest.fixture
+def make_settings(
+    database_url_factory: Callable[[str], str], mail_sink: MailSink
+) -> Callable[..., NotificationsSettings]:
+    """Settings for an in-process service: a fresh database, the session's mail sink, fast retries."""
+
+    def factory(**overrides: Any) -> NotificationsSettings:
+        values: dict[str, Any] = {
+            "database_url": database_url_factory("notifications"),
+            "kafka_enabled": False,
+            "smtp_host": mail_sink.host,
+            "smtp_port": mail_sink.port,
+            "mail_from": "Billing <billing@agency.example.com>",
+            "invoice_url": "http://127.0.0.1:9",  # nothing there: PDF unavailable unless overridden
+            "scan_interval": 0,
+            "delivery_poll_interval": 0.2,
+            "retry_base_delay": 0.2,
+            "retry_max_delay": 1.0,
+            "pdf_retry_base_delay": 0.1,
+            "pdf_max_attempts": 2,
+            "recipient_wait_attempts": 2,
+            "smtp_timeout": 5.0,
+            "public_url": "http://billing.example.com",
+            "portal_url": "http://billing.example.com/portal",
+        }
+        values.update(overrides)
+        return NotificationsSettings(**values)
+
+    return factory
+
+
+async def migrated_db(settings: NotificationsSettings, pool_size: int = 5) -> Database:
+    await upgrade_to_head_async(MIGRATIONS, settings.database_url)
+    return Database(settings.database_url, outbox_model=OutboxMessage, inbox_model=InboxEvent, pool_size=pool_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# mail
+
+
+def read_eml(path: Path) -> EmailMessage:
+    message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+class Mailbox:
+    """The mail sink's messages, filtered to one test's (by a header the service sets)."""
+
+    def __init__(self, sink: MailSink) -> None:
+        self.sink = sink
+
+    def all(self) -> list[EmailMessage]:
+        out = []
+        for path in self.sink.paths():
+            try:
+                out.append(read_eml(path))
+            except FileNotFoundError:  # cleared meanwhile
+                continue
+        return out
+
+    def for_invoice(self, invoice_id: str) -> list[EmailMessage]:
+        return [m for m in self.all() if m.get("X-Billing-Invoice-Id") == invoice_id]
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.all() if address in [a.addr_spec for a in m["To"].addresses]]
+
+    async def wait(self, predicate: Callable[[list[EmailMessage]], bool], what: str, timeout: float = 20) -> list[
+        EmailMessage
+    ]:
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = self.all()
+            if predicate(messages):
+                return messages
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; sink has {len(messages)} message(s)")
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def mailbox(mail_sink: MailSink) -> Mailbox:
+    mail_sink.recover()
+    return Mailbox(mail_sink)
+
+
+# ------------------------------------------------------------------------------------------------
+# a stand-in invoice service that serves PDFs
+
+
+class FakeInvoiceService:
+    """GET /api/invoices/{id}/pdf -> a PDF, unless the id is in `missing` (404) or `broken` (503)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.missing: set[str] = set()
+        self.broken: set[str] = set()
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        async def pdf_route(request: Request) -> Response:
+            invoice_id = request.path_params["invoice_id"]
+            self.requests.append((invoice_id, dict(request.headers)))
+            if invoice_id in self.missing:
+                return Response(status_code=404)
+            if invoice_id in self.broken:
+                return Response(status_code=503)
+            return Response(content=FAKE_PDF, media_type="application/pdf")
+
+        app = Starlette(routes=[Route("/api/invoices/{invoice_id}/pdf", pdf_route)])
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        )
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("fake invoice service did not start")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def fake_invoice_service() -> Iterator[FakeInvoiceService]:
+    server = FakeInvoiceService()
+    server.start()
+    yield server
+    server.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Kafka
+
+
+class TopicReader:
+    """Reads one topic from the beginning in the background; tests wait for what they expect."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False
+        )
+        self.events: list[tuple[CloudEvent, str | None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for record in self._consumer:
+            self.events.append(
+                (CloudEvent.model_validate_json(record.value), record.key.decode() if record.key else None)
+            )
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._consumer.stop()
+
+    def matching(self, event_type: str, **data: Any) -> list[CloudEvent]:
+        return [
+            e for e, _ in self.events
+            if e.type == event_type and all(e.data.get(k) == v for k, v in data.items())
+        ]
+
+    async def wait_for(self, event_type: str, count: int = 1, timeout: float = 30, **data: Any) -> list[CloudEvent]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.matching(event_type, **data)
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {count}x {event_type} {data}; have {len(self.events)} events")
+
+
+@pytest.fixture(scope="session")
+async def notification_events(kafka: Any) -> AsyncIterator[TopicReader]:
+    reader = TopicReader(kafka.bootstrap, "billing.notification")
+    await reader.start()
+    yield reader
+    await reader.stop()
+
+
+@pytest.fixture(scope="session")
+async def producer(kafka: Any) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def publish(producer: AIOKafkaProducer, topic: str, event: CloudEvent, key: str) -> None:
+    await producer.send_and_wait(topic, json.dumps(event.model_dump(mode="json")).encode(), key=key.encode())
