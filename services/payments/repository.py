@@ -1,0 +1,268 @@
+"""Queries of the payments database. No business decisions here."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.invoice import InvoiceSnapshotV1
+from services.payments.models import (
+    CheckoutSession,
+    InvoiceCopy,
+    Payment,
+    Refund,
+    StripeCustomer,
+    StripeEvent,
+    StripeObjectState,
+)
+
+SETTLED = ("succeeded", "refunded", "partially_refunded")
+
+
+@dataclass(frozen=True)
+class PaymentFilter:
+    invoice_id: str | None = None
+    client_id: str | None = None
+    statuses: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    source: str | None = None
+
+
+def _as_uuid(value: str | None) -> uuid.UUID | None:
+    if not value:
+        return None
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+class Repository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # -- invoice copies --------------------------------------------------------------------------
+    async def get_invoice(self, invoice_id: str, *, for_update: bool = False) -> InvoiceCopy | None:
+        stmt = select(InvoiceCopy).where(InvoiceCopy.id == invoice_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.scalars(stmt)).first()
+
+    async def upsert_invoice(self, snap: InvoiceSnapshotV1, *, source: str = "event") -> bool:
+        """Keep the snapshot if it is newer than the copy (or the first one); True when stored."""
+        values: dict[str, Any] = {
+            "id": snap.id,
+            "client_id": snap.client_id,
+            "invoice_number": snap.invoice_number,
+            "status": snap.status,
+            "currency": snap.currency.upper(),
+            "total": snap.total,
+            "amount_paid": snap.amount_paid,
+            "amount_due": snap.amount_due,
+            "due_date": snap.due_date,
+            "client_name": snap.client_name,
+            "client_email": snap.client_email,
+            "version": snap.version,
+            "source": source,
+        }
+        stmt = insert(InvoiceCopy).values(**values)
+        updates = {k: stmt.excluded[k] for k in values if k != "id"}
+        updates["updated_at"] = func.now()
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[InvoiceCopy.id],
+            set_=updates,
+            where=InvoiceCopy.version < stmt.excluded.version,
+        ).returning(InvoiceCopy.id)
+        stored = (await self.session.execute(stmt)).first() is not None
+        return stored
+
+    async def mark_applied(self, cause_id: str | None, *, refund: bool) -> int:
+        """The invoice service reports (via a snapshot's cause_id) that it applied this payment/refund."""
+        cause = _as_uuid(cause_id)
+        if cause is None:
+            return 0
+        model = Refund if refund else Payment
+        result = await self.session.execute(
+            update(model).where(model.id == cause, model.applied_at.is_(None)).values(applied_at=func.now())
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def unapplied_net(self, invoice_id: str) -> int:
+        """Money this service recorded for the invoice that the invoice's amountPaid does not show yet
+        (payments minus refunds, neither applied so far; held payments never are)."""
+        paid = (
+            select(func.coalesce(func.sum(Payment.amount), 0))
+            .where(
+                Payment.invoice_id == invoice_id,
+                Payment.applied_at.is_(None),
+                Payment.held.is_(False),
+                Payment.status.in_(SETTLED),
+            )
+            .scalar_subquery()
+        )
+        refunded = (
+            select(func.coalesce(func.sum(Refund.amount), 0))
+            .join(Payment, Payment.id == Refund.payment_id)
+            .where(Refund.invoice_id == invoice_id, Refund.applied_at.is_(None), Payment.held.is_(False))
+            .scalar_subquery()
+        )
+        return int(await self.session.scalar(select(paid - refunded)) or 0)
+
+    async def lock_invoice_key(self, invoice_id: str) -> None:
+        """Serialize checkouts of one invoice without holding its row (a transaction advisory lock)."""
+        await self.session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": f"checkout:{invoice_id}"}
+        )
+
+    # -- payments --------------------------------------------------------------------------------
+    async def get_payment(self, payment_id: uuid.UUID) -> Payment | None:
+        return await self.session.get(Payment, payment_id)
+
+    async def find_stripe_payment(
+        self, *, payment_intent: str | None, session_id: str | None, for_update: bool = False
+    ) -> Payment | None:
+        conds = []
+        if payment_intent:
+            conds.append(Payment.stripe_payment_intent_id == payment_intent)
+        if session_id:
+            conds.append(Payment.stripe_checkout_session_id == session_id)
+        if not conds:
+            return None
+        stmt = select(Payment).where(or_(*conds)).order_by(Payment.created_at).limit(1)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.scalars(stmt)).first()
+
+    async def search_payments(
+        self, f: PaymentFilter, *, page: int, page_size: int
+    ) -> tuple[list[Payment], int]:
+        conds = []
+        if f.invoice_id:
+            conds.append(Payment.invoice_id == f.invoice_id)
+        if f.client_id:
+            conds.append(Payment.client_id == f.client_id)
+        if f.statuses:
+            conds.append(Payment.status.in_(f.statuses))
+        if f.methods:
+            conds.append(Payment.method.in_(f.methods))
+        if f.source:
+            conds.append(Payment.source == f.source)
+        where = and_(*conds) if conds else None
+        count_stmt = select(func.count()).select_from(Payment)
+        stmt = select(Payment).order_by(Payment.created_at.desc(), Payment.id)
+        if where is not None:
+            count_stmt = count_stmt.where(where)
+            stmt = stmt.where(where)
+        total = int(await self.session.scalar(count_stmt) or 0)
+        rows = (await self.session.scalars(stmt.limit(page_size).offset((page - 1) * page_size))).all()
+        return list(rows), total
+
+    async def refunds_of(self, payment_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Refund]]:
+        if not payment_ids:
+            return {}
+        rows = (
+            await self.session.scalars(
+                select(Refund).where(Refund.payment_id.in_(payment_ids)).order_by(Refund.created_at)
+            )
+        ).all()
+        out: dict[uuid.UUID, list[Refund]] = {}
+        for r in rows:
+            out.setdefault(r.payment_id, []).append(r)
+        return out
+
+    # -- checkout sessions -----------------------------------------------------------------------
+    async def get_session(self, session_id: str, *, for_update: bool = False) -> CheckoutSession | None:
+        stmt = select(CheckoutSession).where(CheckoutSession.id == session_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.scalars(stmt)).first()
+
+    async def reusable_session(
+        self, invoice_id: str, amount: int, currency: str, valid_until: datetime
+    ) -> CheckoutSession | None:
+        stmt = (
+            select(CheckoutSession)
+            .where(
+                CheckoutSession.invoice_id == invoice_id,
+                CheckoutSession.status == "open",
+                CheckoutSession.amount == amount,
+                CheckoutSession.currency == currency,
+                CheckoutSession.expires_at > valid_until,
+            )
+            .order_by(CheckoutSession.created_at.desc())
+            .limit(1)
+        )
+        return (await self.session.scalars(stmt)).first()
+
+    async def count_sessions(self, invoice_id: str) -> int:
+        return int(
+            await self.session.scalar(
+                select(func.count()).select_from(CheckoutSession).where(CheckoutSession.invoice_id == invoice_id)
+            )
+            or 0
+        )
+
+    async def add_session(self, values: dict[str, Any]) -> CheckoutSession:
+        """Insert (a Stripe idempotent replay returns the same session id: keep the first row)."""
+        await self.session.execute(insert(CheckoutSession).values(**values).on_conflict_do_nothing())
+        row = await self.get_session(values["id"])
+        assert row is not None
+        return row
+
+    async def session_for_intent(self, payment_intent: str) -> CheckoutSession | None:
+        stmt = select(CheckoutSession).where(CheckoutSession.stripe_payment_intent_id == payment_intent).limit(1)
+        return (await self.session.scalars(stmt)).first()
+
+    # -- customers -------------------------------------------------------------------------------
+    async def get_customer(self, client_id: str) -> StripeCustomer | None:
+        return await self.session.get(StripeCustomer, client_id)
+
+    async def add_customer(self, client_id: str, stripe_customer_id: str, email: str | None) -> StripeCustomer:
+        await self.session.execute(
+            insert(StripeCustomer)
+            .values(client_id=client_id, stripe_customer_id=stripe_customer_id, email=email)
+            .on_conflict_do_nothing()
+        )
+        row = (await self.session.scalars(
+            select(StripeCustomer).where(StripeCustomer.client_id == client_id)
+            .execution_options(populate_existing=True)
+        )).first()
+        assert row is not None
+        return row
+
+    # -- Stripe events ---------------------------------------------------------------------------
+    async def claim_events(self, limit: int) -> list[StripeEvent]:
+        stmt = (
+            select(StripeEvent)
+            .where(StripeEvent.status == "pending", StripeEvent.next_attempt_at <= func.now())
+            .order_by(StripeEvent.received_at, StripeEvent.created)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list((await self.session.scalars(stmt)).all())
+
+    async def advance_object(
+        self, object_id: str, object_type: str, created: int, event_id: str, state: dict[str, Any] | None = None
+    ) -> bool:
+        """Record `created` as the newest event of a Stripe object; False if a newer one was applied."""
+        stmt = insert(StripeObjectState).values(
+            object_id=object_id, object_type=object_type, last_event_created=created,
+            last_event_id=event_id, state=state,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[StripeObjectState.object_id],
+            set_={
+                "last_event_created": stmt.excluded.last_event_created,
+                "last_event_id": stmt.excluded.last_event_id,
+                "state": stmt.excluded.state,
+                "updated_at": func.now(),
+            },
+            where=StripeObjectState.last_event_created <= stmt.excluded.last_event_created,
+        ).returning(StripeObjectState.object_id)
+        return (await self.session.execute(stmt)).first() is not None

@@ -1,0 +1,174 @@
+"""The only place that talks to Stripe: a thin async adapter over the official SDK (`StripeClient`).
+
+Everything returned is a plain dict (`StripeObject.to_dict()`), so the domain code and the tests'
+fakes deal with the same shapes. Offline, `api_base` points at stripe-mock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import stripe
+import structlog
+
+from kit.errors import AppError
+from services.payments.config import PaymentsSettings, check_stripe_key
+
+log = structlog.get_logger(__name__)
+
+
+class StripeUnavailable(AppError):
+    """Stripe (or stripe-mock) refused or could not be reached; the caller may retry."""
+
+    status_code = 502
+    code = "payment_provider_error"
+
+
+class StripeNotFound(Exception):
+    """A retrieve for an object Stripe does not have (resource_missing)."""
+
+
+class StripeGateway(Protocol):
+    """What the payments service needs from Stripe."""
+
+    async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]: ...
+
+    async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]: ...
+
+
+class StripeSetupApi(Protocol):
+    """What the setup command (stripe_setup.py) needs from Stripe."""
+
+    async def list_webhook_endpoints(self) -> list[dict[str, Any]]: ...
+    async def create_webhook_endpoint(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def update_webhook_endpoint(self, endpoint_id: str, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def retrieve_product(self, product_id: str) -> dict[str, Any] | None: ...
+    async def create_product(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def update_product(self, product_id: str, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def list_prices(self, lookup_keys: list[str]) -> list[dict[str, Any]]: ...
+    async def create_price(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def update_price(self, price_id: str, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def list_payment_method_configurations(self) -> list[dict[str, Any]]: ...
+    async def update_payment_method_configuration(self, pmc_id: str, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def list_portal_configurations(self) -> list[dict[str, Any]]: ...
+    async def create_portal_configuration(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def update_portal_configuration(self, config_id: str, params: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def _dict(obj: Any) -> dict[str, Any]:
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def _error(action: str, exc: stripe.StripeError) -> StripeUnavailable:
+    status = getattr(exc, "http_status", None)
+    log.warning("stripe_error", action=action, status=status, code=getattr(exc, "code", None), error=str(exc)[:300])
+    return StripeUnavailable(
+        f"Stripe could not {action}: {getattr(exc, 'user_message', None) or str(exc)[:200]}",
+        details={"stripeStatus": status, "stripeCode": getattr(exc, "code", None)},
+    )
+
+
+class StripeSdkGateway:
+    """`StripeGateway` and `StripeSetupApi` on the official SDK, async (httpx)."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base: str | None = None,
+        timeout: float = 20.0,
+        max_network_retries: int = 2,
+    ) -> None:
+        check_stripe_key(api_key)
+        base: dict[str, str] = {}
+        if api_base:
+            base = {"api": api_base.rstrip("/")}
+        self.api_base = api_base
+        self.client = stripe.StripeClient(
+            api_key,
+            base_addresses=base,  # type: ignore[arg-type]
+            http_client=stripe.HTTPXClient(timeout=timeout),
+            max_network_retries=max_network_retries,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: PaymentsSettings) -> StripeSdkGateway:
+        return cls(
+            settings.stripe_secret_key,
+            api_base=settings.stripe_api_base,
+            timeout=settings.stripe_timeout,
+            max_network_retries=settings.stripe_max_network_retries,
+        )
+
+    # -- payments --------------------------------------------------------------------------------
+    async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]:
+        try:
+            return _dict(await self.client.v1.customers.create_async(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": idempotency_key},
+            ))
+        except stripe.StripeError as exc:
+            raise _error("create the customer", exc) from exc
+
+    async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]:
+        try:
+            return _dict(await self.client.v1.checkout.sessions.create_async(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": idempotency_key},
+            ))
+        except stripe.StripeError as exc:
+            raise _error("create the checkout session", exc) from exc
+
+    # -- setup -----------------------------------------------------------------------------------
+    async def list_webhook_endpoints(self) -> list[dict[str, Any]]:
+        page = await self.client.v1.webhook_endpoints.list_async(params={"limit": 100})
+        return [_dict(e) for e in page.data]
+
+    async def create_webhook_endpoint(self, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.webhook_endpoints.create_async(params=params))  # type: ignore[arg-type]
+
+    async def update_webhook_endpoint(self, endpoint_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.webhook_endpoints.update_async(endpoint_id, params=params))  # type: ignore[arg-type]
+
+    async def retrieve_product(self, product_id: str) -> dict[str, Any] | None:
+        try:
+            return _dict(await self.client.v1.products.retrieve_async(product_id))
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404 or getattr(exc, "code", None) == "resource_missing":
+                return None
+            raise
+
+    async def create_product(self, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.products.create_async(params=params))  # type: ignore[arg-type]
+
+    async def update_product(self, product_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.products.update_async(product_id, params=params))  # type: ignore[arg-type]
+
+    async def list_prices(self, lookup_keys: list[str]) -> list[dict[str, Any]]:
+        page = await self.client.v1.prices.list_async(
+            params={"lookup_keys": lookup_keys, "limit": 100, "active": True}  # type: ignore[typeddict-item]
+        )
+        return [_dict(p) for p in page.data]
+
+    async def create_price(self, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.prices.create_async(params=params))  # type: ignore[arg-type]
+
+    async def update_price(self, price_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.prices.update_async(price_id, params=params))  # type: ignore[arg-type]
+
+    async def list_payment_method_configurations(self) -> list[dict[str, Any]]:
+        page = await self.client.v1.payment_method_configurations.list_async(params={"limit": 100})
+        return [_dict(c) for c in page.data]
+
+    async def update_payment_method_configuration(self, pmc_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.payment_method_configurations.update_async(pmc_id, params=params))  # type: ignore[arg-type]
+
+    async def list_portal_configurations(self) -> list[dict[str, Any]]:
+        page = await self.client.v1.billing_portal.configurations.list_async(params={"limit": 100})
+        return [_dict(c) for c in page.data]
+
+    async def create_portal_configuration(self, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.billing_portal.configurations.create_async(params=params))  # type: ignore[arg-type]
+
+    async def update_portal_configuration(self, config_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return _dict(await self.client.v1.billing_portal.configurations.update_async(config_id, params=params))  # type: ignore[arg-type]

@@ -1,0 +1,137 @@
+"""Issue 3 end to end, through the gateway on real Kafka, Postgres and stripe-mock: Pay Now with the
+local stand-in checkout, Stripe-signed webhooks (repeated, out of order, failed) moving the invoice,
+and the payment history."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from deploy.infra import ServiceProcess
+from deploy.services import GATEWAY, InfraEndpoints
+from services.payments import stripe_events
+from tests.conftest import TopicWatcher, login, wait_until
+
+
+async def _sent_invoice(admin: httpx.AsyncClient, amount: int = 25_000) -> tuple[dict[str, Any], dict[str, Any]]:
+    client = (await admin.post("/api/clients", json={"name": f"Pay {uuid.uuid4().hex[:6]}",
+                                                     "email": "pay@pay.example.com", "currency": "EUR"})).json()
+    invoice = (await admin.post("/api/invoices", json={
+        "clientId": client["id"], "items": [{"description": "Work", "quantity": "1", "unitPrice": amount}],
+    })).json()
+    sent = await admin.post(f"/api/invoices/{invoice['id']}/send")
+    assert sent.status_code == 200, sent.text
+    return client, sent.json()
+
+
+async def _client_login(admin: httpx.AsyncClient, gateway_url: str, client_id: str) -> httpx.AsyncClient:
+    email = f"u-{uuid.uuid4().hex[:8]}@pay.example.com"
+    created = await admin.post("/api/users", json={"email": email, "password": "pay-pass-123", "role": "client",
+                                                   "clientId": client_id})
+    assert created.status_code == 201, created.text
+    return await login(gateway_url, email, "pay-pass-123")
+
+
+async def test_pay_now_with_the_local_checkout_turns_the_invoice_paid(
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], kafka_events: TopicWatcher
+) -> None:
+    client, invoice = await _sent_invoice(admin)
+    me = await _client_login(admin, stack[GATEWAY].url, client["id"])
+    try:
+        first = await me.post(f"/api/invoices/{invoice['id']}/checkout")
+        second = await me.post(f"/api/invoices/{invoice['id']}/checkout")  # double click
+        assert first.status_code == 200, first.text
+        checkout = first.json()
+        assert second.json()["sessionId"] == checkout["sessionId"]
+        assert checkout["url"] == f"{stack[GATEWAY].url}/portal/checkout/{checkout['sessionId']}"
+
+        async with httpx.AsyncClient(timeout=20) as browser:  # no login: the page is public
+            page = await browser.get(checkout["url"])
+            assert page.status_code == 200 and "250.00 EUR" in page.text
+            paid = await browser.post(f"{checkout['url']}/pay")
+            assert paid.status_code == 303
+            assert f"checkout=success&session_id={checkout['sessionId']}" in paid.headers["location"]
+
+        status = await wait_until(me, f"/api/payments/checkout-sessions/{checkout['sessionId']}",
+                                  lambda b: b["paymentStatus"] == "paid")
+        assert status["invoiceId"] == invoice["id"]
+        done = await wait_until(me, f"/api/invoices/{invoice['id']}", lambda b: b["status"] == "PAID")
+        assert done["amountPaid"] == 25_000 and done["amountDue"] == 0
+        history = (await me.get("/api/payments", params={"invoiceId": invoice["id"]})).json()
+        assert [(p["amount"], p["status"], p["source"]) for p in history["items"]] == [(25_000, "succeeded", "stripe")]
+        assert (await me.post(f"/api/invoices/{invoice['id']}/checkout")).status_code == 409  # already paid
+    finally:
+        await me.aclose()
+    await kafka_events.wait_for(invoice["id"], "invoice.paid")
+    assert len(kafka_events.of(invoice["id"], "payment.succeeded")) == 1
+
+
+async def test_signed_webhooks_repeated_and_out_of_order(
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], infra_endpoints: InfraEndpoints,
+    kafka_events: TopicWatcher,
+) -> None:
+    _, invoice = await _sent_invoice(admin, amount=40_000)
+    secret = infra_endpoints.stripe_webhook_secret
+    session_id, pi = f"cs_test_{uuid.uuid4().hex}", f"pi_{uuid.uuid4().hex}"
+    now = int(time.time())
+
+    def event(event_type: str, payment_status: str, created: int) -> dict[str, Any]:
+        session = stripe_events.checkout_session(invoice_id=invoice["id"], amount_total=40_000, currency="eur",
+                                                 session_id=session_id, payment_intent=pi,
+                                                 payment_status=payment_status)
+        return stripe_events.build_event(event_type, session, created=created)
+
+    succeeded = event("checkout.session.async_payment_succeeded", "paid", now)
+    completed = event("checkout.session.completed", "unpaid", now - 60)
+    late_failure = event("checkout.session.async_payment_failed", "unpaid", now - 30)
+    async with httpx.AsyncClient(base_url=stack[GATEWAY].url, timeout=20) as stripe_like:
+        async def deliver(e: dict[str, Any]) -> int:
+            body, headers = stripe_events.signed_request(e, secret)
+            return (await stripe_like.post("/webhooks/stripe", content=body, headers=headers)).status_code
+
+        codes = await asyncio.gather(*[deliver(succeeded) for _ in range(5)])
+        assert codes == [200] * 5
+        assert await deliver(completed) == 200
+        assert await deliver(late_failure) == 200
+        forged = stripe_events.signed_request(succeeded, "whsec_not_ours")
+        assert (await stripe_like.post("/webhooks/stripe", content=forged[0], headers=forged[1])).status_code == 400
+
+    done = await wait_until(admin, f"/api/invoices/{invoice['id']}", lambda b: b["status"] == "PAID")
+    assert done["amountPaid"] == 40_000
+    await asyncio.sleep(2)
+    assert len(kafka_events.of(invoice["id"], "payment.succeeded")) == 1
+    assert kafka_events.of(invoice["id"], "payment.failed") == []
+    assert (await admin.get(f"/api/invoices/{invoice['id']}")).json()["status"] == "PAID"  # never backwards
+    ledger = (await admin.get(f"/api/invoices/{invoice['id']}/payments")).json()
+    assert [p["amount"] for p in ledger] == [40_000]
+
+
+async def test_failed_payment_makes_the_invoice_overdue_and_a_later_payment_pays_it(
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], infra_endpoints: InfraEndpoints,
+) -> None:
+    _, invoice = await _sent_invoice(admin, amount=10_000)
+    pi = f"pi_{uuid.uuid4().hex}"
+    intent = stripe_events.payment_intent(amount=10_000, currency="eur", invoice_id=invoice["id"], intent_id=pi)
+    async with httpx.AsyncClient(base_url=stack[GATEWAY].url, timeout=20) as stripe_like:
+        body, headers = stripe_events.signed_request(
+            stripe_events.build_event("payment_intent.payment_failed", intent), infra_endpoints.stripe_webhook_secret)
+        assert (await stripe_like.post("/webhooks/stripe", content=body, headers=headers)).status_code == 200
+        await wait_until(admin, f"/api/invoices/{invoice['id']}", lambda b: b["status"] == "OVERDUE")
+
+        session = stripe_events.checkout_session(invoice_id=invoice["id"], amount_total=6_000, currency="eur",
+                                                 payment_intent=pi)
+        body, headers = stripe_events.signed_request(
+            stripe_events.build_event("checkout.session.completed", session), infra_endpoints.stripe_webhook_secret)
+        assert (await stripe_like.post("/webhooks/stripe", content=body, headers=headers)).status_code == 200
+    partial = await wait_until(admin, f"/api/invoices/{invoice['id']}", lambda b: b["amountPaid"] == 6_000)
+    assert partial["status"] in ("OVERDUE", "PARTIAL") and partial["amountDue"] == 4_000  # underpaid: partial
+    rest = await admin.post(f"/api/invoices/{invoice['id']}/mark-paid", json={"amount": 4_000, "method": "cash"})
+    assert rest.status_code == 201, rest.text
+    await wait_until(admin, f"/api/invoices/{invoice['id']}", lambda b: b["status"] == "PAID")
+    payments = (await admin.get("/api/payments", params={"invoiceId": invoice["id"]})).json()["items"]
+    assert sorted((p["amount"], p["status"]) for p in payments) == [(4_000, "succeeded"), (6_000, "succeeded")]
+    assert [p["flags"] for p in payments if p["source"] == "stripe"] == [["underpayment"]]
