@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deploy.infra import REPO_ROOT, ServiceProcess
+from services.payments.config import looks_like_real_test_key
 
 __all__ = [
     "ServiceSpec",
@@ -115,13 +116,15 @@ class InfraEndpoints:
             "BILLING_INTERNAL_TOKEN": self.internal_token,
             "GATEWAY_JWT_SECRET": self.jwt_secret,
             "STRIPE_WEBHOOK_SECRET": self.stripe_webhook_secret,
-            "STRIPE_API_BASE": self.stripe_api_base,
             "STRIPE_SECRET_KEY": self.stripe_secret_key,
             "SMTP_HOST": self.smtp_host,
             "SMTP_PORT": str(self.smtp_port),
             "BILLING_ADMIN_PASSWORD": self.admin_password,
             "BILLING_GATEWAY_URL": self.url_of(GATEWAY),
         }
+        # With a key Stripe issued, the SDK talks to Stripe's test mode, never to stripe-mock.
+        if not looks_like_real_test_key(self.stripe_secret_key):
+            env["STRIPE_API_BASE"] = self.stripe_api_base
         if self.mail_dir is not None:
             env["BILLING_MAIL_DIR"] = str(self.mail_dir)
         return env

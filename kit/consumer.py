@@ -84,16 +84,21 @@ class EventConsumer:
                 await asyncio.sleep(delay)
         await message.ack()
 
-    def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str) -> None:
+    def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str, workers: int = 3) -> None:
+        """One subscriber per topic with `workers` consumers in the group: partitions are handled in
+        parallel, each partition (hence each aggregate) still strictly in order."""
+
         async def handler(body: Any, message: KafkaMessage) -> None:
             # The raw bytes are parsed here, so a malformed event is dropped with a log, not a crash loop.
             await self.handle_message(message)
 
         handler.__name__ = f"{self.name}_handler"
-        broker.subscriber(
-            *topics,
-            group_id=group_id,
-            ack_policy=AckPolicy.MANUAL,
-            auto_offset_reset="earliest",
-            title=f"{self.name}:{','.join(topics)}",
-        )(handler)
+        for topic in topics:
+            broker.subscriber(
+                topic,
+                group_id=group_id,
+                ack_policy=AckPolicy.MANUAL,
+                auto_offset_reset="earliest",
+                max_workers=workers,
+                title=f"{self.name}:{topic}",
+            )(handler)
