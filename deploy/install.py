@@ -39,6 +39,7 @@ def main() -> int:
         ensure_tool("java", "openjdk-17-jre-headless")
         ensure_tool("mvn", "maven")
         ensure_pdf_packages()
+        ensure_tool("chromium", "chromium")  # the portal's browser tests (Playwright drives it)
         pg_bin = PostgresServer(RUN_DIR / "pg", 0).ensure_installed()
         jars = ensure_kafka_jars(RUN_DIR / "kafka-jars")
         stripe_mock = StripeMock(0).ensure_installed(RUN_DIR / "bin")

@@ -18,6 +18,7 @@ from starlette.routing import Route as StarletteRoute
 from kit.db import Database
 from kit.errors import Forbidden, NotFound, Unauthorized
 from kit.service import ServiceRuntime, create_service_app, make_broker
+from services.gateway import portal
 from services.gateway import routes as route_table
 from services.gateway.config import GatewaySettings
 from services.gateway.middleware import GatewayMiddleware
@@ -191,7 +192,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         title="Billing platform API",
         description="Invoices, payments, subscriptions, reminders and reports. Authenticate with "
         "`POST /api/auth/login` and send `Authorization: Bearer <accessToken>`.",
-        routers=[api, proxy_router],
+        # The portal's own pages before the catch-all proxy (its /portal/checkout goes to payments).
+        routers=[api, portal.router, proxy_router],
     )
     app.version = "1.0.0"
     app.state.gateway = GatewayContext(

@@ -34,6 +34,7 @@ class InvoiceFilter:
     due_after: date | None = None
     issued_from: date | None = None
     issued_to: date | None = None
+    sent_only: bool = False  # only invoices that have left DRAFT (they carry a number)
 
 
 class ClientRepository:
@@ -70,6 +71,8 @@ class InvoiceRepository:
     def _filtered(self, stmt: Select, f: InvoiceFilter) -> Select:  # type: ignore[type-arg]
         if f.client_id is not None:
             stmt = stmt.where(Invoice.client_id == f.client_id)
+        if f.sent_only:
+            stmt = stmt.where(Invoice.invoice_number.is_not(None))
         if f.statuses:
             stmt = stmt.where(Invoice.status.in_(f.statuses))
         if f.project_id:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
@@ -107,8 +107,11 @@ class InvoiceService:
 
     async def get_invoice(self, invoice_id: uuid.UUID, actor: Actor, *, for_update: bool = False) -> Invoice:
         invoice = await self.invoices.get(invoice_id, for_update=for_update)
-        if invoice is None or not actor.can_see_client(str(invoice.client_id)):
+        if invoice is None or not actor.can_see_client(str(invoice.client_id)) or (
+            not actor.is_admin and invoice.invoice_number is None
+        ):
             # Another client's invoice is "not found", not "forbidden": its existence is not leaked.
+            # A client never sees drafts (nor drafts cancelled before sending): only what was sent.
             raise NotFound(f"Invoice {invoice_id} not found.")
         return invoice
 
@@ -118,7 +121,7 @@ class InvoiceService:
         if not actor.is_admin:
             if f.client_id is not None and str(f.client_id) != actor.client_id:
                 return [], 0
-            f = InvoiceFilter(**{**f.__dict__, "client_id": uuid.UUID(actor.client_id)})  # type: ignore[arg-type]
+            f = replace(f, client_id=uuid.UUID(actor.client_id), sent_only=True)  # type: ignore[arg-type]
         return await self.invoices.search(f, sort=sort, limit=page_size, offset=(page - 1) * page_size)
 
     async def payments(self, invoice_id: uuid.UUID, actor: Actor) -> list[InvoicePayment]:

@@ -137,11 +137,18 @@ async def test_client_sees_only_its_own(api: httpx.AsyncClient, customer: dict[s
     other = await api.post("/api/clients", json={"name": "Other", "email": "o@other.example.com", "currency": "USD"})
     theirs = await create_invoice(api, other.json()["id"])
     mine = await create_invoice(api, customer["id"])
+    draft = await create_invoice(api, customer["id"])
+    await api.post(f"/api/invoices/{mine['id']}/send")
     me = client_headers(customer["id"])
+    assert (await api.get(f"/api/invoices/{draft['id']}", headers=me)).status_code == 404  # drafts stay private
+    assert (await api.get(f"/api/invoices/{draft['id']}/pdf", headers=me)).status_code == 404
     assert (await api.get(f"/api/invoices/{theirs['id']}", headers=me)).status_code == 404
     assert (await api.get(f"/api/clients/{other.json()['id']}", headers=me)).status_code == 404
     listing = (await api.get("/api/invoices", headers=me)).json()
     assert {i["clientId"] for i in listing["items"]} == {customer["id"]}
+    assert mine["id"] in {i["id"] for i in listing["items"]}
+    assert draft["id"] not in {i["id"] for i in listing["items"]}
+    assert all(i["invoiceNumber"] for i in listing["items"])
     sneaky = (await api.get("/api/invoices", params={"clientId": other.json()["id"]}, headers=me)).json()
     assert sneaky["items"] == []
     assert (await api.post("/api/invoices", json={"clientId": customer["id"]}, headers=me)).status_code == 403
