@@ -20,7 +20,7 @@ from faststream.kafka import KafkaBroker
 from contracts import topics
 from kit.db import Database
 from kit.errors import install_error_handlers
-from kit.logging import configure_logging, correlation_middleware
+from kit.logging import CorrelationMiddleware, configure_logging
 from kit.migrations import upgrade_to_head_async
 from kit.outbox import OutboxRelay
 from kit.settings import ServiceSettings
@@ -155,7 +155,7 @@ def create_service_app(
     app = FastAPI(title=title, description=description, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.internal_token = settings.internal_token
-    app.middleware("http")(correlation_middleware)
+    app.add_middleware(CorrelationMiddleware)
     install_error_handlers(app)
 
     @app.get("/healthz", include_in_schema=False)
