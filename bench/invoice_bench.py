@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import sys
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer
@@ -31,16 +33,16 @@ ITEMS = [
 ]
 
 
-async def commit_to_kafka_delays(bootstrap: str, started: asyncio.Event, stop: asyncio.Event) -> list[float]:
+async def _collect_delays(bootstrap: str, ready: Any, stop: Any) -> list[float]:
     consumer = AIOKafkaConsumer("billing.invoice", bootstrap_servers=bootstrap, auto_offset_reset="latest",
                                 group_id=f"bench-{uuid.uuid4().hex[:6]}")
     await consumer.start()
     delays: list[float] = []
     try:
         await consumer.seek_to_end()
-        started.set()
+        ready.set()
         while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=200)
+            batch = await consumer.getmany(timeout_ms=100)
             received = datetime.now(UTC)
             for records in batch.values():
                 for record in records:
@@ -50,6 +52,11 @@ async def commit_to_kafka_delays(bootstrap: str, started: asyncio.Event, stop: a
     finally:
         await consumer.stop()
     return delays
+
+
+def _delay_probe(bootstrap: str, ready: Any, stop: Any, results: Any) -> None:
+    """In its own process, so the load generator's busy event loop doesn't delay the reading."""
+    results.put(asyncio.run(_collect_delays(bootstrap, ready, stop)))
 
 
 async def bench(stack: Stack, bare_url: str, concurrency: int, duration: float) -> int:
@@ -79,16 +86,19 @@ async def bench(stack: Stack, bare_url: str, concurrency: int, duration: float) 
             created.raise_for_status()
             (await http.post(f"/api/invoices/{created.json()['id']}/send")).raise_for_status()
 
-        started, stop = asyncio.Event(), asyncio.Event()
-        delays_task = asyncio.create_task(commit_to_kafka_delays(stack.kafka.bootstrap, started, stop))
-        await started.wait()
+        mp = multiprocessing.get_context("spawn")
+        ready, stop, results = mp.Event(), mp.Event(), mp.Queue()
+        probe = mp.Process(target=_delay_probe, args=(stack.kafka.bootstrap, ready, stop, results), daemon=True)
+        probe.start()
+        await asyncio.to_thread(ready.wait, 60)
         create_result = await run_load("create invoice (gateway)", create, concurrency=concurrency,
                                        duration=duration)
         send_result = await run_load("create + send (gateway, 2 calls)", create_and_send,
                                      concurrency=concurrency, duration=duration)
         await asyncio.sleep(2.0)  # let the last events arrive
         stop.set()
-        delays = await delays_task
+        delays = await asyncio.to_thread(results.get, True, 60)
+        probe.join(10)
 
     report(concurrency, bare_result, create_result, send_result, delays)
     return 0

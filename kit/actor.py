@@ -32,7 +32,7 @@ class Actor:
         return self.is_admin or (self.client_id is not None and self.client_id == str(client_id))
 
 
-def get_actor(request: Request) -> Actor:
+async def get_actor(request: Request) -> Actor:
     expected = getattr(request.app.state, "internal_token", None)
     if expected and not hmac.compare_digest(request.headers.get(INTERNAL_TOKEN_HEADER, ""), expected):
         raise Unauthorized("Missing or invalid internal token.")
@@ -53,7 +53,7 @@ def get_actor(request: Request) -> Actor:
     raise Unauthorized(f"Unknown role {role!r}.")
 
 
-def require_admin(actor: Annotated[Actor, Depends(get_actor)]) -> Actor:
+async def require_admin(actor: Annotated[Actor, Depends(get_actor)]) -> Actor:
     if not actor.is_admin:
         raise Forbidden("This action needs an admin.")
     return actor

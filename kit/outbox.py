@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import zlib
+from collections.abc import Callable
 
 import asyncpg
 import structlog
@@ -36,6 +38,7 @@ class OutboxRelay:
         service: str,
         batch_size: int = 200,
         poll_interval: float = 1.0,
+        coalesce: float = 0.005,
     ) -> None:
         if db.outbox_model is None:
             raise ValueError("database has no outbox model")
@@ -45,6 +48,7 @@ class OutboxRelay:
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
         self._batch_size = batch_size
         self._poll_interval = poll_interval
+        self._coalesce = coalesce
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
@@ -78,6 +82,8 @@ class OutboxRelay:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval)
+                # Let commits landing right behind this one join the same batch.
+                await asyncio.sleep(self._coalesce)
 
     async def drain(self) -> int:
         """Publish everything pending; returns how many events went out."""
@@ -89,15 +95,15 @@ class OutboxRelay:
                 return sent
 
     async def _publish_batch(self) -> int:
-        model = self._model
-        async with self._db.sessionmaker() as session, session.begin():
-            if not await session.scalar(select(func.pg_try_advisory_xact_lock(self._lock_key))):
+        table = self._model.__table__  # Core, not ORM: this runs for every batch of every service
+        async with self._db.engine.begin() as conn:
+            if not await conn.scalar(select(func.pg_try_advisory_xact_lock(self._lock_key))):
                 return 0  # another replica is relaying
             rows = (
-                await session.scalars(
-                    select(model)
-                    .where(model.published_at.is_(None))
-                    .order_by(model.id)
+                await conn.execute(
+                    select(table.c.id, table.c.topic, table.c.key, table.c.payload, table.c.headers)
+                    .where(table.c.published_at.is_(None))
+                    .order_by(table.c.id)
                     .limit(self._batch_size)
                     .with_for_update(skip_locked=True)
                 )
@@ -116,8 +122,70 @@ class OutboxRelay:
                 for row in rows
             ]
             await asyncio.gather(*futures)  # acks=all for every record before we mark them
-            await session.execute(
-                update(model).where(model.id.in_([r.id for r in rows])).values(published_at=func.now())
+            await conn.execute(
+                update(table).where(table.c.id.in_([r.id for r in rows])).values(published_at=func.now())
             )
         log.debug("outbox_published", count=len(rows))
         return len(rows)
+
+
+class RelayThread:
+    """An OutboxRelay on its own event loop, engine and producer, in a daemon thread: request load on
+    the service's loop then doesn't queue the relay behind it (commit → Kafka stays short)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        outbox_model: type[OutboxMixin],
+        broker_factory: Callable[[], KafkaBroker],
+        *,
+        service: str,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self._database_url = database_url
+        self._outbox_model = outbox_model
+        self._broker_factory = broker_factory
+        self._service = service
+        self._poll_interval = poll_interval
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_thread, name=f"outbox-relay-{self._service}", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait, 60)
+        if self._error is not None:
+            raise RuntimeError(f"outbox relay failed to start: {self._error}") from self._error
+
+    async def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 15)
+
+    def _run_thread(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced to start() if it happens before ready
+            self._error = exc
+            self._ready.set()
+            log.error("outbox_relay_thread_failed", error=str(exc))
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        db = Database(self._database_url, outbox_model=self._outbox_model, pool_size=2)
+        broker = self._broker_factory()
+        await broker.start()
+        relay = OutboxRelay(db, broker, service=self._service, poll_interval=self._poll_interval)
+        try:
+            await relay.start()
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            await relay.stop()
+            await broker.stop()
+            await db.dispose()

@@ -22,7 +22,7 @@ from kit.db import Database
 from kit.errors import install_error_handlers
 from kit.logging import CorrelationMiddleware, configure_logging
 from kit.migrations import upgrade_to_head_async
-from kit.outbox import OutboxRelay
+from kit.outbox import RelayThread
 from kit.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
@@ -71,7 +71,7 @@ class ServiceRuntime:
     broker: KafkaBroker
     migrations: Path | None = None
     jobs: Sequence[PeriodicJob] = ()
-    relay: OutboxRelay | None = None
+    relay: RelayThread | None = None
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -83,9 +83,9 @@ class ServiceRuntime:
             await ensure_topics(self.settings.kafka_bootstrap, topics.ALL)
             await self.broker.start()
             if self.db.outbox_model is not None and self.settings.relay_enabled:
-                self.relay = OutboxRelay(
-                    self.db, self.broker, service=self.settings.service_name,
-                    poll_interval=self.settings.outbox_poll_interval,
+                self.relay = RelayThread(
+                    self.settings.database_url, self.db.outbox_model, lambda: make_broker(self.settings),
+                    service=self.settings.service_name, poll_interval=self.settings.outbox_poll_interval,
                 )
                 await self.relay.start()
         for hook in self.on_startup:

@@ -51,7 +51,7 @@ class GatewayContext:
     openapi: OpenApiAggregator
 
 
-def get_context(request: Request) -> GatewayContext:
+async def get_context(request: Request) -> GatewayContext:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
@@ -59,7 +59,7 @@ Context = Annotated[GatewayContext, Depends(get_context)]
 _bearer = HTTPBearer(auto_error=False, scheme_name=BEARER_SCHEME, description="`accessToken` from the login.")
 
 
-def current_claims(
+async def current_claims(
     request: Request,
     ctx: Context,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -70,7 +70,7 @@ def current_claims(
     return ctx.tokens.decode(token)
 
 
-def admin_claims(claims: Annotated[TokenClaims, Depends(current_claims)]) -> TokenClaims:
+async def admin_claims(claims: Annotated[TokenClaims, Depends(current_claims)]) -> TokenClaims:
     if claims.role != "admin":
         raise Forbidden("This action needs an admin.")
     return claims

@@ -72,7 +72,7 @@ async def template_service(request: Request) -> AsyncIterator[TemplateService]:
 Templates = Annotated[TemplateService, Depends(template_service)]
 
 
-def invoice_pdfs(request: Request) -> InvoicePdfs:
+async def invoice_pdfs(request: Request) -> InvoicePdfs:
     return request.app.state.pdfs  # type: ignore[no-any-return]
 
 
