@@ -234,6 +234,8 @@ def _banner(
         f"  Logs           {log_dir}",
         "",
         f"  Demo admin     admin@example.com / {infra.admin_password}",
+        "  Demo client    client@example.com / client-password  (portal: invoices of Acme Studio)",
+        "  Watch events   .venv/bin/python -m deploy.watch --from-beginning",
         f"  Stripe webhook secret  {infra.stripe_webhook_secret}",
     ]
     if not started and not args.infra_only:

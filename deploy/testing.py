@@ -20,6 +20,7 @@ of sessions that died are cleaned up by the next session.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -27,10 +28,12 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
+from contracts.envelope import CloudEvent
 from deploy.infra import (
     RUN_DIR,
     InfraError,
@@ -207,3 +210,64 @@ def infra_endpoints(
         admin_password="admin-password",
         ports=ports,
     )
+
+
+class KafkaEventLog:
+    """Reads topics from the beginning in the background, so a test can assert on what reached Kafka.
+
+    ``records`` holds (event, key, partition); ``matching``/``wait_for`` filter by subject, type and
+    any ``data`` fields given as keywords.
+    """
+
+    def __init__(self, bootstrap: str, *topics: str) -> None:
+        self._consumer = AIOKafkaConsumer(
+            *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False
+        )
+        self.records: list[tuple[CloudEvent, str | None, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for record in self._consumer:
+            key = record.key.decode() if record.key else None
+            self.records.append((CloudEvent.model_validate_json(record.value), key, record.partition))
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._consumer.stop()
+
+    @property
+    def events(self) -> list[CloudEvent]:
+        return [event for event, _, _ in self.records]
+
+    def matching(self, subject: str | None = None, event_type: str | None = None, **data: Any) -> list[CloudEvent]:
+        return [
+            e for e in self.events
+            if (subject is None or e.subject == subject)
+            and (event_type is None or e.type == event_type)
+            and all(e.data.get(k) == v for k, v in data.items())
+        ]
+
+    def keys(self, subject: str) -> list[str | None]:
+        return [key for event, key, _ in self.records if event.subject == subject]
+
+    async def wait_for(
+        self, subject: str | None = None, event_type: str | None = None, count: int = 1, timeout: float = 30,
+        **data: Any,
+    ) -> list[CloudEvent]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if len(found := self.matching(subject, event_type, **data)) >= count:
+                return found
+            await asyncio.sleep(0.05)
+        seen = [(e.type, e.subject) for e in self.matching(subject)][-20:]
+        raise AssertionError(f"timed out waiting for {count}x {event_type} of {subject} {data or ''}; saw {seen}")
+
+    async def settle(self, seconds: float = 1.5) -> None:
+        """Give relays time to publish anything (wrongly) pending before asserting an absence."""
+        await asyncio.sleep(seconds)

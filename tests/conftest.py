@@ -9,11 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from contracts.envelope import CloudEvent
 from deploy.infra import ServiceProcess
 from deploy.services import GATEWAY, InfraEndpoints, available_services, make_service_process
+from deploy.testing import KafkaEventLog as TopicWatcher
 
 
 @pytest.fixture(scope="session")
@@ -48,41 +47,6 @@ async def admin(stack: dict[str, ServiceProcess], infra_endpoints: InfraEndpoint
     http = await login(stack[GATEWAY].url, "admin@example.com", infra_endpoints.admin_password)
     yield http
     await http.aclose()
-
-
-class TopicWatcher:
-    """Collects every event of some topics from the beginning, for assertions on what reached Kafka."""
-
-    def __init__(self, bootstrap: str, *topics: str) -> None:
-        self._consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                          group_id=None, enable_auto_commit=False)
-        self.events: list[CloudEvent] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for record in self._consumer:
-            self.events.append(CloudEvent.model_validate_json(record.value))
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        await self._consumer.stop()
-
-    def of(self, subject: str, event_type: str | None = None) -> list[CloudEvent]:
-        return [e for e in self.events if e.subject == subject and (event_type is None or e.type == event_type)]
-
-    async def wait_for(self, subject: str, event_type: str, count: int = 1, timeout: float = 30) -> list[CloudEvent]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if len(found := self.of(subject, event_type)) >= count:
-                return found
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no {count}× {event_type} for {subject}; saw {[e.type for e in self.of(subject)]}")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -10,9 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from contracts.envelope import CloudEvent
+from deploy.testing import KafkaEventLog as EventLog
 from services.invoice.app import create_app
 from services.invoice.config import InvoiceSettings
 
@@ -57,45 +57,6 @@ async def customer(api: httpx.AsyncClient) -> dict[str, Any]:
 
 def line(description: str = "Design work", quantity: str = "2", unit_price: int = 10_000, **extra: Any) -> dict:
     return {"description": description, "quantity": quantity, "unitPrice": unit_price, **extra}
-
-
-class EventLog:
-    """Reads a topic from the beginning in the background; tests wait for the events they expect."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False
-        )
-        self.events: list[tuple[CloudEvent, dict[str, Any]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for record in self._consumer:
-            meta = {"key": record.key.decode() if record.key else None, "partition": record.partition,
-                    "timestamp": record.timestamp, "headers": dict(record.headers)}
-            self.events.append((CloudEvent.model_validate_json(record.value), meta))
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        await self._consumer.stop()
-
-    def matching(self, subject: str, event_type: str | None = None) -> list[CloudEvent]:
-        return [e for e, _ in self.events if e.subject == subject and (event_type is None or e.type == event_type)]
-
-    async def wait_for(self, subject: str, event_type: str, count: int = 1, timeout: float = 20) -> list[CloudEvent]:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            found = self.matching(subject, event_type)
-            if len(found) >= count:
-                return found
-            await asyncio.sleep(0.05)
-        seen = [(e.type, e.subject) for e, _ in self.events if e.subject == subject]
-        raise AssertionError(f"timed out waiting for {count}× {event_type} of {subject}; saw {seen}")
 
 
 @pytest.fixture(scope="session")

@@ -52,9 +52,9 @@ async def test_create_edit_send_flow_publishes_events(
     [sent_event] = invoice_events.matching(invoice["id"], "invoice.sent")
     assert sent_event.data["invoiceNumber"] == body["invoiceNumber"]
     assert sent_event.data["amountDue"] == body["amountDue"]
-    metas = [meta for e, meta in invoice_events.events if e.subject == invoice["id"]]
-    assert {m["key"] for m in metas} == {invoice["id"]}  # keyed by invoice id → one partition, in order
-    assert len({m["partition"] for m in metas}) == 1
+    records = [(key, partition) for e, key, partition in invoice_events.records if e.subject == invoice["id"]]
+    assert {key for key, _ in records} == {invoice["id"]}  # keyed by invoice id → one partition, in order
+    assert len({partition for _, partition in records}) == 1
 
 
 async def test_only_drafts_are_editable(api: httpx.AsyncClient, customer: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from contracts.envelope import CloudEvent
 from deploy.infra import MailSink, free_port
+from deploy.testing import KafkaEventLog as TopicReader
 from kit.db import Database
 from kit.migrations import upgrade_to_head_async
 from services.notifications.app import MIGRATIONS
@@ -244,47 +245,6 @@ def fake_invoice_service() -> Iterator[FakeInvoiceService]:
 
 # ------------------------------------------------------------------------------------------------
 # Kafka
-
-
-class TopicReader:
-    """Reads one topic from the beginning in the background; tests wait for what they expect."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False
-        )
-        self.events: list[tuple[CloudEvent, str | None]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for record in self._consumer:
-            self.events.append(
-                (CloudEvent.model_validate_json(record.value), record.key.decode() if record.key else None)
-            )
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        await self._consumer.stop()
-
-    def matching(self, event_type: str, **data: Any) -> list[CloudEvent]:
-        return [
-            e for e, _ in self.events
-            if e.type == event_type and all(e.data.get(k) == v for k, v in data.items())
-        ]
-
-    async def wait_for(self, event_type: str, count: int = 1, timeout: float = 30, **data: Any) -> list[CloudEvent]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.matching(event_type, **data)
-            if len(found) >= count:
-                return found
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {count}x {event_type} {data}; have {len(self.events)} events")
 
 
 @pytest.fixture(scope="session")

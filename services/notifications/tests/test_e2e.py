@@ -129,21 +129,21 @@ async def test_invoice_sent_on_kafka_gives_one_email_with_pdf_and_one_open_event
     [mail] = mailbox.for_invoice(snap["id"])
     assert mail["From"] == "Agency Billing <billing@agency.example.com>"
     assert [a.get_content() for a in mail.iter_attachments()] == [FAKE_PDF]
-    sent = await notification_events.wait_for("notification.sent", invoiceId=snap["id"])
+    sent = await notification_events.wait_for(event_type="notification.sent", invoiceId=snap["id"])
     assert sent[0].data["smtpMessageId"] == mail["Message-ID"]
 
     pixel, _ = tracking_paths(mail)
     async with replicas.client(1) as http:  # opened through the other replica
         response = await http.get(pixel, headers={})
         assert response.status_code == 200 and response.headers["content-type"] == "image/gif"
-    [opened] = await notification_events.wait_for("notification.opened", invoiceId=snap["id"])
+    [opened] = await notification_events.wait_for(event_type="notification.opened", invoiceId=snap["id"])
     assert opened.subject == snap["id"]
     assert opened.data["recipient"] == "e2e-open@acme.example.com" and opened.data["kind"] == "invoice_sent"
     async with replicas.client(0) as http:
         again = await http.get(pixel, headers={})
         assert again.status_code == 200
     await asyncio.sleep(2.0)  # a second open would have been relayed by now
-    assert len(notification_events.matching("notification.opened", invoiceId=snap["id"])) == 1
+    assert len(notification_events.matching(event_type="notification.opened", invoiceId=snap["id"])) == 1
     assert len(mailbox.for_invoice(snap["id"])) == 1  # two replicas, a duplicate event: one email
     [logged] = await replicas.log(snap["id"])
     assert logged["openedAt"] and logged["status"] == "sent"
@@ -217,4 +217,4 @@ async def test_smtp_refusing_for_a_while_loses_no_email(
     outcomes = [(a["outcome"], a["smtpCode"]) for a in detail["deliveryAttempts"]]
     assert outcomes[-1] == ("sent", None) and outcomes.count(("retry", 451)) >= 3
     assert len(mailbox.for_invoice(snap["id"])) == 1
-    await notification_events.wait_for("notification.sent", invoiceId=snap["id"])
+    await notification_events.wait_for(event_type="notification.sent", invoiceId=snap["id"])

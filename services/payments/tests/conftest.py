@@ -12,12 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
 from contracts import topics
 from contracts.envelope import CloudEvent
 from contracts.invoice import InvoiceEventType, InvoiceSnapshotV1
+from deploy.testing import KafkaEventLog as EventLog
 from services.payments import stripe_events
 from services.payments.app import create_app
 from services.payments.config import PaymentsSettings
@@ -55,52 +56,6 @@ class FakeInvoiceReader:
 
     async def applied(self, invoice_id: str) -> list[tuple[str, str]]:
         return self.ledgers.get(invoice_id, [])
-
-
-class EventLog:
-    """Reads a topic from the beginning in the background; tests wait for the events they expect."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, enable_auto_commit=False
-        )
-        self.events: list[tuple[CloudEvent, dict[str, Any]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for record in self._consumer:
-            meta = {"key": record.key.decode() if record.key else None, "partition": record.partition}
-            self.events.append((CloudEvent.model_validate_json(record.value), meta))
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        await self._consumer.stop()
-
-    def matching(self, subject: str, event_type: str | None = None) -> list[CloudEvent]:
-        return [e for e, _ in self.events if e.subject == subject and (event_type is None or e.type == event_type)]
-
-    def keys(self, subject: str) -> list[str | None]:
-        return [m["key"] for e, m in self.events if e.subject == subject]
-
-    async def wait_for(self, subject: str, event_type: str, count: int = 1, timeout: float = 20) -> list[CloudEvent]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            found = self.matching(subject, event_type)
-            if len(found) >= count:
-                return found
-            await asyncio.sleep(0.05)
-        seen = [(e.type, e.subject) for e, _ in self.events if e.subject == subject]
-        raise AssertionError(f"timed out waiting for {count}x {event_type} of {subject}; saw {seen}")
-
-    async def settle(self, seconds: float = 1.5) -> None:
-        """Give the relay time to publish anything (wrongly) pending before asserting an absence."""
-        await asyncio.sleep(seconds)
 
 
 @pytest.fixture(scope="session")
