@@ -109,8 +109,8 @@ class LoadResult:
     def pct(self, q: float) -> float:
         return percentile(self.latencies, q)
 
-    def line(self, unit: str = "req") -> str:
-        return (f"{self.label:<34} {self.rate:8.1f} {unit}/s   p50 {self.pct(50) * 1000:7.1f} ms   "
+    def line(self, unit: str = "req", width: int = 38) -> str:
+        return (f"{self.label:<{width}} {self.rate:8.1f} {unit}/s   p50 {self.pct(50) * 1000:7.1f} ms   "
                 f"p99 {self.pct(99) * 1000:7.1f} ms   n={len(self.latencies)} errors={self.errors}")
 
 

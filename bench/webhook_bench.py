@@ -27,7 +27,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -35,7 +34,7 @@ from aiokafka import AIOKafkaConsumer
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.stack import Stack, percentile, running_stack
+from bench.stack import LoadResult, Stack, percentile, running_stack
 from contracts.envelope import CloudEvent
 from deploy.infra import ServiceProcess, free_port
 from kit.actor import INTERNAL_TOKEN_HEADER, ROLE_HEADER
@@ -45,24 +44,8 @@ from services.payments.models import InvoiceCopy, Payment
 AMOUNT = 12_345
 
 
-@dataclass
-class Result:
-    label: str
-    latencies: list[float]
-    errors: int
-    elapsed: float
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
-
-    def line(self) -> str:
-        return (f"{self.label:<38} {self.rate:8.1f} req/s   p50 {percentile(self.latencies, 50) * 1000:7.1f} ms   "
-                f"p99 {percentile(self.latencies, 99) * 1000:7.1f} ms   n={len(self.latencies)} errors={self.errors}")
-
-
 async def fixed_load(label: str, items: Sequence[Any], send: Callable[[Any], Awaitable[None]],
-                     concurrency: int) -> Result:
+                     concurrency: int) -> LoadResult:
     """Send every item once from `concurrency` workers; the rate is items / wall time."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     for item in items:
@@ -90,7 +73,7 @@ async def fixed_load(label: str, items: Sequence[Any], send: Callable[[Any], Awa
 
     started = loop.time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Result(label, latencies, errors, loop.time() - started)
+    return LoadResult(label, latencies, errors, loop.time() - started)
 
 
 async def create_invoices(stack: Stack, count: int, concurrency: int) -> list[str]:

@@ -26,12 +26,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from contracts.envelope import CloudEvent
 from deploy.infra import (
@@ -271,3 +271,16 @@ class KafkaEventLog:
     async def settle(self, seconds: float = 1.5) -> None:
         """Give relays time to publish anything (wrongly) pending before asserting an absence."""
         await asyncio.sleep(seconds)
+
+
+@pytest.fixture(scope="session")
+async def producer(kafka: KafkaServer) -> AsyncIterator[AIOKafkaProducer]:
+    """An idempotent producer on the session's Kafka, for tests that play another service's events."""
+    p = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def publish_event(producer: AIOKafkaProducer, topic: str, event: CloudEvent, key: str) -> None:
+    await producer.send_and_wait(topic, event.to_bytes(), key=key.encode())

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from datetime import date, datetime
 from decimal import Decimal
-from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from services.invoice.pdf.money import is_known_locale
+from services.invoice.status import InvoiceStatus
 
 _HEX_RE = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
@@ -24,16 +24,6 @@ class _Model(BaseModel):
         val_json_bytes="base64",
         validate_assignment=True,
     )
-
-
-class InvoiceStatus(StrEnum):
-    DRAFT = "DRAFT"
-    SENT = "SENT"
-    VIEWED = "VIEWED"
-    PARTIAL = "PARTIAL"
-    PAID = "PAID"
-    OVERDUE = "OVERDUE"
-    CANCELLED = "CANCELLED"
 
 
 LogoMime = Literal["image/png", "image/svg+xml"]

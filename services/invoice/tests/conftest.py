@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from contracts.envelope import CloudEvent
 from deploy.testing import KafkaEventLog as EventLog
+from deploy.testing import publish_event as publish  # noqa: F401  (re-exported for the tests)
 from services.invoice.app import create_app
 from services.invoice.config import InvoiceSettings
 
@@ -67,13 +65,3 @@ async def invoice_events(kafka: Any) -> AsyncIterator[EventLog]:
     await log.stop()
 
 
-@pytest.fixture(scope="session")
-async def producer(kafka: Any) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
-    await p.start()
-    yield p
-    await p.stop()
-
-
-async def publish(producer: AIOKafkaProducer, topic: str, event: CloudEvent, key: str) -> None:
-    await producer.send_and_wait(topic, json.dumps(event.model_dump(mode="json")).encode(), key=key.encode())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import json
 import socket
 import threading
 import time
@@ -18,7 +17,6 @@ from typing import Any
 
 import pytest
 import uvicorn
-from aiokafka import AIOKafkaProducer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,6 +25,7 @@ from starlette.routing import Route
 from contracts.envelope import CloudEvent
 from deploy.infra import MailSink, free_port
 from deploy.testing import KafkaEventLog as TopicReader
+from deploy.testing import publish_event as publish  # noqa: F401  (re-exported for the tests)
 from kit.db import Database
 from kit.migrations import upgrade_to_head_async
 from services.notifications.app import MIGRATIONS
@@ -255,13 +254,3 @@ async def notification_events(kafka: Any) -> AsyncIterator[TopicReader]:
     await reader.stop()
 
 
-@pytest.fixture(scope="session")
-async def producer(kafka: Any) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
-    await p.start()
-    yield p
-    await p.stop()
-
-
-async def publish(producer: AIOKafkaProducer, topic: str, event: CloudEvent, key: str) -> None:
-    await producer.send_and_wait(topic, json.dumps(event.model_dump(mode="json")).encode(), key=key.encode())

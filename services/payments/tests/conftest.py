@@ -112,13 +112,6 @@ async def stripe_topic(kafka: Any) -> AsyncIterator[EventLog]:
     await log.stop()
 
 
-@pytest.fixture(scope="session")
-async def producer(kafka: Any) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
-    await p.start()
-    yield p
-    await p.stop()
-
 
 def snapshot(
     *,
