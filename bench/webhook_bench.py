@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bench.stack import LoadResult, Stack, percentile, running_stack
 from contracts.envelope import CloudEvent
 from deploy.infra import ServiceProcess, free_port
+from deploy.services import make_service_process, service_by_name
 from kit.actor import INTERNAL_TOKEN_HEADER, ROLE_HEADER
 from services.payments import stripe_events
 from services.payments.models import InvoiceCopy, Payment
@@ -281,13 +282,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duplicates", type=float, default=0.1, help="share of events delivered twice")
     parser.add_argument("--via-gateway", action="store_true", help="post the webhooks through the gateway")
+    parser.add_argument("--split-worker", action="store_true",
+                        help="run the payments service as an intake-only replica plus a separate worker process")
     args = parser.parse_args(argv)
     print("starting Postgres, Kafka, stripe-mock, invoice, payments and the gateway...", flush=True)
     with running_stack(["invoice"], with_stripe=True) as stack:
         started: list[ServiceProcess] = []
         bare: ServiceProcess | None = None
         try:
-            started.append(stack.start_service("payments", PAYMENTS_INVOICE_URL=stack.url("invoice")))
+            if args.split_worker:
+                started.append(stack.start_service("payments", PAYMENTS_INVOICE_URL=stack.url("invoice"),
+                                                   PAYMENTS_WEBHOOK_WORKER_ENABLED="false"))
+                worker = make_service_process(
+                    service_by_name("payments"), stack.endpoints, stack.root / "logs", name="payments-worker",
+                    port=free_port(), extra_env={"PAYMENTS_INVOICE_URL": stack.url("invoice")},
+                )
+                worker.start()
+                started.append(worker)
+            else:
+                started.append(stack.start_service("payments", PAYMENTS_INVOICE_URL=stack.url("invoice")))
             started.append(stack.start_service("gateway"))
             bare_port = free_port()
             bare = ServiceProcess("bare", [sys.executable, "-m", "bench.bare_app", str(bare_port)],

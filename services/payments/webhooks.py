@@ -77,13 +77,21 @@ def verify_and_parse(body: bytes, signature: str | None, secret: str, tolerance:
     return event
 
 
+WEBHOOK_CHANNEL = "stripe_events"
+
 _INSERT_EVENT = """
 INSERT INTO stripe_events (id, type, created, livemode, object_id, payload, status, outcome, attempts,
                            next_attempt_at, received_at, processed_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7::varchar, $8, 0, now(), now(),
         CASE WHEN $7::varchar = 'pending' THEN NULL ELSE now() END)
 ON CONFLICT (id) DO NOTHING
-RETURNING id
+RETURNING id, status
+"""
+# One round trip: store the event and, if it waits for processing, wake workers in other processes
+# (delivered on commit; this statement runs in autocommit).
+_INSERT_EVENT = f"""
+WITH stored AS ({_INSERT_EVENT.strip()})
+SELECT id, CASE WHEN status = 'pending' THEN pg_notify('{WEBHOOK_CHANNEL}', '') END FROM stored
 """
 
 
@@ -151,6 +159,7 @@ class WebhookWorker:
         self.concurrency = max(1, concurrency)
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._listener: asyncpg.Connection | None = None
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -159,6 +168,11 @@ class WebhookWorker:
         if not self.settings.webhook_worker_enabled:
             log.warning("webhook_worker_disabled")
             return
+        try:  # events stored by intake-only replicas (other processes) wake this worker too
+            self._listener = await asyncpg.connect(asyncpg_dsn(self.db.url))
+            await self._listener.add_listener(WEBHOOK_CHANNEL, lambda *_: self.wake())
+        except (OSError, asyncpg.PostgresError) as exc:  # polling still works without LISTEN
+            log.warning("webhook_listen_unavailable", error=str(exc))
         self._tasks = [asyncio.create_task(self._run(i), name=f"stripe-webhook-worker-{i}")
                        for i in range(self.concurrency)]
 
@@ -169,6 +183,10 @@ class WebhookWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
 
     async def _run(self, index: int) -> None:
         if self.settings.webhook_worker_start_delay > 0:

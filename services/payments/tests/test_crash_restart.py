@@ -188,3 +188,29 @@ async def test_killed_after_commit_before_the_relay_published(
     proc.wait_port_free()
     proc.start()
     await _exactly_one_payment(proc, payment_log, snap.id, event["id"])
+
+
+async def test_intake_only_replica_wakes_a_worker_in_another_process(
+    infra_dir: Path, kafka: Any, stripe_mock: Any, database_url_factory: Callable[[str], str],
+    producer: Any, payment_log: EventLog,
+) -> None:
+    """Operators may run intake replicas (no worker: every CPU cycle for acks) beside worker replicas.
+    The stored event wakes the worker through NOTIFY, well before its (here: 60 s) polling would."""
+    database_url = database_url_factory("payments_split")
+    intake = PaymentsProcess(infra_dir, kafka, stripe_mock, database_url, "split-intake")
+    worker = PaymentsProcess(infra_dir, kafka, stripe_mock, database_url, "split-worker")
+    intake.start(PAYMENTS_WEBHOOK_WORKER_ENABLED="false")
+    try:
+        worker.start(PAYMENTS_WEBHOOK_WORKER_POLL_INTERVAL="60")
+        try:
+            await asyncio.sleep(1.0)  # past the worker's first (startup) pass
+            snap, event = await _prepare(intake, producer)
+            started = time.monotonic()
+            assert (await _deliver(intake, event)).status_code == 200
+            await payment_log.wait_for(snap.id, PaymentEventType.SUCCEEDED, timeout=20)
+            assert time.monotonic() - started < 20
+            await _exactly_one_payment(intake, payment_log, snap.id, event["id"])
+        finally:
+            worker.proc.stop()  # type: ignore[union-attr]
+    finally:
+        intake.proc.stop()  # type: ignore[union-attr]
