@@ -5,5 +5,6 @@ PAYMENT = "billing.payment"
 SUBSCRIPTION = "billing.subscription"
 NOTIFICATION = "billing.notification"
 STRIPE = "billing.stripe"
+DEADLETTER = "billing.deadletter"  # events consumers gave up on (see contracts/deadletter.py)
 
-ALL = (INVOICE, PAYMENT, SUBSCRIPTION, NOTIFICATION, STRIPE)
+ALL = (INVOICE, PAYMENT, SUBSCRIPTION, NOTIFICATION, STRIPE, DEADLETTER)

@@ -17,6 +17,10 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
+from contracts import topics
+from contracts.deadletter import EVENT_TYPE as DEADLETTER_TYPE
+from contracts.deadletter import SCHEMA_V1 as DEADLETTER_SCHEMA
+from contracts.deadletter import DeadLetterV1
 from contracts.envelope import CloudEvent
 from kit.db import Database, UnitOfWork
 from kit.errors import AppError
@@ -35,11 +39,14 @@ class EventConsumer:
         handlers: Mapping[str, EventHandler],
         *,
         retry_delays: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0, 2.0),
+        max_redeliveries: int = 5,
     ) -> None:
         self._db = db
         self.name = name
         self._handlers = handlers
         self._retry_delays = retry_delays
+        self._max_redeliveries = max_redeliveries
+        self._failures: dict[str, int] = {}  # event id -> redeliveries that failed (this process)
 
     async def apply(self, event: CloudEvent) -> bool:
         """Apply one event once. Returns False when it was a duplicate or of no interest."""
@@ -52,6 +59,30 @@ class EventConsumer:
                 return False
             await handler(uow, event)
             await uow.commit()
+        return True
+
+    async def _dead_letter(self, event: CloudEvent, error: Exception, attempts: int) -> bool:
+        """Park the event on billing.deadletter through the outbox. False if even that fails (e.g. the
+        database is down): then the event is redelivered as before, nothing is lost."""
+        if self._db.outbox_model is None:
+            return False
+        try:
+            async with self._db.unit_of_work() as uow:
+                parked = DeadLetterV1(consumer=self.name, event_id=event.id, event_type=event.type,
+                                      error=str(error)[:2000], attempts=attempts,
+                                      event=event.model_dump(mode="json"))
+                uow.publish(
+                    CloudEvent.create(source=self.name, type=DEADLETTER_TYPE, subject=event.subject or event.id,
+                                      data=parked, correlation_id=event.correlationid,
+                                      dataschema=DEADLETTER_SCHEMA),
+                    topic=topics.DEADLETTER, key=event.subject or event.id,
+                )
+                await uow.commit()
+        except Exception as exc:
+            log.error("event_dead_letter_failed", consumer=self.name, event_id=event.id, error=str(exc))
+            return False
+        log.error("event_dead_lettered", consumer=self.name, event_id=event.id, event_type=event.type,
+                  attempts=attempts, error=str(error)[:500])
         return True
 
     async def handle_message(self, message: KafkaMessage) -> None:
@@ -77,6 +108,11 @@ class EventConsumer:
                 break
             except Exception as exc:
                 if delay is None:
+                    failures = self._failures.get(event.id, 0) + 1
+                    if failures >= self._max_redeliveries and await self._dead_letter(event, exc, failures):
+                        self._failures.pop(event.id, None)
+                        break  # parked: ack it so the partition moves on
+                    self._failures[event.id] = failures
                     log.error("event_failed_will_redeliver", consumer=self.name, event_id=event.id, error=str(exc))
                     await message.nack()  # rewinds the partition: the event comes back
                     return
