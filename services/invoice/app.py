@@ -7,6 +7,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import date
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, status
@@ -48,7 +49,7 @@ from services.invoice.templates import (
     validate_uploaded_logo,
 )
 
-MIGRATIONS = __import__("pathlib").Path(__file__).parent / "migrations"
+MIGRATIONS = Path(__file__).parent / "migrations"
 # PostgreSQL text cannot hold U+0000: such a filter is refused (422) instead of failing the query.
 NO_NUL = r"^[^\x00]*$"
 

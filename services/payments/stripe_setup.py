@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import stripe
 from pydantic import BaseModel, ValidationError
 
 from services.payments.config import PaymentsSettings
@@ -333,7 +334,7 @@ async def run(args: argparse.Namespace, settings: PaymentsSettings, api: StripeS
         catalog=catalog,
         dry_run=args.dry_run,
         # stripe-mock knows only the API versions of its spec: let it use its default.
-        api_version=None if settings.local_stripe else __import__("stripe").api_version,
+        api_version=None if settings.local_stripe else stripe.api_version,
     )
     return await setup.run()
 

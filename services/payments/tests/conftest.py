@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,7 @@ from services.payments.config import PaymentsSettings
 from services.payments.models import Payment, StripeEvent
 
 ADMIN = {"X-Actor-Role": "admin", "X-Actor-User-Id": "admin-1"}
-_HERE = __import__("pathlib").Path(__file__).parent
+_HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
