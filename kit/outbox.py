@@ -175,6 +175,8 @@ class RelayThread:
             log.error("outbox_relay_thread_failed", error=str(exc))
 
     async def _main(self) -> None:
+        # A new thread starts with empty context variables: name the service in its log lines again.
+        structlog.contextvars.bind_contextvars(service=self._service, component="outbox-relay")
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         db = Database(self._database_url, outbox_model=self._outbox_model, pool_size=2)
