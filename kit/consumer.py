@@ -96,6 +96,7 @@ class EventConsumer:
         for attempt, delay in enumerate((*self._retry_delays, None)):
             try:
                 applied = await self.apply(event)
+                self._failures.pop(event.id, None)
                 if applied:
                     log.info("event_applied", consumer=self.name, event_type=event.type, subject=event.subject)
                 break
