@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from kit.actor import CLIENT_HEADER, INTERNAL_TOKEN_HEADER, ROLE_HEADER, USER_HEADER
 from services.gateway.proxy import UpstreamPool
 from services.gateway.routes import Auth, Route, resolve
 
@@ -22,7 +23,8 @@ log = structlog.get_logger(__name__)
 
 BEARER_SCHEME = "bearerAuth"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-_HIDDEN_HEADER_PARAMS = {"x-internal-token", "x-actor-role", "x-actor-client-id", "x-actor-user-id"}
+# The trusted headers only the gateway sets: callers never see them in the merged document.
+_HIDDEN_HEADER_PARAMS = {h.lower() for h in (INTERNAL_TOKEN_HEADER, ROLE_HEADER, CLIENT_HEADER, USER_HEADER)}
 IDEMPOTENCY_PARAMETER = {
     "name": "Idempotency-Key",
     "in": "header",

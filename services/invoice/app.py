@@ -192,9 +192,9 @@ async def get_invoice(invoice_id: uuid.UUID, svc: Service, actor: CurrentActor) 
     invoice = await svc.get_invoice(invoice_id, actor)
     if actor.role == "client" and invoice.status == InvoiceStatus.SENT:
         # The client opened it in the portal.
+        # mark_viewed changes this same (identity-mapped) instance: no need to read it again.
         await svc.mark_viewed(invoice_id, cause_id=f"portal:{actor.user_id}")
         await svc.uow.commit()
-        invoice = await svc.get_invoice(invoice_id, actor)
     return invoice_out(invoice)
 
 

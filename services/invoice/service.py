@@ -100,8 +100,11 @@ class InvoiceService:
         return client
 
     async def list_clients(self, actor: Actor, limit: int, offset: int) -> list[Client]:
-        only = None if actor.is_admin else uuid.UUID(actor.client_id or str(uuid.UUID(int=0)))
-        return await self.clients.list(only=only, limit=limit, offset=offset)
+        if actor.is_admin:
+            return await self.clients.list(limit=limit, offset=offset)
+        if actor.client_id is None:  # e.g. an anonymous caller: nobody's clients
+            return []
+        return await self.clients.list(only=uuid.UUID(actor.client_id), limit=limit, offset=offset)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -119,9 +122,9 @@ class InvoiceService:
         self, f: InvoiceFilter, actor: Actor, *, sort: str, page: int, page_size: int
     ) -> tuple[list[Invoice], int]:
         if not actor.is_admin:
-            if f.client_id is not None and str(f.client_id) != actor.client_id:
+            if actor.client_id is None or (f.client_id is not None and str(f.client_id) != actor.client_id):
                 return [], 0
-            f = replace(f, client_id=uuid.UUID(actor.client_id), sent_only=True)  # type: ignore[arg-type]
+            f = replace(f, client_id=uuid.UUID(actor.client_id), sent_only=True)
         return await self.invoices.search(f, sort=sort, limit=page_size, offset=(page - 1) * page_size)
 
     async def payments(self, invoice_id: uuid.UUID, actor: Actor) -> list[InvoicePayment]:

@@ -205,3 +205,11 @@ async def test_health(api: httpx.AsyncClient) -> None:
 async def test_errors_use_the_error_format(api: httpx.AsyncClient) -> None:
     response = await api.get("/api/nope", headers=ADMIN)
     assert response.status_code == 404 and set(response.json()["error"]) == {"code", "message", "details"}
+
+
+async def test_anonymous_caller_sees_nothing(api: httpx.AsyncClient, customer: dict[str, Any]) -> None:
+    anonymous = {"X-Actor-Role": "anonymous"}
+    invoices = await api.get("/api/invoices", headers=anonymous)
+    assert invoices.status_code == 200 and invoices.json()["items"] == []
+    clients = await api.get("/api/clients", headers=anonymous)
+    assert clients.status_code == 200 and clients.json() == []
