@@ -16,8 +16,10 @@ async def healthz() -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+    parser = argparse.ArgumentParser(prog="python -m bench.bare_app", description=__doc__)
+    parser.add_argument("port", type=int, help="port on 127.0.0.1")
+    uvicorn.run(app, host="127.0.0.1", port=parser.parse_args().port, log_level="warning", access_log=False)

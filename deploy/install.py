@@ -8,6 +8,7 @@ PostgreSQL (Debian package, via apt-get when absent), the Kafka broker jars (Mav
 
 from __future__ import annotations
 
+import argparse
 import ctypes.util
 import shutil
 import sys
@@ -34,7 +35,10 @@ def ensure_pdf_packages() -> None:
         apt_install(*missing)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m deploy.install", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     try:
         ensure_tool("java", "openjdk-17-jre-headless")
         ensure_tool("mvn", "maven")

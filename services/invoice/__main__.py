@@ -1,9 +1,8 @@
 """`python -m services.invoice` runs one replica (HTTP API, Kafka consumers, outbox relay, jobs)."""
 
-from kit.service import serve
+from kit.cli import run_service
 from services.invoice.app import create_app
 from services.invoice.config import InvoiceSettings
 
 if __name__ == "__main__":
-    settings = InvoiceSettings()
-    serve(create_app(settings), settings)
+    run_service("invoice", InvoiceSettings, create_app, __doc__)

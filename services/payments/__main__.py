@@ -1,20 +1,11 @@
-"""`python -m services.payments` runs one replica (HTTP API, webhook worker, Kafka consumer, outbox relay)."""
+"""`python -m services.payments` runs one replica (HTTP API, webhook worker, Kafka consumer, outbox relay).
 
-import sys
+A live Stripe key (sk_live_/rk_live_) is refused at start, like any other bad setting.
+"""
 
-from pydantic import ValidationError
-
-from kit.service import serve
+from kit.cli import run_service
+from services.payments.app import create_app
 from services.payments.config import PaymentsSettings
 
 if __name__ == "__main__":
-    try:
-        settings = PaymentsSettings()
-    except ValidationError as exc:
-        # e.g. a live Stripe key: refuse to start, with the reason on one line.
-        reasons = "; ".join(str(err.get("msg")) for err in exc.errors())
-        print(f"payments: refusing to start: {reasons}", file=sys.stderr)
-        sys.exit(2)
-    from services.payments.app import create_app
-
-    serve(create_app(settings), settings)
+    run_service("payments", PaymentsSettings, create_app, __doc__)
