@@ -1,5 +1,9 @@
 """Async SQLAlchemy engine and a unit of work that rolls back unless committed.
 
+One place commits: `async with db.transaction() as uow:` commits when the block ends normally and
+rolls back when it raises. HTTP handlers get it through `kit.web.RequestUnitOfWork`; consumers and
+workers open it themselves. Domain code never calls `commit()`.
+
 The unit of work also carries the transactional outbox: events added with `publish()` are written
 in the same transaction as the change they describe, and a NOTIFY wakes the relay after commit.
 """
@@ -7,6 +11,8 @@ in the same transaction as the change they describe, and a NOTIFY wakes the rela
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -69,6 +75,14 @@ class Database:
 
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(self)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """A unit of work that commits when the block returns and rolls back when it raises."""
+        async with self.unit_of_work() as uow:
+            yield uow
+            if not uow.committed:
+                await uow.commit()
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

@@ -50,6 +50,23 @@ class Unauthorized(AppError):
     code = "unauthorized"
 
 
+class PayloadTooLarge(AppError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(AppError):
+    """A dependency (database, another service, Stripe) is down: the caller may retry later."""
+
+    status_code = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message, code=code, details=details)
+        self.retry_after = retry_after
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
 
@@ -65,6 +82,7 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "too_many_requests",
+    503: "service_unavailable",
 }
 
 
@@ -84,7 +102,11 @@ def _clean_validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status_code)
+        headers = None
+        if isinstance(exc, ServiceUnavailable) and exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
+        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status_code,
+                            headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

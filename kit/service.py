@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from kit.logging import CorrelationMiddleware, configure_logging
 from kit.migrations import upgrade_to_head_async
 from kit.outbox import RelayThread
 from kit.settings import ServiceSettings
+from kit.web import DEFAULT_MAX_BODY, BodyLimit, StrictQuery
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +141,12 @@ def create_service_app(
     title: str,
     routers: Sequence[APIRouter] = (),
     description: str = "",
+    max_body: int = DEFAULT_MAX_BODY,
+    body_limits: Mapping[str, int] | None = None,
 ) -> FastAPI:
+    """The service's FastAPI app: health and readiness, the error model, correlation ids, strict
+    query strings (an unknown parameter is a 400) and one body-size limit (`body_limits` maps path
+    prefixes to their own limit)."""
     settings = runtime.settings
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
 
@@ -152,9 +158,10 @@ def create_service_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(title=title, description=description, lifespan=lifespan)
+    app = FastAPI(title=title, description=description, lifespan=lifespan, dependencies=[StrictQuery])
     app.state.runtime = runtime
     app.state.internal_token = settings.internal_token
+    app.add_middleware(BodyLimit, limit=max_body, limits=body_limits)
     app.add_middleware(CorrelationMiddleware)
     install_error_handlers(app)
 
