@@ -11,6 +11,22 @@ from contracts.base import ContractModel
 SCHEMA_V1 = "urn:billing:invoice:v1"
 
 
+class InvoiceStatus(StrEnum):
+    """The invoice's status, as the invoice service's state machine sets it and every copy shows it."""
+
+    DRAFT = "DRAFT"
+    SENT = "SENT"
+    VIEWED = "VIEWED"
+    PARTIAL = "PARTIAL"
+    PAID = "PAID"
+    OVERDUE = "OVERDUE"
+    CANCELLED = "CANCELLED"
+
+
+# States in which money is still expected.
+OPEN_STATUSES = frozenset({InvoiceStatus.SENT, InvoiceStatus.VIEWED, InvoiceStatus.PARTIAL, InvoiceStatus.OVERDUE})
+
+
 class InvoiceEventType(StrEnum):
     CREATED = "invoice.created"
     UPDATED = "invoice.updated"
@@ -37,7 +53,7 @@ class InvoiceSnapshotV1(ContractModel):
 
     id: str
     invoice_number: str | None = None
-    status: str
+    status: InvoiceStatus
     currency: str
     client_id: str
     client_name: str | None = None

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from contracts.invoice import OPEN_STATUSES, InvoiceStatus
 
-
-class InvoiceStatus(StrEnum):
-    DRAFT = "DRAFT"
-    SENT = "SENT"
-    VIEWED = "VIEWED"
-    PARTIAL = "PARTIAL"
-    PAID = "PAID"
-    OVERDUE = "OVERDUE"
-    CANCELLED = "CANCELLED"
-
+__all__ = ["ALLOWED", "OPEN", "InvoiceStatus", "can_transition"]
 
 S = InvoiceStatus
 
@@ -27,8 +18,7 @@ ALLOWED: dict[InvoiceStatus, frozenset[InvoiceStatus]] = {
     S.CANCELLED: frozenset(),
 }
 
-# States in which money is still expected.
-OPEN = frozenset({S.SENT, S.VIEWED, S.PARTIAL, S.OVERDUE})
+OPEN = OPEN_STATUSES
 
 
 def can_transition(current: InvoiceStatus, target: InvoiceStatus) -> bool:
