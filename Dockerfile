@@ -9,7 +9,8 @@ COPY kit ./kit
 COPY contracts ./contracts
 COPY services ./services
 COPY deploy ./deploy
-RUN pip install --no-cache-dir .
+# [local]: aiosmtpd for the compose mail sink (python -m deploy.mailsink) runs from this image too.
+RUN pip install --no-cache-dir '.[local]'
 USER nobody
 EXPOSE 8000
 CMD ["python", "-m", "services.gateway"]

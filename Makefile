@@ -22,8 +22,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	@echo "pip install -e '.[dev]' (quiet)..."
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@echo "pip install -e '.[dev,local]' (quiet)..."
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,local]'
 	@touch $(STAMP)
 
 deps: $(STAMP)
