@@ -9,27 +9,29 @@ event id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import zlib
 from collections.abc import Callable
 
-import asyncpg
 import structlog
 from faststream.kafka import KafkaBroker
 from sqlalchemy import func, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import inspect as sa_inspect
 
 from kit.db import OUTBOX_CHANNEL, Database, OutboxMixin
+from kit.worker import PollingWorker, asyncpg_dsn
+
+__all__ = ["OutboxRelay", "RelayThread", "asyncpg_dsn"]
 
 log = structlog.get_logger(__name__)
 
 
-def asyncpg_dsn(sqlalchemy_url: str) -> str:
-    return make_url(sqlalchemy_url).set(drivername="postgresql").render_as_string(hide_password=False)
+class OutboxRelay(PollingWorker):
+    """Publishes pending outbox rows in batches: woken by the NOTIFY that commits send, polling as a
+    fallback, backing off while Kafka or the database is down (kit.worker.PollingWorker)."""
 
+    name = "outbox-relay"
 
-class OutboxRelay:
     def __init__(
         self,
         db: Database,
@@ -42,48 +44,17 @@ class OutboxRelay:
     ) -> None:
         if db.outbox_model is None:
             raise ValueError("database has no outbox model")
+        # drain() empties the outbox in one run, so a full batch never needs an immediate rerun.
+        super().__init__(database_url=db.url, channel=OUTBOX_CHANNEL, poll_interval=poll_interval,
+                         batch_size=2**62, coalesce=coalesce, max_error_backoff=5.0)
         self._db = db
         self._model: type[OutboxMixin] = db.outbox_model
         self._broker = broker
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
-        self._batch_size = batch_size
-        self._poll_interval = poll_interval
-        self._coalesce = coalesce
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._listener: asyncpg.Connection | None = None
+        self._relay_batch = batch_size
 
-    async def start(self) -> None:
-        try:
-            self._listener = await asyncpg.connect(asyncpg_dsn(self._db.url))
-            await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: self._wakeup.set())
-        except (OSError, asyncpg.PostgresError) as exc:  # polling still works without LISTEN
-            log.warning("outbox_listen_unavailable", error=str(exc))
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.drain()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Kafka or DB down: keep rows, retry later
-                log.warning("outbox_relay_error", error=str(exc))
-                await asyncio.sleep(self._poll_interval)
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval)
-                # Let commits landing right behind this one join the same batch.
-                await asyncio.sleep(self._coalesce)
+    async def run_once(self) -> int:
+        return await self.drain()
 
     async def drain(self) -> int:
         """Publish everything pending; returns how many events went out."""
@@ -91,11 +62,11 @@ class OutboxRelay:
         while True:
             batch = await self._publish_batch()
             sent += batch
-            if batch < self._batch_size:
+            if batch < self._relay_batch:
                 return sent
 
     async def _publish_batch(self) -> int:
-        table = self._model.__table__  # Core, not ORM: this runs for every batch of every service
+        table = sa_inspect(self._model).local_table  # Core, not ORM: this runs for every batch of every service
         async with self._db.engine.begin() as conn:
             if not await conn.scalar(select(func.pg_try_advisory_xact_lock(self._lock_key))):
                 return 0  # another replica is relaying
@@ -104,7 +75,7 @@ class OutboxRelay:
                     select(table.c.id, table.c.topic, table.c.key, table.c.payload, table.c.headers)
                     .where(table.c.published_at.is_(None))
                     .order_by(table.c.id)
-                    .limit(self._batch_size)
+                    .limit(self._relay_batch)
                     .with_for_update(skip_locked=True)
                 )
             ).all()
