@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -49,7 +50,7 @@ class CloudEvent(BaseModel):
             dataschema=dataschema,
         )
 
-    def data_as(self, model: type[P]) -> P:
+    def data_as(self, model: builtins.type[P]) -> P:  # `type` alone is the field below
         return model.model_validate(self.data)
 
     def to_bytes(self) -> bytes:
