@@ -65,6 +65,7 @@ class Database:
         *,
         outbox_model: type[OutboxMixin] | None = None,
         inbox_model: type[InboxMixin] | None = None,
+        idempotency_model: type[Any] | None = None,
         pool_size: int = 10,
     ) -> None:
         self.url = url
@@ -72,6 +73,8 @@ class Database:
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self.outbox_model = outbox_model
         self.inbox_model = inbox_model
+        # kit.idempotency.IdempotencyMixin subclass, for services whose routes declare `Idempotent`.
+        self.idempotency_model = idempotency_model
 
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(self)
