@@ -1,8 +1,10 @@
 # Local development and CI entry points. Everything runs from this directory; run state lives in .run/.
 #   make install   venv + Python deps (skipped while .venv is newer than pyproject.toml),
 #                  PostgreSQL (apt), Kafka jars (Maven -> .run/kafka-jars), stripe-mock (go -> .run/bin)
-#   make test      install, ruff, then pytest (starts throwaway Kafka/Postgres/stripe-mock/mail sink)
+#   make test      install, ruff, mypy, then pytest (starts throwaway Kafka/Postgres/stripe-mock/mail sink)
 #                  extra pytest arguments: make test PYTEST_ARGS="deploy -x"
+#   make test-unit the tests that need no infrastructure (pytest -m "not infra"): seconds, no server
+#   make typecheck mypy over kit/ and contracts/ (make typecheck TYPECHECK_PATHS="kit contracts services")
 #   make run       install, then the whole stack (python -m deploy.run); Ctrl-C stops it
 #   make lint      ruff
 #   make bench     python -m bench
@@ -14,8 +16,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+TYPECHECK_PATHS ?= kit contracts
 
-.PHONY: install deps test lint run bench clean-run asyncapi
+.PHONY: install deps test test-unit typecheck lint run bench clean-run asyncapi
 
 install: $(STAMP)
 	@$(PY) -m deploy.install
@@ -30,7 +33,16 @@ deps: $(STAMP)
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(TYPECHECK_PATHS)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# Unit tests only: a test is `infra` when it uses an infrastructure fixture (deploy/testing.py
+# INFRA_FIXTURES) or is marked so; everything else runs here without Kafka, PostgreSQL or any server.
+test-unit: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not infra" $(PYTEST_ARGS)
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy $(TYPECHECK_PATHS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -115,6 +115,7 @@ async def test_mail_sink_temporary_failure(fresh_mail_sink: MailSink) -> None:
     assert len(sink.wait_for_messages(2)) == 2
 
 
+@pytest.mark.infra  # spawns processes itself (no infrastructure fixture)
 def test_service_process_lifecycle(tmp_path: Path) -> None:
     (tmp_path / "healthz").write_text("ok")
     port = free_port()
@@ -134,6 +135,7 @@ def test_service_process_lifecycle(tmp_path: Path) -> None:
     assert "start:" in (tmp_path / "static.log").read_text()
 
 
+@pytest.mark.infra  # spawns processes itself (no infrastructure fixture)
 def test_service_process_reports_early_exit(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import sys; print('boom: bad config'); sys.exit(3)"]
     service = ServiceProcess("broken", argv, dict(os.environ), free_port(), tmp_path / "broken.log")

@@ -54,6 +54,31 @@ S = TypeVar("S")
 
 _PORT_TRIES = 3
 
+# A test whose fixture closure includes one of these needs infrastructure and is marked `infra`; every
+# other test is marked `unit` (`make test-unit` runs `pytest -m "not infra"`: seconds, no server).
+# Add the name of any new fixture that starts a server, a browser or a service process (a fixture that
+# depends on one of these is covered already). A test that spawns processes by itself carries an
+# explicit @pytest.mark.infra.
+INFRA_FIXTURES: set[str] = {
+    "infra_dir", "kafka", "postgres", "database_url_factory", "stripe_mock", "mail_sink", "fresh_mail_sink",
+    "infra_endpoints", "producer",
+    "stack",  # tests/conftest.py: every service as a process
+    "browser",  # tests/test_portal_browser.py: headless Chromium
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "infra: needs real infrastructure or spawns processes (see INFRA_FIXTURES)")
+    config.addinivalue_line("markers", "unit: needs no infrastructure; set automatically on every non-infra test")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("infra") is not None:
+            continue  # marked by hand
+        needs_infra = not INFRA_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.infra if needs_infra else pytest.mark.unit)
+
 
 def _start_on_free_ports(make: Callable[[], S], start: Callable[[S], None]) -> S:
     """Build and start a server; on a port clash with a concurrent session, retry with new ports."""

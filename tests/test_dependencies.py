@@ -60,7 +60,8 @@ def python_files(*dirs: str) -> list[Path]:
     return [path for d in dirs for path in sorted((ROOT / d).rglob("*.py"))]
 
 
-def third_party_imports(paths: list[Path]) -> dict[str, set[str]]:
+@cache
+def third_party_imports(paths: tuple[Path, ...]) -> dict[str, set[str]]:
     """Top-level import name -> files importing it (imports inside functions included)."""
     found: dict[str, set[str]] = {}
     for path in paths:
@@ -79,14 +80,13 @@ def third_party_imports(paths: list[Path]) -> dict[str, set[str]]:
     return found
 
 
-def runtime_files() -> list[Path]:
-    return [path for path in python_files(*RUNTIME_DIRS) if not is_test_file(path)]
+def runtime_files() -> tuple[Path, ...]:
+    return tuple(path for path in python_files(*RUNTIME_DIRS) if not is_test_file(path))
 
 
-def dev_files() -> list[Path]:
-    return python_files(*DEV_DIRS) + [path for path in python_files(*RUNTIME_DIRS) if is_test_file(path)] + [
-        ROOT / "conftest.py"
-    ]
+def dev_files() -> tuple[Path, ...]:
+    tests = [path for path in python_files(*RUNTIME_DIRS) if is_test_file(path)]
+    return (*python_files(*DEV_DIRS), *tests, ROOT / "conftest.py")
 
 
 def undeclared(imports: dict[str, set[str]], allowed: set[str]) -> list[str]:
