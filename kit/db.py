@@ -128,16 +128,14 @@ class UnitOfWork:
         headers = {"content-type": CONTENT_TYPE, "ce_type": event.type}
         if event.correlationid:
             headers["correlation_id"] = event.correlationid
-        self.session.add(
-            self._db.outbox_model(
-                event_id=event.id,
-                event_type=event.type,
-                topic=topic,
-                key=key,
-                payload=event.to_bytes(),
-                headers=headers,
-            )
-        )
+        row = self._db.outbox_model()  # a mixin's columns are set as attributes: typed, checked by mypy
+        row.event_id = event.id
+        row.event_type = event.type
+        row.topic = topic
+        row.key = key
+        row.payload = event.to_bytes()
+        row.headers = headers
+        self.session.add(row)
         self._pending_events += 1
 
     async def claim_event(self, event_id: str, event_type: str, consumer: str) -> bool:

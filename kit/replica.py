@@ -28,13 +28,13 @@ async def upsert_if_newer(
 ) -> bool:
     """Store `values` as the copy of `values[key]` unless the copy already has the same or a newer
     `version`. True when stored (inserted or updated)."""
-    stmt = insert(model).values(**values)
-    updates: dict[str, Any] = {name: stmt.excluded[name] for name in values if name != key}
+    insert_stmt = insert(model).values(**values)
+    updates: dict[str, Any] = {name: insert_stmt.excluded[name] for name in values if name != key}
     if touch is not None:
         updates[touch] = func.now()
-    stmt = stmt.on_conflict_do_update(
+    stmt = insert_stmt.on_conflict_do_update(
         index_elements=[getattr(model, key)],
         set_=updates,
-        where=getattr(model, version) < stmt.excluded[version],
+        where=getattr(model, version) < insert_stmt.excluded[version],
     ).returning(getattr(model, key))
     return (await session.execute(stmt)).first() is not None
