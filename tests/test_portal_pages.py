@@ -198,3 +198,19 @@ def test_portal_pages_stay_out_of_the_openapi_document() -> None:
     app_paths = [route.path for route in portal.router.routes]  # type: ignore[attr-defined]
     assert "/portal/login" in app_paths
     assert all(not getattr(route, "include_in_schema", True) for route in portal.router.routes)
+
+
+async def test_pages_accept_the_query_parameters_their_scripts_read_and_refuse_others(
+    http: httpx.AsyncClient,
+) -> None:
+    invoice_id = uuid.uuid4()
+    for path in ("/portal/login?next=%2Fportal%2Finvoices", "/portal/invoices?page=2",
+                 f"/portal/invoices/{invoice_id}?checkout=cancelled"):
+        assert (await http.get(path)).status_code == 200, path
+    for path in ("/portal/login?nxt=/portal", "/portal/invoices?pageSize=50", f"/portal/invoices/{invoice_id}?x=1"):
+        response = await http.get(path)
+        assert response.status_code == 400, path
+        assert response.json()["error"]["code"] == "unknown_query_parameter"
+    # The proxy does not judge a query string: the service that owns the path does.
+    forwarded = await http.get("/portal/checkout/cs_test_123?anything=1")
+    assert forwarded.headers["x-upstream"] == "payments"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.middleware import Middleware
@@ -17,7 +17,9 @@ from starlette.routing import Route as StarletteRoute
 
 from kit.db import Database
 from kit.errors import Forbidden, NotFound, Unauthorized
+from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
+from kit.web import BodyLimit, RequestUnitOfWork, StrictQuery
 from services.gateway import portal
 from services.gateway import routes as route_table
 from services.gateway.config import GatewaySettings
@@ -29,11 +31,10 @@ from services.gateway.schemas import (
     ErrorResponse,
     LoginRequest,
     LoginResponse,
-    UserList,
     UserOut,
 )
 from services.gateway.security import Passwords, TokenClaims, TokenCodec, bearer_token
-from services.gateway.service import AuthService, IdempotencyService
+from services.gateway.service import AuthService, IdempotencyService, ensure_admin
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,7 @@ PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 class GatewayContext:
     settings: GatewaySettings
     tokens: TokenCodec
-    auth: AuthService
+    passwords: Passwords
     idempotency: IdempotencyService
     upstreams: UpstreamPool
     openapi: OpenApiAggregator
@@ -56,6 +57,14 @@ async def get_context(request: Request) -> GatewayContext:
 
 
 Context = Annotated[GatewayContext, Depends(get_context)]
+
+
+def auth_service(uow: RequestUnitOfWork, ctx: Context) -> AuthService:
+    """Logins and users in the request's unit of work: committed once the handler has returned."""
+    return AuthService(uow, ctx.passwords, ctx.tokens, ctx.upstreams)
+
+
+Auth = Annotated[AuthService, Depends(auth_service)]
 _bearer = HTTPBearer(auto_error=False, scheme_name=BEARER_SCHEME, description="`accessToken` from the login.")
 
 
@@ -83,45 +92,48 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
-api = APIRouter(prefix="/api", responses=_errors(422))
+# The gateway's own routes refuse unknown query parameters, as every service does (the app-wide
+# dependency of kit.service; named here too so it stays true whatever builds the app). The proxy
+# below is not one of them: it forwards the query string to the service, which judges it.
+api = APIRouter(prefix="/api", responses=_errors(400, 422), dependencies=[StrictQuery])
 
 
 @api.post(
     "/auth/login", response_model=LoginResponse, tags=["auth"], summary="Log in with email and password",
     responses=_errors(401),
 )
-async def login(body: LoginRequest, ctx: Context) -> LoginResponse:
-    return await ctx.auth.login(body.email, body.password)
+async def login(body: LoginRequest, auth: Auth) -> LoginResponse:
+    return await auth.login(body.email, body.password)
 
 
 @api.get("/auth/me", response_model=UserOut, tags=["auth"], summary="The logged-in user", responses=_errors(401))
-async def me(claims: Claims, ctx: Context) -> UserOut:
-    return await ctx.auth.current_user(claims)
+async def me(claims: Claims, auth: Auth) -> UserOut:
+    return await auth.current_user(claims)
 
 
 @api.post(
     "/users", response_model=UserOut, status_code=201, tags=["users"], summary="Create a login (admin)",
     responses=_errors(401, 403, 409, 503),
 )
-async def create_user(body: CreateUserRequest, _: AdminClaims, ctx: Context) -> UserOut:
-    return await ctx.auth.create_user(body)
+async def create_user(body: CreateUserRequest, _: AdminClaims, auth: Auth) -> UserOut:
+    return await auth.create_user(body)
 
 
-@api.get("/users", response_model=UserList, tags=["users"], summary="List logins (admin)", responses=_errors(401, 403))
-async def list_users(
-    _: AdminClaims,
-    ctx: Context,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> UserList:
-    return await ctx.auth.list_users(limit=limit, offset=offset)
+@api.get(
+    "/users", response_model=Page[UserOut], tags=["users"], summary="List logins (admin), oldest first",
+    responses=_errors(401, 403),
+)
+async def list_users(_: AdminClaims, auth: Auth, page: PageParams) -> Page[UserOut]:
+    return await auth.list_users(page)
 
 
-proxy_router = APIRouter()
+async def proxy(request: Request) -> Response:
+    """Everything else goes to the service that owns the path, query string untouched.
 
-
-@proxy_router.api_route("/{full_path:path}", methods=PROXY_METHODS, include_in_schema=False)
-async def proxy(request: Request, ctx: Context) -> Response:
+    A plain Starlette route, not a FastAPI one: FastAPI's app-wide dependencies (the strict query
+    check) must not judge a query string that belongs to the upstream service.
+    """
+    ctx: GatewayContext = request.app.state.gateway
     path = request.url.path
     route = route_table.resolve(path)
     if route is None:
@@ -156,7 +168,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         max_keepalive=settings.upstream_max_keepalive,
         keepalive_expiry=settings.upstream_keepalive_expiry,
     )
-    auth = AuthService(db, Passwords(), tokens, upstreams)
+    passwords = Passwords()
     idempotency = IdempotencyService(
         db,
         ttl_seconds=settings.idempotency_ttl_seconds,
@@ -178,7 +190,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 hint="GATEWAY_JWT_SECRET is not set: tokens are signed with a per-process secret and stop "
                 "working on restart and across replicas.",
             )
-        await auth.ensure_admin(settings.admin_email, settings.admin_password)
+        await ensure_admin(db, passwords, settings.admin_email, settings.admin_password)
 
     async def on_shutdown() -> None:
         await idempotency.close()
@@ -193,19 +205,25 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         description="Invoices, payments, subscriptions, reminders and reports. Authenticate with "
         "`POST /api/auth/login` and send `Authorization: Bearer <accessToken>`.",
         # The portal's own pages before the catch-all proxy (its /portal/checkout goes to payments).
-        routers=[api, portal.router, proxy_router],
+        routers=[api, portal.router],
+        max_body=settings.max_body_bytes,
     )
+    # Last: the catch-all proxy.
+    app.router.routes.append(StarletteRoute("/{full_path:path}", proxy, methods=PROXY_METHODS))
     app.version = "1.0.0"
     app.state.gateway = GatewayContext(
-        settings=settings, tokens=tokens, auth=auth, idempotency=idempotency, upstreams=upstreams,
+        settings=settings, tokens=tokens, passwords=passwords, idempotency=idempotency, upstreams=upstreams,
         openapi=aggregator,
     )
     _serve_merged_openapi(app, aggregator)
-    # Innermost user middleware: runs inside the correlation-id middleware, so replayed and refused
-    # requests carry the correlation id too.
-    app.user_middleware.append(
-        Middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, idempotency=idempotency, tokens=tokens)
+    # Inside the correlation-id middleware (replayed and refused requests carry the id too) and
+    # ahead of kit's BodyLimit (same limit): the gateway reads every body itself, for idempotency
+    # fingerprints, and drains an oversized one before its 413 so a client still sending sees it.
+    gateway_middleware = Middleware(
+        GatewayMiddleware, max_body_bytes=settings.max_body_bytes, idempotency=idempotency, tokens=tokens
     )
+    body_limit = next(i for i, m in enumerate(app.user_middleware) if getattr(m, "cls", None) is BodyLimit)
+    app.user_middleware.insert(body_limit, gateway_middleware)
     return app
 
 

@@ -1,6 +1,6 @@
 """ASGI middleware in front of every gateway route: body size cap, path sanity, Idempotency-Key.
 
-It buffers the request body (refusing more than `max_body_bytes` with 413), then, for a POST that
+It buffers the request body (kit.web's limit: more than `max_body_bytes` is a 413), then, for a POST that
 carries an `Idempotency-Key`, claims the key before the request runs and stores the response after
 (5xx answers release the key instead, so a retry runs again). A repeat gets the stored response with
 `Idempotent-Replayed: true`.
@@ -13,10 +13,11 @@ from typing import Any
 
 import structlog
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kit.errors import AppError, error_body
+from kit.errors import AppError, PayloadTooLarge, ServiceUnavailable, error_body
+from kit.web import check_declared_length, receive_body, send_error, send_json
 from services.gateway.routes import resolve
 from services.gateway.security import TokenCodec, bearer_token
 from services.gateway.service import IdempotencyService, KeyClaim, StoredResponse
@@ -28,16 +29,6 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 ANONYMOUS_OWNER = "anon"
 # The response headers kept with a stored response and replayed with it.
 STORED_HEADERS = ("content-type", "content-disposition", "location")
-
-
-class _BodyTooLarge(Exception):
-    def __init__(self, more_body: bool) -> None:
-        super().__init__("request body too large")
-        self.more_body = more_body
-
-
-class _ClientGone(Exception):
-    pass
 
 
 class GatewayMiddleware:
@@ -65,27 +56,36 @@ class GatewayMiddleware:
         headers = Headers(scope=scope)
 
         if any(seg in (".", "..") for seg in scope["path"].split("/")):
-            await _error(scope, receive, send, 400, "invalid_path", "Dot segments are not allowed in the path.")
+            await send_error(send, AppError("Dot segments are not allowed in the path.", code="invalid_path"))
             return
 
         declared = headers.get("content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                await _error(scope, receive, send, 400, "bad_request", "Invalid Content-Length.")
-                return
-            if int(declared) > self.max_body_bytes:
-                if int(declared) <= self.drain_limit:
-                    await self._discard_body(receive)
-                await self._too_large(scope, receive, send)
-                return
         try:
-            body = await self._read_body(receive)
-        except _BodyTooLarge as exc:
-            if exc.more_body:
+            check_declared_length(declared, self.max_body_bytes)
+        except PayloadTooLarge as exc:
+            if declared is not None and int(declared) <= self.drain_limit:
                 await self._discard_body(receive)
-            await self._too_large(scope, receive, send)
+            await self._too_large(send, exc)
             return
-        except _ClientGone:
+        except AppError as exc:  # not a number
+            await send_error(send, exc)
+            return
+        more_body = True
+
+        async def tracking_receive() -> Message:
+            nonlocal more_body
+            message = await receive()
+            more_body = message["type"] == "http.request" and bool(message.get("more_body", False))
+            return message
+
+        try:
+            body = await receive_body(tracking_receive, limit=self.max_body_bytes)
+        except PayloadTooLarge as exc:
+            if more_body:
+                await self._discard_body(receive)
+            await self._too_large(send, exc)
+            return
+        except AppError:  # the client went away mid-body: nobody to answer
             return
         replay_receive = _replaying_receive(body, receive)
 
@@ -108,12 +108,11 @@ class GatewayMiddleware:
         try:
             outcome = await self.idempotency.begin(owner=owner, key=key, method="POST", path=path, body=body)
         except AppError as exc:
-            await _error(scope, receive, send, exc.status_code, exc.code, exc.message, exc.details)
+            await send_error(send, exc)
             return
         except Exception as exc:  # the gateway's database is unreachable: refuse rather than run unguarded
             log.error("idempotency_store_unavailable", error=str(exc))
-            await _error(scope, receive, send, 503, "service_unavailable",
-                         "Idempotency keys cannot be checked right now; retry later.")
+            await send_error(send, ServiceUnavailable("Idempotency keys cannot be checked right now; retry later."))
             return
         if isinstance(outcome, StoredResponse):
             await _replay(outcome, scope, receive, send)
@@ -134,7 +133,7 @@ class GatewayMiddleware:
                 task.add_done_callback(self._forget)
             raise
         if start is None:
-            await _error(scope, receive, send, 500, "internal_error", "An unexpected error occurred.")
+            await _error(send, 500, "internal_error", "An unexpected error occurred.")
             return
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -191,21 +190,6 @@ class GatewayMiddleware:
         except AppError:
             return None
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _BodyTooLarge(more_body=bool(message.get("more_body", False)))
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
-
     async def _discard_body(self, receive: Receive) -> None:
         drained = 0
         while drained <= self.drain_limit:
@@ -216,12 +200,9 @@ class GatewayMiddleware:
             if not message.get("more_body", False):
                 return
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _error(
-            scope, receive, send, 413, "payload_too_large",
-            f"The request body is larger than {self.max_body_bytes} bytes.",
-            headers={"Connection": "close"},
-        )
+    async def _too_large(self, send: Send, exc: PayloadTooLarge) -> None:
+        # An oversized body is not read to its end (past the drain limit): the connection cannot be reused.
+        await send_error(send, exc, headers={"Connection": "close"})
 
 
 def _replaying_receive(body: bytes, receive: Receive) -> Receive:
@@ -244,9 +225,5 @@ async def _replay(stored: StoredResponse, scope: Scope, receive: Receive, send: 
     await response(scope, receive, send)
 
 
-async def _error(
-    scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str, details: Any = None,
-    headers: dict[str, str] | None = None,
-) -> None:
-    response = JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
-    await response(scope, receive, send)
+async def _error(send: Send, status: int, code: str, message: str) -> None:
+    await send_json(send, status, error_body(code, message))

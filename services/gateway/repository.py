@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from kit.pagination import PageRequest, PageResult, SortKey, paginate
 from services.gateway.models import (
     ROLE_ADMIN,
     STATE_COMPLETED,
@@ -44,12 +45,10 @@ class UserRepository:
     async def any_admin(self) -> bool:
         return (await self.session.scalar(select(User.id).where(User.role == ROLE_ADMIN).limit(1))) is not None
 
-    async def list_page(self, *, limit: int, offset: int) -> tuple[list[User], int]:
-        total = await self.session.scalar(select(func.count()).select_from(User)) or 0
-        rows = await self.session.scalars(
-            select(User).order_by(User.created_at, User.email).limit(limit).offset(offset)
-        )
-        return list(rows), total
+    async def list_page(self, page: PageRequest) -> PageResult[User]:
+        """Oldest first; the email (unique) breaks ties so the order is total."""
+        order = [SortKey(User.created_at), SortKey(User.email)]
+        return await paginate(self.session, select(User), order=order, page=page, scope="users", with_total=True)
 
     async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
         await self.session.execute(update(User).where(User.id == user_id).values(password_hash=password_hash))

@@ -67,10 +67,3 @@ class ErrorResponse(BaseModel):
     """What every error looks like, on every service: `{"error": {"code", "message", "details"}}`."""
 
     error: ErrorDetail
-
-
-class UserList(CamelModel):
-    items: list[UserOut]
-    total: int
-    limit: int
-    offset: int

@@ -13,11 +13,12 @@ from typing import Protocol
 
 import structlog
 
-from kit.db import Database
+from kit.db import Database, UnitOfWork
 from kit.errors import AppError, Conflict, InvalidInput, Unauthorized
+from kit.pagination import Page, PageRequest
 from services.gateway.models import ROLE_ADMIN, STATE_IN_PROGRESS, User
 from services.gateway.repository import IdempotencyRepository, UserRepository
-from services.gateway.schemas import CreateUserRequest, LoginResponse, UserList, UserOut
+from services.gateway.schemas import CreateUserRequest, LoginResponse, UserOut
 from services.gateway.security import Passwords, TokenClaims, TokenCodec
 
 log = structlog.get_logger(__name__)
@@ -35,26 +36,23 @@ def user_out(user: User) -> UserOut:
 
 
 class AuthService:
-    def __init__(self, db: Database, passwords: Passwords, tokens: TokenCodec, clients: ClientDirectory) -> None:
-        self._db = db
+    """Logins and users, inside the caller's unit of work (the request's: it commits, not us)."""
+
+    def __init__(self, uow: UnitOfWork, passwords: Passwords, tokens: TokenCodec, clients: ClientDirectory) -> None:
+        self._users = UserRepository(uow.session)
         self._passwords = passwords
         self._tokens = tokens
         self._clients = clients
 
     async def login(self, email: str, password: str) -> LoginResponse:
-        # Read what we need inside the unit of work: its rollback on exit expires ORM objects.
-        async with self._db.unit_of_work() as uow:
-            user = await UserRepository(uow.session).get_by_email(email)
-            found = (user_out(user), user.password_hash) if user is not None else None
+        user = await self._users.get_by_email(email)
+        found = (user_out(user), user.password_hash) if user is not None else None
         ok = await self._passwords.verify(found[1] if found else None, password)
         if found is None or not ok:
             raise Unauthorized("Invalid email or password.", code="invalid_credentials")
         out, password_hash = found
         if self._passwords.needs_rehash(password_hash):
-            new_hash = await self._passwords.hash(password)
-            async with self._db.unit_of_work() as uow:
-                await UserRepository(uow.session).set_password_hash(out.id, new_hash)
-                await uow.commit()
+            await self._users.set_password_hash(out.id, await self._passwords.hash(password))
         token = self._tokens.issue(user_id=str(out.id), role=out.role, client_id=out.client_id)
         log.info("login_succeeded", user_id=str(out.id), role=out.role)
         return LoginResponse(access_token=token, expires_in=self._tokens.ttl_seconds, user=out)
@@ -64,16 +62,14 @@ class AuthService:
             user_id = uuid.UUID(claims.user_id)
         except ValueError as exc:
             raise Unauthorized("The access token is invalid.", code="invalid_token") from exc
-        async with self._db.unit_of_work() as uow:
-            user = await UserRepository(uow.session).get(user_id)
-            if user is None:
-                raise Unauthorized("This login no longer exists.", code="invalid_token")
-            return user_out(user)
+        user = await self._users.get(user_id)
+        if user is None:
+            raise Unauthorized("This login no longer exists.", code="invalid_token")
+        return user_out(user)
 
     async def create_user(self, request: CreateUserRequest) -> UserOut:
-        async with self._db.unit_of_work() as uow:
-            if await UserRepository(uow.session).get_by_email(request.email) is not None:
-                raise Conflict("A login with this email already exists.", code="email_taken")
+        if await self._users.get_by_email(request.email) is not None:
+            raise Conflict("A login with this email already exists.", code="email_taken")
         if request.role == "client":
             assert request.client_id is not None
             if not await self._clients.client_exists(request.client_id):
@@ -83,37 +79,38 @@ class AuthService:
                     details=[{"field": "clientId", "message": "unknown client", "type": "client_not_found"}],
                 )
         password_hash = await self._passwords.hash(request.password)
-        async with self._db.unit_of_work() as uow:
-            user = await UserRepository(uow.session).insert(
-                email=request.email, password_hash=password_hash, role=request.role, client_id=request.client_id
-            )
-            if user is None:
-                raise Conflict("A login with this email already exists.", code="email_taken")
-            await uow.commit()
+        user = await self._users.insert(
+            email=request.email, password_hash=password_hash, role=request.role, client_id=request.client_id
+        )
+        if user is None:
+            raise Conflict("A login with this email already exists.", code="email_taken")
         log.info("user_created", user_id=str(user.id), role=user.role, client_id=user.client_id)
         return user_out(user)
 
-    async def list_users(self, *, limit: int, offset: int) -> UserList:
-        async with self._db.unit_of_work() as uow:
-            users, total = await UserRepository(uow.session).list_page(limit=limit, offset=offset)
-            return UserList(items=[user_out(u) for u in users], total=total, limit=limit, offset=offset)
+    async def list_users(self, page: PageRequest) -> Page[UserOut]:
+        result = await self._users.list_page(page)
+        return Page[UserOut](items=[user_out(u) for u in result.items], next_cursor=result.next_cursor,
+                             has_more=result.has_more, total=result.total)
 
-    async def ensure_admin(self, email: str, password: str) -> bool:
-        """Create the first admin when there is none. Safe with several replicas starting at once."""
-        async with self._db.unit_of_work() as uow:
-            if await UserRepository(uow.session).any_admin():
-                return False
-        password_hash = await self._passwords.hash(password)
-        async with self._db.unit_of_work() as uow:
-            created = await UserRepository(uow.session).insert(
-                email=email, password_hash=password_hash, role=ROLE_ADMIN, client_id=None
-            )
-            await uow.commit()
-        if created is None:
-            log.warning("bootstrap_admin_email_taken", email=email)
+
+async def ensure_admin(db: Database, passwords: Passwords, email: str, password: str) -> bool:
+    """Create the first admin when there is none. Safe with several replicas starting at once.
+
+    A startup job, not a request: its own units of work, and the slow hash between them, not inside one.
+    """
+    async with db.transaction() as uow:
+        if await UserRepository(uow.session).any_admin():
             return False
-        log.info("bootstrap_admin_created", email=created.email)
-        return True
+    password_hash = await passwords.hash(password)
+    async with db.transaction() as uow:
+        created = await UserRepository(uow.session).insert(
+            email=email, password_hash=password_hash, role=ROLE_ADMIN, client_id=None
+        )
+    if created is None:
+        log.warning("bootstrap_admin_email_taken", email=email)
+        return False
+    log.info("bootstrap_admin_created", email=created.email)
+    return True
 
 
 # --- idempotency ---------------------------------------------------------------------------------
@@ -187,13 +184,12 @@ class IdempotencyService:
         self._maybe_cleanup()
         fingerprint = request_fingerprint(method, path, body)
         lock_id = uuid.uuid4()
-        async with self._db.unit_of_work() as uow:
+        async with self._db.transaction() as uow:
             repo = IdempotencyRepository(uow.session)
             for _ in range(3):
                 if await repo.try_insert(
                     owner=owner, key=key, fingerprint=fingerprint, method=method, path=path[:2048], lock_id=lock_id
                 ):
-                    await uow.commit()
                     return KeyClaim(owner, key, lock_id)
                 existing = await repo.get_for_update(owner, key, ttl=self._ttl, lock_timeout=self._lock_timeout)
                 if existing is None:
@@ -202,7 +198,6 @@ class IdempotencyService:
                 if existing.expired:
                     await repo.restart(owner=owner, key=key, fingerprint=fingerprint, method=method,
                                        path=path[:2048], lock_id=lock_id, keep_created_at=False)
-                    await uow.commit()
                     return KeyClaim(owner, key, lock_id)
                 if row.fingerprint != fingerprint:
                     raise IdempotencyKeyReused(
@@ -214,7 +209,6 @@ class IdempotencyService:
                         log.warning("idempotency_abandoned_claim_taken_over", key=key, owner=owner)
                         await repo.restart(owner=owner, key=key, fingerprint=fingerprint, method=method,
                                            path=path[:2048], lock_id=lock_id, keep_created_at=True)
-                        await uow.commit()
                         return KeyClaim(owner, key, lock_id)
                     raise IdempotencyInProgress(
                         "A request with this Idempotency-Key is still being processed; retry later."
@@ -226,24 +220,21 @@ class IdempotencyService:
         raise IdempotencyInProgress("A request with this Idempotency-Key is changing state; retry later.")
 
     async def complete(self, claim: KeyClaim, response: StoredResponse) -> None:
-        async with self._db.unit_of_work() as uow:
+        async with self._db.transaction() as uow:
             stored = await IdempotencyRepository(uow.session).complete(
                 owner=claim.owner, key=claim.key, lock_id=claim.lock_id,
                 status=response.status, headers=response.headers, body=response.body,
             )
-            await uow.commit()
         if not stored:
             log.warning("idempotency_claim_lost", key=claim.key, owner=claim.owner)
 
     async def release(self, claim: KeyClaim) -> None:
-        async with self._db.unit_of_work() as uow:
+        async with self._db.transaction() as uow:
             await IdempotencyRepository(uow.session).release(owner=claim.owner, key=claim.key, lock_id=claim.lock_id)
-            await uow.commit()
 
     async def cleanup(self) -> int:
-        async with self._db.unit_of_work() as uow:
+        async with self._db.transaction() as uow:
             removed = await IdempotencyRepository(uow.session).delete_expired(self._ttl)
-            await uow.commit()
         if removed:
             log.info("idempotency_keys_expired", removed=removed)
         return removed

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import uuid
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import RedirectResponse, Response
 
 from kit.errors import NotFound
+from kit.web import StrictQuery
 
 PACKAGE_DIR = Path(__file__).parent
 PAGES_DIR = PACKAGE_DIR / "pages"
@@ -62,8 +64,11 @@ def _load_pages() -> dict[str, bytes]:
 STATIC = _load_static()
 PAGES = _load_pages()
 
-router = APIRouter(prefix="/portal", include_in_schema=False)
+# Like every route of ours, a page refuses query parameters it does not know (400 naming them). The
+# ones below are read by the page's script, not by the server: declared so they are accepted.
+router = APIRouter(prefix="/portal", include_in_schema=False, dependencies=[StrictQuery])
 METHODS = ["GET", "HEAD"]
+ScriptParam = Annotated[str | None, Query(max_length=2000)]
 
 
 def page(name: str) -> Response:
@@ -78,18 +83,25 @@ async def portal_home() -> Response:
 
 
 @router.api_route("/login", methods=METHODS)
-async def login_page() -> Response:
+async def login_page(next_path: Annotated[str | None, Query(alias="next", max_length=2000)] = None) -> Response:
+    """`next`: where to go after logging in (checked by the script: same-origin portal paths only)."""
     return page("login")
 
 
 @router.api_route("/invoices", methods=METHODS)
 @router.api_route("/invoices/", methods=METHODS)
-async def invoices_page() -> Response:
+async def invoices_page(page_number: Annotated[str | None, Query(alias="page", max_length=20)] = None) -> Response:
+    """`page`: the page number of the invoice list (its cursor is kept by the script)."""
     return page("invoices")
 
 
 @router.api_route("/invoices/{invoice_id}", methods=METHODS)
-async def invoice_page(invoice_id: str) -> Response:
+async def invoice_page(
+    invoice_id: str,
+    checkout: ScriptParam = None,
+    session_id: ScriptParam = None,
+) -> Response:
+    """`checkout=success|cancelled&session_id=...`: the return from a checkout (payments builds it)."""
     try:
         uuid.UUID(invoice_id)
     except ValueError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import httpx
 import jwt
@@ -157,7 +158,7 @@ async def test_create_users(client: httpx.AsyncClient, admin_token: str, invoice
     for payload in bad:
         assert_error(await client.post("/api/users", json=payload, headers=headers), 422, "validation_error")
 
-    listed = await client.get("/api/users", headers=headers, params={"limit": 500})
+    listed = await client.get("/api/users", headers=headers, params={"limit": 100})
     assert listed.status_code == 200, listed.text
     emails = [u["email"] for u in listed.json()["items"]]
     assert email in emails and "a@example.com" not in emails
@@ -165,6 +166,43 @@ async def test_create_users(client: httpx.AsyncClient, admin_token: str, invoice
     assert listed.json()["total"] >= 2
     assert_error(await client.get("/api/users", headers=headers, params={"limit": 0}), 422)
     assert_error(await client.get("/api/users", headers=headers, params={"limit": "lots"}), 422)
+    assert_error(await client.get("/api/users", headers=headers, params={"limit": 101}), 422)
+
+
+async def test_users_list_pages_with_a_cursor(client: httpx.AsyncClient, admin_token: str) -> None:
+    """The platform's list shape: `{items, nextCursor, hasMore, total}`, oldest first, no repeats."""
+    headers = bearer(admin_token)
+    for i in range(3):
+        created = await client.post("/api/users", headers=headers, json={
+            "email": f"paged-{i}-{uuid.uuid4().hex[:6]}@example.com", "password": "long-enough", "role": "admin"})
+        assert created.status_code == 201, created.text
+    everyone = (await client.get("/api/users", headers=headers, params={"limit": 100})).json()
+    assert everyone["hasMore"] is False and everyone["nextCursor"] is None
+    expected = [u["email"] for u in everyone["items"]]
+    assert len(expected) == everyone["total"] >= 4 and expected[0] == ADMIN_EMAIL
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/api/users", headers=headers, params=params)).json()
+        assert set(page) == {"items", "nextCursor", "hasMore", "total"} and len(page["items"]) <= 2
+        seen += [u["email"] for u in page["items"]]
+        if not page["hasMore"]:
+            break
+        cursor = page["nextCursor"]
+    assert seen == expected
+    assert_error(await client.get("/api/users", headers=headers, params={"cursor": "bm90LWEtY3Vyc29y"}), 400,
+                 "invalid_cursor")
+
+
+async def test_own_routes_refuse_unknown_query_parameters(client: httpx.AsyncClient, admin_token: str) -> None:
+    headers = bearer(admin_token)
+    error = assert_error(await client.get("/api/users", headers=headers, params={"limt": 1}), 400,
+                         "unknown_query_parameter")
+    assert "limt" in error["message"] and error["details"]["unknown"] == ["limt"]
+    assert_error(await client.get("/api/auth/me", headers=headers, params={"x": "1"}), 400, "unknown_query_parameter")
+    login = await client.post("/api/auth/login?debug=1", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    assert_error(login, 400, "unknown_query_parameter")
 
 
 async def test_malformed_bodies_are_4xx_in_error_format(client: httpx.AsyncClient, admin_token: str) -> None:
