@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, status
-from fastapi.routing import APIRoute
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from kit.actor import AdminActor, CurrentActor
-from kit.errors import AppError, InvalidInput, NotFound
+from kit.clock import utcnow
+from kit.errors import NotFound
+from kit.pagination import Page, PageParams
 from kit.service import PeriodicJob, ServiceRuntime, create_service_app, make_broker
+from kit.web import RequestUnitOfWork
 from services.invoice.config import InvoiceSettings
 from services.invoice.consumers import register_consumers
 from services.invoice.documents import InvoicePdfs, etag, etag_matches
@@ -26,7 +29,6 @@ from services.invoice.schemas import (
     ClientOut,
     InvoiceCreate,
     InvoiceOut,
-    InvoicePage,
     InvoiceUpdate,
     LogoOut,
     OverdueScanRequest,
@@ -38,9 +40,10 @@ from services.invoice.schemas import (
     TemplatePreview,
     TemplateUpdate,
 )
-from services.invoice.service import InvoiceService, utcnow
+from services.invoice.service import InvoiceService
 from services.invoice.status import InvoiceStatus
 from services.invoice.templates import (
+    LOGO_BODY_LIMIT,
     LOGO_URL,
     StoredTemplate,
     TemplateCache,
@@ -52,22 +55,21 @@ from services.invoice.templates import (
 MIGRATIONS = Path(__file__).parent / "migrations"
 # PostgreSQL text cannot hold U+0000: such a filter is refused (422) instead of failing the query.
 NO_NUL = r"^[^\x00]*$"
+# Every body but the logo's: a template, or an invoice of 1,000 long lines, fits.
+MAX_BODY = 2 * 1024 * 1024
+M = TypeVar("M", bound=BaseModel)
 
 
-async def invoice_service(request: Request) -> AsyncIterator[InvoiceService]:
-    runtime: ServiceRuntime = request.app.state.runtime
-    settings: InvoiceSettings = runtime.settings  # type: ignore[assignment]
-    async with runtime.db.unit_of_work() as uow:
-        yield InvoiceService(uow, default_net_days=settings.default_net_days)
+def invoice_service(uow: RequestUnitOfWork, request: Request) -> InvoiceService:
+    settings: InvoiceSettings = request.app.state.runtime.settings
+    return InvoiceService(uow, default_net_days=settings.default_net_days)
 
 
 Service = Annotated[InvoiceService, Depends(invoice_service)]
 
 
-async def template_service(request: Request) -> AsyncIterator[TemplateService]:
-    runtime: ServiceRuntime = request.app.state.runtime
-    async with runtime.db.unit_of_work() as uow:
-        yield TemplateService(uow, request.app.state.template_cache)
+def template_service(uow: RequestUnitOfWork, request: Request) -> TemplateService:
+    return TemplateService(uow, request.app.state.template_cache)
 
 
 Templates = Annotated[TemplateService, Depends(template_service)]
@@ -80,27 +82,22 @@ async def invoice_pdfs(request: Request) -> InvoicePdfs:
 Pdfs = Annotated[InvoicePdfs, Depends(invoice_pdfs)]
 
 
-class PayloadTooLarge(AppError):
-    status_code = 413
-    code = "payload_too_large"
+def parse_body(model: type[M], raw: bytes) -> M:
+    """A JSON body read raw by the route, validated only now; errors as FastAPI's own 422."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
+        ) from None
 
 
-class LimitedBodyRoute(APIRoute):
-    """Refuses a body whose declared length is over `MAX_BODY` before FastAPI reads it."""
-
-    MAX_BODY = 2 * 1024 * 1024
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        limit = self.MAX_BODY
-
-        async def limited(request: Request) -> Response:
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise PayloadTooLarge(f"The request body is larger than {limit // 1024} KB.")
-            return await handler(request)
-
-        return limited
+def json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body the route reads itself: the model's schema, nested models by reference
+    (they are among the document's components already, through the routes that take them)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 PDF_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -114,26 +111,20 @@ def invoice_out(invoice: Invoice) -> InvoiceOut:
 
 clients = APIRouter(prefix="/api/clients", tags=["clients"])
 invoices = APIRouter(prefix="/api/invoices", tags=["invoices"])
-template = APIRouter(prefix="/api/invoice-template", tags=["invoice template"], route_class=LimitedBodyRoute)
-# The logo upload caps its own (streamed) body at the logo limit.
-template_logo = APIRouter(prefix="/api/invoice-template", tags=["invoice template"])
+template = APIRouter(prefix="/api/invoice-template", tags=["invoice template"])
 
 
 @clients.post("", status_code=status.HTTP_201_CREATED, response_model=ClientOut)
 async def create_client(body: ClientCreate, svc: Service, _: AdminActor) -> ClientOut:
-    client = await svc.create_client(body)
-    await svc.uow.commit()
-    return ClientOut.model_validate(client)
+    return ClientOut.model_validate(await svc.create_client(body))
 
 
-@clients.get("", response_model=list[ClientOut])
-async def list_clients(
-    svc: Service,
-    actor: CurrentActor,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> list[ClientOut]:
-    return [ClientOut.model_validate(c) for c in await svc.list_clients(actor, limit, offset)]
+@clients.get("", response_model=Page[ClientOut])
+async def list_clients(svc: Service, actor: CurrentActor, page: PageParams) -> Page[ClientOut]:
+    """Clients, newest first (a client login sees its own); `total` counts them all."""
+    result = await svc.list_clients(actor, page)
+    return Page[ClientOut](items=[ClientOut.model_validate(c) for c in result.items], next_cursor=result.next_cursor,
+                           has_more=result.has_more, total=result.total)
 
 
 @clients.get("/{client_id}", response_model=ClientOut)
@@ -143,15 +134,14 @@ async def get_client(client_id: uuid.UUID, svc: Service, actor: CurrentActor) ->
 
 @invoices.post("", status_code=status.HTTP_201_CREATED, response_model=InvoiceOut)
 async def create_invoice(body: InvoiceCreate, svc: Service, _: AdminActor) -> InvoiceOut:
-    invoice = await svc.create_invoice(body)
-    await svc.uow.commit()
-    return invoice_out(invoice)
+    return invoice_out(await svc.create_invoice(body))
 
 
-@invoices.get("", response_model=InvoicePage)
+@invoices.get("", response_model=Page[InvoiceOut])
 async def list_invoices(
     svc: Service,
     actor: CurrentActor,
+    page: PageParams,
     status_: Annotated[list[InvoiceStatus] | None, Query(alias="status")] = None,
     client_id: Annotated[uuid.UUID | None, Query(alias="clientId")] = None,
     project_id: Annotated[str | None, Query(alias="projectId", max_length=100, pattern=NO_NUL)] = None,
@@ -161,12 +151,13 @@ async def list_invoices(
     issued_from: Annotated[date | None, Query(alias="issuedFrom")] = None,
     issued_to: Annotated[date | None, Query(alias="issuedTo")] = None,
     sort: SortField = "-createdAt",
-    page: Annotated[int, Query(ge=1, le=100000)] = 1,
-    page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 50,
-) -> InvoicePage:
+) -> Page[InvoiceOut]:
+    """Invoices matching every filter given, in `sort` order (`-` = descending; NULLs last), `limit`
+    at a time; `total` counts all that match. A client login sees its own sent invoices only. A
+    cursor only works with the sort and filters of the page that gave it (else 400)."""
     f = InvoiceFilter(
         client_id=client_id,
-        statuses=tuple(status_ or ()),
+        statuses=tuple(sorted(set(status_ or ()))),
         project_id=project_id,
         number=number,
         due_before=due_before,
@@ -174,59 +165,67 @@ async def list_invoices(
         issued_from=issued_from,
         issued_to=issued_to,
     )
-    rows, total = await svc.search(f, actor, sort=sort, page=page, page_size=page_size)
-    return InvoicePage(items=[invoice_out(i) for i in rows], total=total, page=page, page_size=page_size)
+    result = await svc.search(f, actor, sort=sort, page=page)
+    return Page[InvoiceOut](items=[invoice_out(i) for i in result.items], next_cursor=result.next_cursor,
+                            has_more=result.has_more, total=result.total)
 
 
 @invoices.post("/mark-overdue", response_model=OverdueScanResult)
 async def mark_overdue(svc: Service, _: AdminActor, body: OverdueScanRequest | None = None) -> OverdueScanResult:
-    """Run the overdue scan now (it also runs on its own schedule)."""
+    """Mark overdue, now, as of `asOf` (default: today, UTC): every SENT, VIEWED or PARTIAL invoice
+    whose due date is before `asOf` becomes OVERDUE (one `invoice.overdue` event each). The
+    invoice service is the one source of truth for "overdue"; the same scan runs on its schedule.
+
+    Answers `{asOf, markedOverdue, invoiceIds}`: the date used, how many invoices this call moved
+    and their ids (oldest due date first). Invoices already OVERDUE are not listed again. Safe to
+    call at once with another scan: it waits for invoices another scan holds, so when it answers,
+    no open invoice due before `asOf` is left (each was moved by this call or by the other one,
+    whose ids that one reports); calling it again with the same `asOf` moves nothing more."""
     as_of = (body.as_of if body else None) or utcnow().date()
-    count = await svc.mark_overdue(as_of)
-    await svc.uow.commit()
-    return OverdueScanResult(marked_overdue=count)
+    ids = await svc.mark_overdue(as_of, wait_for_locked=True)
+    return OverdueScanResult(as_of=as_of, marked_overdue=len(ids), invoice_ids=ids)
 
 
 @invoices.get("/{invoice_id}", response_model=InvoiceOut)
 async def get_invoice(invoice_id: uuid.UUID, svc: Service, actor: CurrentActor) -> InvoiceOut:
-    invoice = await svc.get_invoice(invoice_id, actor)
-    if actor.role == "client" and invoice.status == InvoiceStatus.SENT:
-        # The client opened it in the portal.
-        # mark_viewed changes this same (identity-mapped) instance: no need to read it again.
-        await svc.mark_viewed(invoice_id, cause_id=f"portal:{actor.user_id}")
-        await svc.uow.commit()
-    return invoice_out(invoice)
+    """The invoice; a client opening its SENT invoice makes it VIEWED."""
+    return invoice_out(await svc.read(invoice_id, actor))
 
 
-@invoices.put("/{invoice_id}", response_model=InvoiceOut)
-async def update_invoice(invoice_id: uuid.UUID, body: InvoiceUpdate, svc: Service, _: AdminActor) -> InvoiceOut:
-    if not body.model_fields_set:
-        raise InvalidInput("Nothing to update.")
-    invoice = await svc.update_invoice(invoice_id, body)
-    await svc.uow.commit()
-    return invoice_out(invoice)
+@invoices.put("/{invoice_id}", response_model=InvoiceOut, openapi_extra=json_body_doc(InvoiceUpdate))
+async def update_invoice(invoice_id: uuid.UUID, request: Request, svc: Service, _: AdminActor) -> InvoiceOut:
+    """Replace fields of a draft; accepts the body that created it. Fields given replace the stored
+    ones, fields omitted keep theirs, `items` replaces every line, `clientId` may name another
+    client (the currency then follows it unless `currency` is given).
+
+    Only a draft can be edited: on any other invoice the answer is 409 `invoice_not_editable`,
+    whatever the body (it is read only after that check); then an invalid body is a 422."""
+    raw = await request.body()
+    invoice = await svc.editable_draft(invoice_id)
+    return invoice_out(await svc.update_invoice(invoice, parse_body(InvoiceUpdate, raw)))
 
 
 @invoices.post("/{invoice_id}/send", response_model=InvoiceOut)
 async def send_invoice(
     invoice_id: uuid.UUID, svc: Service, _: AdminActor, body: SendRequest | None = None
 ) -> InvoiceOut:
-    invoice = await svc.send(invoice_id, resend=bool(body and body.resend))
-    await svc.uow.commit()
-    return invoice_out(invoice)
+    return invoice_out(await svc.send(invoice_id, resend=bool(body and body.resend)))
 
 
 @invoices.post("/{invoice_id}/cancel", response_model=InvoiceOut)
 async def cancel_invoice(invoice_id: uuid.UUID, svc: Service, _: AdminActor) -> InvoiceOut:
-    invoice = await svc.cancel(invoice_id)
-    await svc.uow.commit()
-    return invoice_out(invoice)
+    return invoice_out(await svc.cancel(invoice_id))
 
 
-@invoices.get("/{invoice_id}/payments", response_model=list[PaymentOut])
-async def invoice_payments(invoice_id: uuid.UUID, svc: Service, actor: CurrentActor) -> list[PaymentOut]:
-    """Payments applied to this invoice (the invoice's own ledger; refunds as negative amounts)."""
-    return [PaymentOut.model_validate(p) for p in await svc.payments(invoice_id, actor)]
+@invoices.get("/{invoice_id}/payments", response_model=Page[PaymentOut])
+async def invoice_payments(
+    invoice_id: uuid.UUID, svc: Service, actor: CurrentActor, page: PageParams
+) -> Page[PaymentOut]:
+    """Payments applied to this invoice, oldest first (the invoice's own ledger; refunds as negative
+    amounts)."""
+    result = await svc.payments(invoice_id, actor, page)
+    return Page[PaymentOut](items=[PaymentOut.model_validate(p) for p in result.items],
+                            next_cursor=result.next_cursor, has_more=result.has_more, total=result.total)
 
 
 @invoices.get("/{invoice_id}/pdf", response_class=Response, responses={**PDF_RESPONSES, 304: {}})
@@ -281,9 +280,7 @@ async def put_template(body: TemplateUpdate, templates: Templates, actor: AdminA
     """Save the template as a new version. A full replace: omitted fields take their defaults;
     `companyName` is required; the logo is kept unless `removeLogo` is true. Invoices already sent
     keep the version they were sent with."""
-    stored = await templates.save(body, actor)
-    await templates.uow.commit()
-    return template_out(stored)
+    return template_out(await templates.save(body, actor))
 
 
 @template.post("/preview", response_class=Response, responses=PDF_RESPONSES)
@@ -304,7 +301,7 @@ async def preview_template(body: TemplatePreview, templates: Templates, pdfs: Pd
     )
 
 
-@template_logo.post("/logo", status_code=status.HTTP_201_CREATED, response_model=TemplateOut,
+@template.post("/logo", status_code=status.HTTP_201_CREATED, response_model=TemplateOut,
                     openapi_extra={"requestBody": {"content": {
                         "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                             "file": {"type": "string", "format": "binary"}}}},
@@ -318,12 +315,10 @@ async def upload_logo(request: Request, templates: Templates, actor: AdminActor)
     template version. 413 `logo_too_large`, 415 for another body type, 422 `invalid_logo`."""
     data, content_type = await read_logo_upload(request)
     logo = await validate_uploaded_logo(data, content_type)
-    stored = await templates.set_logo(logo, actor)
-    await templates.uow.commit()
-    return template_out(stored)
+    return template_out(await templates.set_logo(logo, actor))
 
 
-@template_logo.get("/logo", response_class=Response,
+@template.get("/logo", response_class=Response,
                    responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}, 304: {}, 404: {}})
 async def get_logo(
     templates: Templates,
@@ -360,10 +355,8 @@ def build_runtime(settings: InvoiceSettings | None = None) -> ServiceRuntime:
     register_consumers(broker, db, settings.group_id)
 
     async def overdue_job() -> int:
-        async with db.unit_of_work() as uow:
-            count = await InvoiceService(uow).mark_overdue(utcnow().date())
-            await uow.commit()
-        return count
+        async with db.transaction() as uow:
+            return len(await InvoiceService(uow).mark_overdue(utcnow().date()))
 
     return ServiceRuntime(
         settings=settings,
@@ -380,7 +373,11 @@ def create_app(settings: InvoiceSettings | None = None) -> FastAPI:
         runtime,
         title="Invoice service",
         description="Clients, invoices, numbering, the invoice status machine, the invoice template and PDFs.",
-        routers=[clients, invoices, template, template_logo],
+        routers=[clients, invoices, template],
+        max_body=MAX_BODY,
+        # The logo upload reads its body itself, up to the logo's own limit (413 logo_too_large):
+        # here only the room it may take at most.
+        body_limits={LOGO_URL: LOGO_BODY_LIMIT},
     )
     config: InvoiceSettings = runtime.settings  # type: ignore[assignment]
     app.state.template_cache = TemplateCache()

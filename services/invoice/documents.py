@@ -119,7 +119,8 @@ class InvoicePdfs:
             return await asyncio.to_thread(render_invoice_pdf, doc, template)
 
     async def get(self, invoice_id: uuid.UUID, actor: Actor, *, if_none_match: str | None = None) -> InvoicePdf:
-        async with self.db.unit_of_work() as uow:
+        # Its own short units of work, not the request's: no connection is held while rendering.
+        async with self.db.unit_of_work() as uow:  # read only: nothing to commit
             invoice = await InvoiceService(uow).get_invoice(invoice_id, actor)  # others': 404
             template = (await TemplateService(uow, self.templates).for_invoice(invoice)).settings
             doc = build_document(invoice, template, self.portal_url)
@@ -133,9 +134,8 @@ class InvoicePdfs:
             return InvoicePdf(filename, fingerprint, cached, cached=True)
         pdf = await self.render(doc, template)
         try:
-            async with self.db.unit_of_work() as uow:
+            async with self.db.transaction() as uow:
                 await PdfCacheRepository(uow.session).put(invoice_id, fingerprint, pdf)
-                await uow.commit()
         except Exception as exc:  # the PDF is good; only caching it failed (e.g. invoice just deleted)
             log.warning("invoice_pdf_cache_write_failed", invoice_id=str(invoice_id), error=str(exc))
         return InvoicePdf(filename, fingerprint, pdf, cached=False)

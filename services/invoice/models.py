@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -23,12 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from kit.clock import utcnow
 from kit.db import InboxMixin, OutboxMixin
-
-
-def _now() -> datetime:
-    # Set in Python (not by the DB) so the new value is known without re-reading the row.
-    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -54,9 +50,8 @@ class Client(Base):
     currency: Mapped[str] = mapped_column(String(3))
     tax_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), onupdate=_now
-    )
+    # onupdate in Python (not by the DB): the new value is known without re-reading the row.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), onupdate=utcnow)
 
 
 class Invoice(Base):
@@ -97,9 +92,8 @@ class Invoice(Base):
     template_version: Mapped[int | None] = mapped_column(Integer)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), onupdate=_now
-    )
+    # onupdate in Python (not by the DB): the new value is known without re-reading the row.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), onupdate=utcnow)
 
     client: Mapped[Client] = relationship(lazy="joined")
     items: Mapped[list[InvoiceItem]] = relationship(

@@ -2,32 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from sqlalchemy import Select, func, select, text, update
+import orjson
+from sqlalchemy import ColumnElement, Select, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from contracts.invoice import InvoiceStatus
+from kit.pagination import PageRequest, PageResult, SortKey, paginate
 from services.invoice.models import Client, Invoice, InvoicePayment, InvoicePdf, InvoiceTemplate, NumberCounter
 
-SORT_COLUMNS = {
-    "createdAt": Invoice.created_at,
-    "issueDate": Invoice.issue_date,
-    "dueDate": Invoice.due_date,
-    "total": Invoice.total,
-    "invoiceNumber": Invoice.invoice_number,
-    "status": Invoice.status,
+# `sort` values of the invoice list (without the leading "-") -> their columns, nullable ones marked
+# (NULLs sort last either way). Numbers sort by (year, sequence): "2026-10000" comes after "2026-9999".
+# The id is always the last key, so the order is total and a cursor names one position.
+_SORTS: dict[str, tuple[tuple[ColumnElement[Any], bool], ...]] = {
+    "createdAt": ((Invoice.created_at, False),),
+    "issueDate": ((Invoice.issue_date, True),),
+    "dueDate": ((Invoice.due_date, True),),
+    "total": ((Invoice.total, False),),
+    "invoiceNumber": ((Invoice.number_year, True), (Invoice.number_seq, True)),
+    "status": ((Invoice.status, False),),
 }
+
+
+def invoice_order(sort: str) -> list[SortKey]:
+    descending = sort.startswith("-")
+    keys = [SortKey(column, descending=descending, nullable=nullable)
+            for column, nullable in _SORTS[sort.removeprefix("-")]]
+    return [*keys, SortKey(Invoice.id, descending=descending)]
 
 
 @dataclass(frozen=True)
 class InvoiceFilter:
     client_id: uuid.UUID | None = None
-    statuses: tuple[str, ...] = ()
+    statuses: tuple[InvoiceStatus, ...] = ()
     project_id: str | None = None
     number: str | None = None
     due_before: date | None = None
@@ -35,6 +50,12 @@ class InvoiceFilter:
     issued_from: date | None = None
     issued_to: date | None = None
     sent_only: bool = False  # only invoices that have left DRAFT (they carry a number)
+
+    def scope(self, sort: str) -> str:
+        """What a cursor of this list is bound to: the sort and every filter (the caller's scoping
+        included), so a cursor is refused under another sort or filter instead of skipping rows."""
+        values = dataclasses.asdict(self) | {"statuses": sorted(self.statuses), "sort": sort}
+        return "invoices:" + orjson.dumps(values, default=str, option=orjson.OPT_SORT_KEYS).decode()
 
 
 class ClientRepository:
@@ -44,11 +65,14 @@ class ClientRepository:
     async def get(self, client_id: uuid.UUID) -> Client | None:
         return await self.session.get(Client, client_id)
 
-    async def list(self, only: uuid.UUID | None = None, limit: int = 100, offset: int = 0) -> list[Client]:
-        stmt = select(Client).order_by(Client.created_at.desc()).limit(limit).offset(offset)
+    async def page(self, page: PageRequest, only: uuid.UUID | None = None) -> PageResult[Client]:
+        """Newest first. `only`: the one client a client login may see."""
+        stmt = select(Client)
         if only is not None:
             stmt = stmt.where(Client.id == only)
-        return list((await self.session.scalars(stmt)).all())
+        order = [SortKey(Client.created_at, descending=True), SortKey(Client.id, descending=True)]
+        return await paginate(self.session, stmt, order=order, page=page, with_total=True,
+                              scope=f"clients:only={only}")
 
     def add(self, client: Client) -> None:
         self.session.add(client)
@@ -64,8 +88,9 @@ class InvoiceRepository:
     async def get(self, invoice_id: uuid.UUID, *, for_update: bool = False) -> Invoice | None:
         stmt = select(Invoice).where(Invoice.id == invoice_id)
         if for_update:
-            # Lock only the invoice row (the joined client is read, not locked).
-            stmt = stmt.with_for_update(of=Invoice)
+            # Lock only the invoice row (the joined client is read, not locked), and take the row as
+            # it is once the lock is ours: an instance read earlier in this unit of work may be stale.
+            stmt = stmt.with_for_update(of=Invoice).execution_options(populate_existing=True)
         return (await self.session.scalars(stmt)).unique().one_or_none()
 
     def _filtered(self, stmt: Select, f: InvoiceFilter) -> Select:  # type: ignore[type-arg]
@@ -89,14 +114,11 @@ class InvoiceRepository:
             stmt = stmt.where(Invoice.issue_date <= f.issued_to)
         return stmt
 
-    async def search(self, f: InvoiceFilter, *, sort: str, limit: int, offset: int) -> tuple[list[Invoice], int]:
-        descending = sort.startswith("-")
-        column = SORT_COLUMNS[sort.lstrip("-")]
-        order = column.desc().nulls_last() if descending else column.asc().nulls_last()
-        stmt = self._filtered(select(Invoice), f).order_by(order, Invoice.id).limit(limit).offset(offset)
-        rows = list((await self.session.scalars(stmt)).unique().all())
-        total = await self.session.scalar(self._filtered(select(func.count(Invoice.id)), f))
-        return rows, int(total or 0)
+    async def search(self, f: InvoiceFilter, *, sort: str, page: PageRequest) -> PageResult[Invoice]:
+        """One page of the invoices matching `f`, in `sort` order, with the total (the filters are
+        served by the client/created and status/due indexes)."""
+        return await paginate(self.session, self._filtered(select(Invoice), f), order=invoice_order(sort),
+                              page=page, scope=f.scope(sort), with_total=True)
 
     async def next_number(self, year: int) -> int:
         """Take the next number of `year`. The counter row stays locked until this transaction ends,
@@ -113,13 +135,18 @@ class InvoiceRepository:
         assert value is not None
         return value
 
-    async def past_due_ids(self, as_of: date, statuses: tuple[str, ...], limit: int) -> list[uuid.UUID]:
+    async def past_due_ids(
+        self, as_of: date, statuses: Sequence[InvoiceStatus], limit: int, *, skip_locked: bool
+    ) -> list[uuid.UUID]:
+        """Lock and return open invoices due before `as_of`, oldest due date first (always the same
+        order, so two scans that wait for each other's locks cannot deadlock). `skip_locked`: leave
+        rows another transaction holds to it instead of waiting for them."""
         stmt = (
             select(Invoice.id)
             .where(Invoice.status.in_(statuses), Invoice.due_date < as_of)
-            .order_by(Invoice.due_date)
+            .order_by(Invoice.due_date, Invoice.id)
             .limit(limit)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=skip_locked)
         )
         return list((await self.session.scalars(stmt)).all())
 
@@ -132,13 +159,12 @@ class InvoiceRepository:
         )
         return result.first() is not None
 
-    async def payments(self, invoice_id: uuid.UUID) -> list[InvoicePayment]:
-        stmt = (
-            select(InvoicePayment)
-            .where(InvoicePayment.invoice_id == invoice_id)
-            .order_by(InvoicePayment.paid_at, InvoicePayment.id)
-        )
-        return list((await self.session.scalars(stmt)).all())
+    async def payments(self, invoice_id: uuid.UUID, page: PageRequest) -> PageResult[InvoicePayment]:
+        """The invoice's ledger, oldest first."""
+        stmt = select(InvoicePayment).where(InvoicePayment.invoice_id == invoice_id)
+        order = [SortKey(InvoicePayment.paid_at), SortKey(InvoicePayment.id)]
+        return await paginate(self.session, stmt, order=order, page=page, with_total=True,
+                              scope=f"invoice-payments:{invoice_id}")
 
 
 # Key of the transaction-scoped advisory lock that serializes template saves across replicas.

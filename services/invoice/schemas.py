@@ -114,12 +114,25 @@ class InvoiceCreate(InvoiceFields):
 
 
 class InvoiceUpdate(InvoiceFields):
-    """PUT on a draft: fields present replace the stored ones; `items`, when present, replaces all lines."""
+    """`PUT /api/invoices/{id}` on a draft. It accepts the body that created the draft (`clientId`
+    included) and every field of it is optional: a field present replaces the stored value (`null`
+    clears a nullable one), a field omitted keeps the stored value, and `items`, when present,
+    replaces all the lines. `clientId` may name another existing client; the currency then follows
+    the new client unless `currency` is given. A body with no field at all is refused (422)."""
 
+    client_id: uuid.UUID | None = None
     currency: CurrencyCode | None = None
     items: Annotated[list[ItemIn], Field(max_length=1000)] | None = None
 
     _currency = field_validator("currency")(_check_currency)
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_not_null(cls, value: uuid.UUID | None) -> uuid.UUID:
+        # Only reached when the field is given: an invoice always has a client.
+        if value is None:
+            raise ValueError("clientId cannot be null; omit it to keep the client")
+        return value
 
 
 class SendRequest(InputModel):
@@ -165,13 +178,6 @@ class InvoiceOut(ApiModel):
     updated_at: datetime
 
 
-class InvoicePage(ApiModel):
-    items: list[InvoiceOut]
-    total: int
-    page: int
-    page_size: int
-
-
 class PaymentOut(ApiModel):
     payment_id: str
     kind: str
@@ -184,11 +190,13 @@ class PaymentOut(ApiModel):
 
 
 class OverdueScanRequest(InputModel):
-    as_of: date | None = None
+    as_of: date | None = Field(default=None, description="Mark what is past due as of this date (default: today, UTC).")
 
 
 class OverdueScanResult(ApiModel):
-    marked_overdue: int
+    as_of: date = Field(description="The date the scan ran as of.")
+    marked_overdue: int = Field(description="How many invoices this call moved to OVERDUE.")
+    invoice_ids: list[uuid.UUID] = Field(description="The invoices this call moved to OVERDUE, oldest due date first.")
 
 
 SortField = Literal[

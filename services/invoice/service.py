@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import structlog
 
@@ -13,9 +13,11 @@ from contracts.envelope import CloudEvent
 from contracts.invoice import SCHEMA_V1, InvoiceEventType, InvoiceLineV1, InvoiceSnapshotV1
 from contracts.payment import PaymentEventV1
 from kit.actor import Actor
+from kit.clock import utcnow
 from kit.db import UnitOfWork
 from kit.errors import Conflict, InvalidInput, NotFound
 from kit.logging import current_correlation_id
+from kit.pagination import PageRequest, PageResult
 from services.invoice.models import Client, Invoice, InvoiceItem, InvoicePayment
 from services.invoice.money import AmountError, LineInput, compute_totals
 from services.invoice.repository import ClientRepository, InvoiceFilter, InvoiceRepository, TemplateRepository
@@ -25,10 +27,9 @@ from services.invoice.status import OPEN, InvoiceStatus, can_transition
 log = structlog.get_logger(__name__)
 S = InvoiceStatus
 SOURCE = "invoice"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# The open states the overdue scan moves on (OVERDUE itself is open but already there).
+PAST_DUE_CANDIDATES = (S.SENT, S.VIEWED, S.PARTIAL)
+OVERDUE_BATCH = 500
 
 
 def format_number(year: int, seq: int) -> str:
@@ -99,12 +100,12 @@ class InvoiceService:
             raise NotFound(f"Client {client_id} not found.")
         return client
 
-    async def list_clients(self, actor: Actor, limit: int, offset: int) -> list[Client]:
+    async def list_clients(self, actor: Actor, page: PageRequest) -> PageResult[Client]:
         if actor.is_admin:
-            return await self.clients.list(limit=limit, offset=offset)
+            return await self.clients.page(page)
         if actor.client_id is None:  # e.g. an anonymous caller: nobody's clients
-            return []
-        return await self.clients.list(only=uuid.UUID(actor.client_id), limit=limit, offset=offset)
+            return PageResult(items=[], next_cursor=None, has_more=False, total=0)
+        return await self.clients.page(page, only=uuid.UUID(actor.client_id))
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -118,18 +119,25 @@ class InvoiceService:
             raise NotFound(f"Invoice {invoice_id} not found.")
         return invoice
 
-    async def search(
-        self, f: InvoiceFilter, actor: Actor, *, sort: str, page: int, page_size: int
-    ) -> tuple[list[Invoice], int]:
+    async def read(self, invoice_id: uuid.UUID, actor: Actor) -> Invoice:
+        """The invoice as `actor` may see it. A client reading a SENT invoice has opened it (in the
+        portal): it becomes VIEWED, once."""
+        invoice = await self.get_invoice(invoice_id, actor)
+        if actor.role == "client" and invoice.status == S.SENT:
+            # mark_viewed re-reads this same (identity-mapped) instance under a lock and changes it.
+            await self.mark_viewed(invoice_id, cause_id=f"portal:{actor.user_id}")
+        return invoice
+
+    async def search(self, f: InvoiceFilter, actor: Actor, *, sort: str, page: PageRequest) -> PageResult[Invoice]:
         if not actor.is_admin:
             if actor.client_id is None or (f.client_id is not None and str(f.client_id) != actor.client_id):
-                return [], 0
+                return PageResult(items=[], next_cursor=None, has_more=False, total=0)
             f = replace(f, client_id=uuid.UUID(actor.client_id), sent_only=True)
-        return await self.invoices.search(f, sort=sort, limit=page_size, offset=(page - 1) * page_size)
+        return await self.invoices.search(f, sort=sort, page=page)
 
-    async def payments(self, invoice_id: uuid.UUID, actor: Actor) -> list[InvoicePayment]:
+    async def payments(self, invoice_id: uuid.UUID, actor: Actor, page: PageRequest) -> PageResult[InvoicePayment]:
         await self.get_invoice(invoice_id, actor)
-        return await self.invoices.payments(invoice_id)
+        return await self.invoices.payments(invoice_id, page)
 
     # -- drafting --------------------------------------------------------------------------------
 
@@ -155,13 +163,27 @@ class InvoiceService:
         self._emit(invoice, InvoiceEventType.CREATED)
         return invoice
 
-    async def update_invoice(self, invoice_id: uuid.UUID, data: InvoiceUpdate) -> Invoice:
+    async def editable_draft(self, invoice_id: uuid.UUID) -> Invoice:
+        """The draft, locked for an edit; 404 when it does not exist, 409 when it is no longer a
+        draft (asked before the new content is even read: whatever it is, it cannot apply)."""
         invoice = await self.get_invoice(invoice_id, Actor("system"), for_update=True)
         if invoice.status != S.DRAFT:
             raise Conflict(
                 f"Invoice {invoice.invoice_number} is {invoice.status}; only drafts can be edited.",
                 code="invoice_not_editable",
             )
+        return invoice
+
+    async def update_invoice(self, invoice: Invoice, data: InvoiceUpdate) -> Invoice:
+        """Apply a PUT to a draft from `editable_draft` (see InvoiceUpdate for what it replaces)."""
+        if not data.model_fields_set:
+            raise InvalidInput("Nothing to update.")
+        if data.client_id is not None and data.client_id != invoice.client_id:
+            client = await self.clients.get(data.client_id)
+            if client is None:
+                raise InvalidInput(f"Client {data.client_id} does not exist.", details=[{"field": "clientId"}])
+            invoice.client_id, invoice.client = client.id, client
+            invoice.currency = client.currency  # as a new draft for this client would have it
         if data.currency:
             invoice.currency = data.currency
         self._apply_fields(invoice, data)
@@ -169,9 +191,7 @@ class InvoiceService:
             self._replace_items(invoice, data.items)
         else:
             self._recompute(invoice)
-        invoice.version += 1
-        await self.uow.session.flush()
-        self._emit(invoice, InvoiceEventType.UPDATED)
+        await self._change(invoice, InvoiceEventType.UPDATED)
         return invoice
 
     def _apply_fields(self, invoice: Invoice, data: InvoiceFields) -> None:
@@ -257,15 +277,13 @@ class InvoiceService:
                 seq = await self.invoices.next_number(year)
                 invoice.number_year, invoice.number_seq = year, seq
                 invoice.invoice_number = format_number(year, seq)
-            invoice.status = S.SENT
             invoice.sent_at = utcnow()
-            invoice.version += 1
-            await self.uow.session.flush()
-            self._emit(invoice, InvoiceEventType.SENT)
+            await self._change(invoice, InvoiceEventType.SENT, to=S.SENT)
             return invoice
         if resend and invoice.status in OPEN:
+            # No status change, but a new sent_at: a new version, so copies elsewhere take it.
             invoice.sent_at = utcnow()
-            self._emit(invoice, InvoiceEventType.SENT, reason="resent")
+            await self._change(invoice, InvoiceEventType.SENT, reason="resent")
             return invoice
         raise Conflict(
             f"Invoice {invoice.invoice_number} is already {invoice.status}"
@@ -275,10 +293,9 @@ class InvoiceService:
 
     async def cancel(self, invoice_id: uuid.UUID) -> Invoice:
         invoice = await self.get_invoice(invoice_id, Actor("system"), for_update=True)
-        self._transition(invoice, S.CANCELLED)
+        self._check(invoice, S.CANCELLED)  # before touching anything: a refused cancel changes nothing
         invoice.cancelled_at = utcnow()
-        await self.uow.session.flush()
-        self._emit(invoice, InvoiceEventType.CANCELLED)
+        await self._change(invoice, InvoiceEventType.CANCELLED, to=S.CANCELLED)
         return invoice
 
     async def mark_viewed(self, invoice_id: uuid.UUID, *, cause_id: str | None = None) -> bool:
@@ -286,24 +303,31 @@ class InvoiceService:
         invoice = await self.invoices.get(invoice_id, for_update=True)
         if invoice is None or invoice.status != S.SENT:
             return False
-        invoice.status = S.VIEWED
         invoice.viewed_at = utcnow()
-        invoice.version += 1
-        await self.uow.session.flush()
-        self._emit(invoice, InvoiceEventType.VIEWED, cause_id=cause_id)
+        await self._change(invoice, InvoiceEventType.VIEWED, to=S.VIEWED, cause_id=cause_id)
         return True
 
-    async def mark_overdue(self, as_of: date, batch_size: int = 500) -> int:
-        """Move open invoices whose due date is before `as_of` to OVERDUE. Rows are claimed with
-        SKIP LOCKED, so replicas running this together split the work instead of doubling it."""
-        ids = await self.invoices.past_due_ids(as_of, (S.SENT, S.VIEWED, S.PARTIAL), batch_size)
-        for invoice_id in ids:
-            invoice = await self.invoices.get(invoice_id, for_update=True)
-            assert invoice is not None
-            self._transition(invoice, S.OVERDUE)
-            await self.uow.session.flush()
-            self._emit(invoice, InvoiceEventType.OVERDUE, reason="past_due")
-        return len(ids)
+    async def mark_overdue(self, as_of: date, *, wait_for_locked: bool = False,
+                           batch_size: int = OVERDUE_BATCH) -> list[uuid.UUID]:
+        """Move every SENT/VIEWED/PARTIAL invoice due before `as_of` to OVERDUE; the ids it moved.
+
+        This is the one rule for "overdue". By default rows another transaction holds are skipped
+        (SKIP LOCKED), so replicas running the scheduled scan together split the work instead of
+        doubling it. `wait_for_locked=True` waits for them instead, so that once this transaction
+        commits, no invoice open and due before `as_of` is left: each was moved by this call or
+        by the one that held it (which left it OVERDUE, or paid or cancelled it)."""
+        marked: list[uuid.UUID] = []
+        while True:
+            ids = await self.invoices.past_due_ids(as_of, PAST_DUE_CANDIDATES, batch_size,
+                                                   skip_locked=not wait_for_locked)
+            for invoice_id in ids:
+                invoice = await self.invoices.get(invoice_id, for_update=True)
+                assert invoice is not None
+                await self._change(invoice, InvoiceEventType.OVERDUE, to=S.OVERDUE, reason="past_due")
+            marked.extend(ids)
+            # The rows of this batch are OVERDUE now: the next query returns only the rest.
+            if len(ids) < batch_size:
+                return marked
 
     # -- payments (driven by payment.* events) ---------------------------------------------------
 
@@ -336,19 +360,17 @@ class InvoiceService:
             log.info("payment_already_applied", payment_id=payment.payment_id)
             return invoice
         invoice.amount_paid += payment.amount
-        invoice.version += 1
+        target: InvoiceStatus | None
         if invoice.amount_paid >= invoice.total:
-            if invoice.status != S.PAID:
-                self._transition(invoice, S.PAID)
+            target = S.PAID
             invoice.paid_at = invoice.paid_at or paid_at
             event_type = InvoiceEventType.PAID
         else:
-            target = S.OVERDUE if invoice.due_date and invoice.due_date < utcnow().date() else S.PARTIAL
-            if invoice.status != target and invoice.status != S.PAID:
-                self._transition(invoice, target)
+            # PARTIAL, or OVERDUE while past due; a PAID invoice never goes back on a payment.
+            target = None if invoice.status == S.PAID else self._open_status(invoice)
             event_type = InvoiceEventType.PARTIALLY_PAID
-        await self.uow.session.flush()
-        self._emit(invoice, event_type, cause_id=payment.payment_id)
+        await self._change(invoice, event_type, to=None if target == invoice.status else target,
+                           cause_id=payment.payment_id)
         return invoice
 
     async def apply_refund(self, payment: PaymentEventV1) -> Invoice | None:
@@ -370,23 +392,27 @@ class InvoiceService:
         if not added:
             return invoice
         invoice.amount_paid = max(invoice.amount_paid - payment.amount, 0)
-        invoice.version += 1
+        target: InvoiceStatus | None = None
         if invoice.status == S.PAID and invoice.amount_paid < invoice.total:
-            # A refund is new money movement, not a stale event: the invoice is open again.
-            invoice.status = S.PARTIAL if invoice.amount_paid > 0 else S.SENT
+            # A refund is new money movement, not a stale event: the invoice is open again
+            # (PARTIAL while something stays paid), through the refund moves of the status machine.
+            target = self._open_status(invoice)
             invoice.paid_at = None
-        await self.uow.session.flush()
-        self._emit(invoice, InvoiceEventType.UPDATED, cause_id=payment.payment_id, reason="refunded")
+        elif invoice.status == S.PARTIAL and invoice.amount_paid == 0:
+            target = self._open_status(invoice)  # nothing paid any more: SENT, VIEWED or OVERDUE
+        # Always invoice.updated (reason "refunded", cause = the payment): what payments reads to
+        # know the refund is applied, whatever the status became.
+        await self._change(invoice, InvoiceEventType.UPDATED, to=target, refund=True,
+                           cause_id=payment.payment_id, reason="refunded")
         return invoice
 
     async def payment_failed(self, payment: PaymentEventV1) -> Invoice | None:
         """The seed's flow: a failed payment makes the invoice OVERDUE (if it is still open)."""
         invoice = await self._payment_target(payment)
-        if invoice is None or invoice.status not in (S.SENT, S.VIEWED, S.PARTIAL):
+        if invoice is None or invoice.status not in PAST_DUE_CANDIDATES:
             return invoice
-        self._transition(invoice, S.OVERDUE)
-        await self.uow.session.flush()
-        self._emit(invoice, InvoiceEventType.OVERDUE, cause_id=payment.payment_id, reason="payment_failed")
+        await self._change(invoice, InvoiceEventType.OVERDUE, to=S.OVERDUE, cause_id=payment.payment_id,
+                           reason="payment_failed")
         return invoice
 
     async def _payment_target(self, payment: PaymentEventV1) -> Invoice | None:
@@ -401,16 +427,38 @@ class InvoiceService:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _transition(self, invoice: Invoice, target: InvoiceStatus) -> None:
+    def _check(self, invoice: Invoice, target: InvoiceStatus, *, refund: bool = False) -> None:
         current = InvoiceStatus(invoice.status)
-        if not can_transition(current, target):
+        if not can_transition(current, target, refund=refund):
             raise Conflict(
                 f"Invoice cannot go from {current} to {target}.",
                 code="invalid_transition",
                 details={"from": current, "to": target},
             )
-        invoice.status = target
+
+    async def _change(self, invoice: Invoice, event_type: InvoiceEventType, *, to: InvoiceStatus | None = None,
+                      refund: bool = False, cause_id: str | None = None, reason: str | None = None) -> None:
+        """The one way an existing invoice changes: the move to `to` (if any) is checked against the
+        status machine (`refund`: a refund's moves are allowed too), the version goes up by exactly
+        one and the event is staged in the outbox with the new snapshot. Nothing else assigns
+        `status` or `version`."""
+        if to is not None:
+            self._check(invoice, to, refund=refund)
+            invoice.status = to
         invoice.version += 1
+        # Written now (not at commit) so the response built from this instance shows updated_at and
+        # a database refusal surfaces here.
+        await self.uow.session.flush()
+        self._emit(invoice, event_type, cause_id=cause_id, reason=reason)
+
+    def _open_status(self, invoice: Invoice) -> InvoiceStatus:
+        """The open state the invoice is in given what is paid and its dates (after a payment or a
+        refund): OVERDUE past the due date, PARTIAL with something paid, else VIEWED or SENT."""
+        if invoice.due_date and invoice.due_date < utcnow().date():
+            return S.OVERDUE
+        if invoice.amount_paid > 0:
+            return S.PARTIAL
+        return S.VIEWED if invoice.viewed_at else S.SENT
 
     def _emit(self, invoice: Invoice, event_type: InvoiceEventType, *, cause_id: str | None = None,
               reason: str | None = None) -> None:

@@ -23,7 +23,8 @@ from starlette.requests import Request
 
 from kit.actor import Actor
 from kit.db import UnitOfWork
-from kit.errors import AppError, Conflict, InvalidInput
+from kit.errors import AppError, Conflict, InvalidInput, PayloadTooLarge
+from kit.web import receive_body
 from services.invoice.models import Invoice, InvoiceTemplate
 from services.invoice.pdf import LogoError, NormalizedLogo, TemplateSettings, validate_logo
 from services.invoice.pdf.logo import MAX_LOGO_BYTES
@@ -37,8 +38,7 @@ DEFAULT_VERSION = 0
 LOGO_URL = "/api/invoice-template/logo"
 
 
-class LogoTooLarge(AppError):
-    status_code = 413
+class LogoTooLarge(PayloadTooLarge):
     code = "logo_too_large"
 
 
@@ -192,6 +192,8 @@ RAW_LOGO_TYPES = frozenset(
 _EXTENSION_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 # room for the multipart boundaries and part headers around a file at the limit
 MULTIPART_OVERHEAD = 16 * 1024
+# The most a logo upload request may carry (the service's body limit for LOGO_URL).
+LOGO_BODY_LIMIT = MAX_LOGO_BYTES + MULTIPART_OVERHEAD
 
 
 def _too_large() -> LogoTooLarge:
@@ -200,22 +202,12 @@ def _too_large() -> LogoTooLarge:
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes `limit` (declared or actual): never read beyond it."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise _too_large()
-        except ValueError:
-            raise InvalidInput("Invalid Content-Length header.") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large()
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The body, refused as soon as it passes `limit` (declared or actual): never read beyond it.
+    The logo's own 413 (`logo_too_large`), not the generic one."""
+    try:
+        return await receive_body(request.receive, limit=limit, content_length=request.headers.get("content-length"))
+    except PayloadTooLarge as exc:
+        raise _too_large() from exc
 
 
 async def read_logo_upload(request: Request) -> tuple[bytes, str]:

@@ -27,3 +27,22 @@ def test_backward_or_illegal_transitions_refused(current: InvoiceStatus, target:
 
 def test_terminal_states() -> None:
     assert ALLOWED[S.PAID] == frozenset() and ALLOWED[S.CANCELLED] == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [(S.PAID, S.PARTIAL), (S.PAID, S.SENT), (S.PAID, S.VIEWED), (S.PAID, S.OVERDUE),
+     (S.PARTIAL, S.SENT), (S.PARTIAL, S.VIEWED)],
+)
+def test_a_refund_names_its_backward_moves(current: InvoiceStatus, target: InvoiceStatus) -> None:
+    assert can_transition(current, target, refund=True)
+    assert not can_transition(current, target)  # no other cause moves an invoice back
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [(S.CANCELLED, S.SENT), (S.PAID, S.CANCELLED), (S.PARTIAL, S.CANCELLED), (S.DRAFT, S.PARTIAL),
+     (S.OVERDUE, S.SENT), (S.PAID, S.DRAFT)],
+)
+def test_a_refund_opens_no_other_move(current: InvoiceStatus, target: InvoiceStatus) -> None:
+    assert not can_transition(current, target, refund=True)
