@@ -19,6 +19,7 @@ import email
 import email.policy
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
@@ -53,6 +55,7 @@ __all__ = [
     "KafkaServer",
     "PostgresServer",
     "StripeMock",
+    "StripeStandin",
     "MailSink",
     "ServiceProcess",
 ]
@@ -873,6 +876,115 @@ class StripeMock:
         if self._proc.running:
             self._proc.terminate(10)
             _say("stripe-mock stopped")
+
+
+class StripeStandin:
+    """The stateful Stripe stand-in (deploy/stripe_standin, ``python -m deploy.stripe_standin``) on
+    127.0.0.1:``port``, in front of stripe-mock at ``stripe_mock_url``.
+
+    Point the SDK at ``url`` (``StripeClient(key, base_addresses={"api": url})``). Events go to
+    ``webhook_urls`` (changeable at runtime with ``set_webhook_urls``), signed with ``webhook_secret``.
+    The JSON helpers below drive the stand-in's test knobs (``/_standin/...``).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        stripe_mock_url: str,
+        *,
+        webhook_urls: Sequence[str] = (),
+        webhook_secret: str = "whsec_local",
+        public_url: str | None = None,
+        state_file: Path | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.port = port
+        self.stripe_mock_url = stripe_mock_url
+        self.webhook_urls = list(webhook_urls)
+        self.webhook_secret = webhook_secret
+        self.public_url = public_url
+        self.state_file = Path(state_file) if state_file else None
+        self.log_path = Path(log_path) if log_path else RUN_DIR / "logs" / f"stripe-standin-{port}.log"
+        self._proc = _Process("stripe-standin", self.log_path)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc.running
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "deploy.stripe_standin", "--port", str(self.port),
+                "--stripe-mock-url", self.stripe_mock_url, "--webhook-secret", self.webhook_secret]
+        for url in self.webhook_urls:
+            argv += ["--webhook-url", url]
+        if self.public_url:
+            argv += ["--public-url", self.public_url]
+        if self.state_file:
+            argv += ["--state-file", str(self.state_file)]
+        return argv
+
+    def start(self, timeout: float = 30.0) -> None:
+        started = time.monotonic()
+        _require_free(self.port, "stripe stand-in")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
+        self._proc.spawn(self.argv(), env=env, cwd=REPO_ROOT)
+        deadline = started + timeout
+        while not self.healthy():
+            self._proc.check_alive("while starting")
+            if time.monotonic() > deadline:
+                self._proc.terminate(5)
+                raise InfraError(f"stripe stand-in on {self.url} not ready after {timeout}s\n{_tail(self.log_path)}")
+            time.sleep(0.1)
+        _say(f"stripe stand-in ready on {self.url} in {time.monotonic() - started:.1f}s (log {self.log_path})")
+
+    def healthy(self) -> bool:
+        try:
+            with _http.open(f"{self.url}/_standin/health", timeout=2) as response:  # loopback only
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self._proc.running:
+            self._proc.terminate(10)
+            _say("stripe stand-in stopped")
+
+    # test knobs ---------------------------------------------------------------------------------
+    def _json(self, method: str, path: str, body: Mapping[str, Any] | None = None, timeout: float = 30) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with _http.open(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def configure(self, **knobs: Any) -> dict[str, Any]:
+        """``duplicate_deliveries``, ``shuffle``, ``webhook_urls``, ``enabled_events``, ``retry_for_seconds``."""
+        result: dict[str, Any] = self._json("POST", "/_standin/config", knobs)
+        return result
+
+    def set_webhook_urls(self, urls: Sequence[str]) -> None:
+        self.configure(webhook_urls=list(urls))
+
+    def set_card(self, customer_id: str, outcome: str) -> None:
+        """The customer's simulated card: ``succeed``, ``decline`` or ``none``."""
+        self._json("POST", f"/_standin/customers/{customer_id}/card", {"outcome": outcome})
+
+    def events(self, event_type: str | None = None, object_id: str | None = None) -> list[dict[str, Any]]:
+        """What was emitted (oldest first) with each delivery's status."""
+        query = urllib.parse.urlencode({k: v for k, v in {"type": event_type, "object": object_id}.items() if v})
+        result: list[dict[str, Any]] = self._json("GET", f"/_standin/events?{query}")["data"]
+        return result
+
+    def pending_deliveries(self) -> int:
+        return int(self._json("GET", "/_standin/deliveries/pending")["pending"])
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued delivery was delivered (or given up); False on timeout."""
+        return bool(self._json("POST", f"/_standin/flush?timeout={timeout}", {}, timeout=timeout + 5)["drained"])
 
 
 # --------------------------------------------------------------------------------------------------

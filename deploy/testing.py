@@ -8,6 +8,10 @@ unless noted):
   postgres              deploy.infra.PostgresServer in fast mode (fsync off), free port
   database_url_factory  ``database_url_factory("invoice")`` -> URL of a new, uniquely named database
   stripe_mock           deploy.infra.StripeMock (``stripe_mock.url``)
+  stripe_standin        deploy.infra.StripeStandin: the stateful Stripe stand-in in front of stripe_mock
+                        (``.url`` for the SDK; ``set_webhook_urls``, ``set_card``, ``configure``, ``flush``)
+  stripe_webhook_receiver  deploy.stripe_standin.testing.WebhookReceiver: records and verifies webhooks
+  standin_webhooks      (function scope) the receiver, cleared and subscribed to the stand-in
   mail_sink             deploy.infra.MailSink (``messages()``, ``clear()``, ``fail_next(n)``, ...)
   fresh_mail_sink       (function scope) the same sink, cleared before the test
   infra_endpoints       deploy.services.InfraEndpoints: a fresh database per service, free service
@@ -41,6 +45,7 @@ from deploy.infra import (
     MailSink,
     PostgresServer,
     StripeMock,
+    StripeStandin,
     ensure_kafka_jars,
     find_postgres_bin,
     free_port,
@@ -48,6 +53,7 @@ from deploy.infra import (
     make_traversable,
 )
 from deploy.services import SERVICES, InfraEndpoints
+from deploy.stripe_standin.testing import WebhookReceiver
 
 DatabaseUrlFactory = Callable[[str], str]
 S = TypeVar("S")
@@ -210,6 +216,40 @@ def fresh_mail_sink(mail_sink: MailSink) -> MailSink:
     """The session's mail sink, emptied (and failure mode reset) before this test."""
     mail_sink.clear()
     return mail_sink
+
+
+STANDIN_WEBHOOK_SECRET = "whsec_test"  # the same secret infra_endpoints gives the services
+
+
+@pytest.fixture(scope="session")
+def stripe_standin(infra_dir: Path, stripe_mock: StripeMock) -> Iterator[StripeStandin]:
+    """The stateful Stripe stand-in (deploy/stripe_standin) in front of stripe_mock; point the SDK at ``.url``."""
+
+    def make() -> StripeStandin:
+        port = free_port()
+        return StripeStandin(port, stripe_mock.url, webhook_secret=STANDIN_WEBHOOK_SECRET,
+                             log_path=infra_dir / "logs" / f"stripe-standin-{port}.log")
+
+    server = _start_on_free_ports(make, lambda s: s.start())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stripe_webhook_receiver() -> Iterator[WebhookReceiver]:
+    """A local endpoint recording the webhooks it gets, each verified with stripe.Webhook.construct_event."""
+    receiver = WebhookReceiver(STANDIN_WEBHOOK_SECRET)
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def standin_webhooks(stripe_standin: StripeStandin, stripe_webhook_receiver: WebhookReceiver) -> WebhookReceiver:
+    """The receiver, emptied, as the stand-in's only webhook endpoint (delivery knobs reset)."""
+    stripe_standin.configure(webhook_urls=[stripe_webhook_receiver.url], duplicate_deliveries=False, shuffle=False)
+    stripe_webhook_receiver.clear()
+    return stripe_webhook_receiver
 
 
 @pytest.fixture(scope="session")
