@@ -25,8 +25,9 @@ class NotificationsSettings(ServiceSettings):
     # Kafka consumer group shared by all replicas (tests running side by side use their own).
     consumer_group: str = "notifications"
 
-    # Where PDFs come from and where links point.
+    # The invoice service: PDFs, and the OVERDUE status the reminder scan asks for before any overdue notice.
     invoice_url: str = "http://127.0.0.1:8001"
+    invoice_timeout: float = 30.0  # seconds for one mark-overdue call
     # Pixel and tracked links: {public_url}/t/... (the gateway). Falls back to BILLING_GATEWAY_URL.
     public_url: str = Field(
         default="http://127.0.0.1:8000",
@@ -48,7 +49,7 @@ class NotificationsSettings(ServiceSettings):
     delivery_batch_size: int = 50
     delivery_concurrency: int = 4  # SMTP connections per replica
     max_attempts: int = 10  # SMTP attempts before a message is marked failed
-    retry_base_delay: float = 5.0  # backoff: base * 2**(attempt-1), capped, with jitter
+    retry_base_delay: float = 5.0  # backoff (kit.worker.backoff_delay): base * 2**(attempt-1), capped
     retry_max_delay: float = 600.0
     lease_seconds: float = 120.0  # a claimed message not finished by then is retried (crash)
     pdf_max_attempts: int = 6  # PDF fetches before sending without the attachment

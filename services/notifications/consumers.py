@@ -19,6 +19,7 @@ from contracts.notification import NotificationEventV1, NotificationOpenedV1
 from kit.consumer import EventConsumer
 from kit.db import Database
 from services.notifications.config import NotificationsSettings
+from services.notifications.invoices import InvoiceServiceClient
 from services.notifications.service import CONSUMER_NAME, NotificationService
 
 GROUP_ID = "notifications"
@@ -63,5 +64,6 @@ def asyncapi_app() -> FastStream:
     """`faststream docs gen services.notifications.consumers:asyncapi_app --factory`"""
     broker = KafkaBroker("127.0.0.1:9092")
     settings = NotificationsSettings(database_url="postgresql+asyncpg://unused/unused")
-    register_consumers(broker, Database(settings.database_url), NotificationService(settings))
+    service = NotificationService(settings, invoices=InvoiceServiceClient(settings.invoice_url, None))
+    register_consumers(broker, Database(settings.database_url), service)
     return FastStream(broker, specification=AsyncAPI(title="Notifications service", version="1.0.0"))

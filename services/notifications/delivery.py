@@ -3,19 +3,20 @@
 Crash safety: a message is claimed (status 'sending', lease until `next_attempt_at`) in its own
 transaction before anything is sent; its outcome is recorded after. A replica that dies in between
 leaves the lease to expire, and the message is sent again with the same Message-ID. Failures are
-retried with exponential backoff; after `max_attempts` the message is marked failed (and
-notification.failed published), never dropped.
+retried with the platform's backoff (kit.worker.backoff_delay); after `max_attempts` the message is
+marked failed (and notification.failed published), never dropped.
+
+The loop itself is kit's PollingWorker: woken in-process when messages are queued, polling otherwise,
+backing off while the database is down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 import re
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -24,7 +25,9 @@ from sqlalchemy import func
 from contracts import topics
 from contracts.envelope import CloudEvent
 from contracts.notification import SCHEMA_V1, NotificationEventType, NotificationEventV1, NotificationKind
+from kit.clock import utcnow
 from kit.db import Database, UnitOfWork
+from kit.worker import PollingWorker, backoff_delay
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
 from services.notifications.mailer import Attachment, SmtpMailer, SmtpSendError, build_message
@@ -39,13 +42,9 @@ _FROM_EVENT_SNAPSHOT = {NotificationKind.INVOICE_SENT.value, NotificationKind.IN
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Seconds to wait before try `attempt + 1`: base * 2**(attempt-1), capped, +-20% jitter."""
-    delay = min(cap, base * (2 ** max(0, attempt - 1)))
-    return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+class DeliveryWorker(PollingWorker):
+    name = "notification-delivery"
 
-
-class DeliveryWorker:
     def __init__(
         self,
         db: Database,
@@ -54,55 +53,34 @@ class DeliveryWorker:
         pdf: PdfFetcher | None,
         settings: NotificationsSettings | None = None,
     ) -> None:
+        settings = settings or service.settings
+        # One loop claims a batch; its messages go out `delivery_concurrency` at a time (the slots).
+        super().__init__(poll_interval=settings.delivery_poll_interval, batch_size=settings.delivery_batch_size)
         self.db = db
         self.service = service
-        self.settings = settings or service.settings
+        self.settings = settings
         self.mailer = mailer
         self.pdf = pdf
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._slots = asyncio.Semaphore(max(1, self.settings.delivery_concurrency))
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._slots = asyncio.Semaphore(max(1, settings.delivery_concurrency))
 
     # ------------------------------------------------------------------------------------------
     # lifecycle
 
-    def wake(self) -> None:
-        self._wakeup.set()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="notification-delivery")
-
     async def stop(self) -> None:
         """Finish the sends in flight (claims not started yet are released), then stop."""
         self._stopping = True
-        self._wakeup.set()
-        if self._task is not None:
+        if self.running:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=self.settings.smtp_timeout + 5)
-            except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            self._task = None
+                await asyncio.wait_for(self._idle.wait(), timeout=self.settings.smtp_timeout + 5)
+            except TimeoutError:
+                log.warning("delivery_stop_timeout", waited=self.settings.smtp_timeout + 5)
+        await super().stop()
         await self.mailer.close()
         if self.pdf is not None:
             await self.pdf.close()
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            self._wakeup.clear()
-            try:
-                handled = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # DB down and the like: keep going
-                log.warning("delivery_loop_error", error=str(exc))
-                handled = 0
-            if handled >= self.settings.delivery_batch_size:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.settings.delivery_poll_interval)
 
     async def drain(self, max_rounds: int = 10_000) -> int:
         """Deliver everything due now (tests, bench). Returns how many messages were handled."""
@@ -118,24 +96,36 @@ class DeliveryWorker:
     # one round
 
     async def run_once(self) -> int:
+        if self._stopping:
+            return 0
+        self._idle.clear()
+        try:
+            return await self._round()
+        finally:
+            self._idle.set()
+
+    async def _round(self) -> int:
         token = uuid.uuid4()
-        async with self.db.unit_of_work() as uow:
+        async with self.db.transaction() as uow:
             claimed = await repo.claim_batch(
                 uow.session,
                 limit=self.settings.delivery_batch_size,
                 lease=timedelta(seconds=self.settings.lease_seconds),
                 claim_token=token,
             )
-            await uow.commit()
         if not claimed:
             return 0
         claimed_at = time.monotonic()
-        async with self.db.unit_of_work() as uow:
+        async with self.db.transaction() as uow:
             invoices = await repo.get_invoice_infos(uow.session, list({n.invoice_id for n in claimed if n.invoice_id}))
         await asyncio.gather(
             *(self._deliver_guarded(n, token, claimed_at, invoices.get(n.invoice_id or "")) for n in claimed)
         )
         return len(claimed)
+
+    def retry_delay(self, attempt: int, initial: float) -> timedelta:
+        """How long before try `attempt + 1`: the platform's one backoff policy, capped by our settings."""
+        return timedelta(seconds=backoff_delay(attempt, initial=initial, maximum=self.settings.retry_max_delay))
 
     async def _deliver_guarded(
         self, n: Notification, token: uuid.UUID, claimed_at: float, invoice: repo.InvoiceInfo | None
@@ -172,10 +162,10 @@ class DeliveryWorker:
         if not recipient or (n.invoice_id and snapshot is None):
             # A payment event can overtake its invoice's events: wait for the invoice copy a while.
             if n.invoice_id and invoice is None and n.defer_count < s.recipient_wait_attempts:
-                delay = backoff(n.defer_count + 1, s.retry_base_delay, s.retry_max_delay)
+                delay = self.retry_delay(n.defer_count + 1, s.retry_base_delay)
                 return await self._finish(
                     n, token, "deferred", "waiting for the invoice (no copy yet)", status="pending",
-                    defer_count=n.defer_count + 1, next_attempt_at=func.now() + timedelta(seconds=delay),
+                    defer_count=n.defer_count + 1, next_attempt_at=func.now() + delay,
                 )
             return await self._fail(n, token, "no recipient address", attempts=n.attempts)
 
@@ -195,10 +185,10 @@ class DeliveryWorker:
                 except PdfUnavailable as exc:
                     pdf_attempts += 1
                     if pdf_attempts < s.pdf_max_attempts:
-                        delay = backoff(pdf_attempts, s.pdf_retry_base_delay, s.retry_max_delay)
+                        delay = self.retry_delay(pdf_attempts, s.pdf_retry_base_delay)
                         return await self._finish(
                             n, token, "pdf_retry", str(exc), status="pending", pdf_attempts=pdf_attempts,
-                            next_attempt_at=func.now() + timedelta(seconds=delay), last_error=str(exc),
+                            next_attempt_at=func.now() + delay, last_error=str(exc),
                         )
                     log.warning("pdf_missing_sending_without", notification_id=str(n.id), error=str(exc))
                     await self._attempt(n, "pdf_missing", str(exc))
@@ -245,14 +235,14 @@ class DeliveryWorker:
             error = str(exc)
             if attempts >= s.max_attempts:
                 return await self._fail(n, token, error, smtp_code=exc.code, **common)
-            delay = backoff(attempts, s.retry_base_delay, s.retry_max_delay)
+            delay = self.retry_delay(attempts, s.retry_base_delay)
             log.warning("smtp_send_retry", notification_id=str(n.id), attempt=attempts, error=error,
-                        retry_in=round(delay, 1))
+                        retry_in=round(delay.total_seconds(), 1))
             return await self._finish(
                 n, token, "retry", error, smtp_code=exc.code, status="pending", last_error=error,
-                next_attempt_at=func.now() + timedelta(seconds=delay), **common,
+                next_attempt_at=func.now() + delay, **common,
             )
-        now = datetime.now(UTC)
+        now = utcnow()
         await self._finish(
             n, token, "sent", None, status="sent", sent_at=now, claim_token=None,
             event=self._event(n, NotificationEventType.SENT, recipient, content_.subject, attempts,
@@ -274,7 +264,7 @@ class DeliveryWorker:
     async def _fail(
         self, n: Notification, token: uuid.UUID, error: str, smtp_code: int | None = None, **values: Any
     ) -> str:
-        now = datetime.now(UTC)
+        now = utcnow()
         values.setdefault("attempts", n.attempts)
         event = self._event(
             n, NotificationEventType.FAILED, values.get("recipient") or n.recipient or "",
@@ -298,7 +288,7 @@ class DeliveryWorker:
         event: CloudEvent | None = None,
         **values: Any,
     ) -> str:
-        async with self.db.unit_of_work() as uow:
+        async with self.db.transaction() as uow:
             if not await repo.finish_claim(uow.session, n.id, token, **values):
                 log.warning("delivery_lease_lost", notification_id=str(n.id), outcome=outcome)
                 return "lease_lost"
@@ -307,13 +297,11 @@ class DeliveryWorker:
             )
             if event is not None:
                 self._publish(uow, n, event)
-            await uow.commit()
         return outcome
 
     async def _attempt(self, n: Notification, outcome: str, error: str | None) -> None:
-        async with self.db.unit_of_work() as uow:
+        async with self.db.transaction() as uow:
             await repo.add_attempt(uow.session, n.id, n.attempts, outcome, error)
-            await uow.commit()
 
     def _event(
         self,

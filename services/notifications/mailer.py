@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from email.charset import QP, Charset
 from email.header import Header
 from email.message import Message
@@ -18,6 +18,7 @@ from email.utils import format_datetime, formataddr, getaddresses, make_msgid, p
 import aiosmtplib
 import structlog
 
+from kit.clock import utcnow
 from services.notifications.config import NotificationsSettings
 from services.notifications.rendering import RenderedEmail
 
@@ -83,7 +84,7 @@ def build_message(
     msg["To"] = formataddr((name, address), charset="utf-8") if name else address
     msg["Subject"] = _header(content.subject)
     msg["Message-ID"] = message_id
-    msg["Date"] = format_datetime(date or datetime.now(UTC))
+    msg["Date"] = format_datetime(date or utcnow())
     for key, value in (headers or {}).items():
         msg[key] = value
     return msg

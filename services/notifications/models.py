@@ -19,6 +19,7 @@ from sqlalchemy import (
     Boolean,
     Date,
     DateTime,
+    Enum,
     ForeignKey,
     Identity,
     Index,
@@ -32,11 +33,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from contracts.invoice import OPEN_STATUSES, InvoiceStatus
 from kit.db import InboxMixin, OutboxMixin
 
-# Invoice states that still expect money (reminders go out only for these).
-OPEN_STATUSES = ("SENT", "VIEWED", "PARTIAL", "OVERDUE")
-_OPEN_SQL = "status IN ('SENT', 'VIEWED', 'PARTIAL', 'OVERDUE') AND amount_due > 0"
+# Invoice states that still expect money (reminders go out only for these), in the order the
+# migration's partial index lists them: the scan's query repeats this predicate word for word.
+OPEN_ORDER = (InvoiceStatus.SENT, InvoiceStatus.VIEWED, InvoiceStatus.PARTIAL, InvoiceStatus.OVERDUE)
+assert frozenset(OPEN_ORDER) == OPEN_STATUSES
+OPEN_SQL_LIST = ", ".join(f"'{status.value}'" for status in OPEN_ORDER)
+_OPEN_SQL = f"status IN ({OPEN_SQL_LIST}) AND amount_due > 0"
 
 
 class Base(DeclarativeBase):
@@ -63,7 +68,11 @@ class InvoiceCopy(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(12))
+    # VARCHAR(12) holding the enum's value (no database enum type: the migration stays as it is).
+    status: Mapped[InvoiceStatus] = mapped_column(
+        Enum(InvoiceStatus, native_enum=False, create_constraint=False, length=12,
+             values_callable=lambda enum: [member.value for member in enum])
+    )
     invoice_number: Mapped[str | None] = mapped_column(String(30))
     currency: Mapped[str] = mapped_column(String(3))
     client_id: Mapped[str] = mapped_column(String(64))

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, func, select, text, update
+from sqlalchemy import ColumnElement, Row, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from contracts.invoice import InvoiceSnapshotV1
+from contracts.invoice import OPEN_STATUSES, InvoiceSnapshotV1, InvoiceStatus
+from kit.pagination import PageRequest, PageResult, SortKey, paginate
+from kit.replica import upsert_if_newer
 from services.notifications.models import (
-    OPEN_STATUSES,
+    OPEN_SQL_LIST,
     DeliveryAttempt,
     InvoiceCopy,
     Notification,
@@ -26,7 +28,12 @@ from services.notifications.models import (
 
 
 async def upsert_invoice(session: AsyncSession, snap: InvoiceSnapshotV1, raw: dict[str, Any]) -> bool:
-    """Store the snapshot unless a newer version is already there. True when stored (not stale)."""
+    """Keep the copy by the platform's rule (kit.replica: only a strictly newer version is stored).
+
+    True when the snapshot is the copy's state now: stored, or the same version already held (the
+    same state announced again, e.g. an invoice re-sent). False when the copy already holds a newer
+    version: this snapshot arrived late and must not drive anything (no email from the past).
+    """
     values = {
         "id": snap.id,
         "version": snap.version,
@@ -44,14 +51,10 @@ async def upsert_invoice(session: AsyncSession, snap: InvoiceSnapshotV1, raw: di
         "paid_at": snap.paid_at,
         "snapshot": raw,
     }
-    stmt = insert(InvoiceCopy).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[InvoiceCopy.id],
-        set_={**{k: stmt.excluded[k] for k in values if k != "id"}, "updated_at": func.now()},
-        # Equal versions are re-applied (harmless); an older snapshot never overwrites a newer one.
-        where=InvoiceCopy.version <= stmt.excluded.version,
-    ).returning(InvoiceCopy.id)
-    return (await session.execute(stmt)).first() is not None
+    if await upsert_if_newer(session, InvoiceCopy, values):
+        return True
+    held = await session.scalar(select(InvoiceCopy.version).where(InvoiceCopy.id == snap.id))
+    return held == snap.version
 
 
 async def get_invoice(session: AsyncSession, invoice_id: str) -> InvoiceCopy | None:
@@ -63,7 +66,7 @@ class InvoiceInfo:
     """What delivery needs of an invoice copy (a plain value, no ORM state)."""
 
     id: str
-    status: str
+    status: InvoiceStatus
     amount_due: int
     client_email: str | None
     client_name: str | None
@@ -197,11 +200,13 @@ class NotificationFilter:
     created_from: datetime | None = None
     created_to: datetime | None = None
 
+    def scope(self) -> str:
+        """The filters as text: a cursor of one filtered list is refused by another."""
+        return repr(sorted((k, str(v)) for k, v in vars(self).items() if v is not None))
 
-async def list_notifications(
-    session: AsyncSession, f: NotificationFilter, *, limit: int, offset: int
-) -> tuple[list[Notification], int]:
-    conditions = []
+
+def notification_conditions(f: NotificationFilter) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
     if f.invoice_id:
         conditions.append(Notification.invoice_id == f.invoice_id)
     if f.client_id:
@@ -220,16 +225,17 @@ async def list_notifications(
         conditions.append(Notification.created_at >= f.created_from)
     if f.created_to:
         conditions.append(Notification.created_at < f.created_to)
-    where = and_(*conditions) if conditions else None
-    query = select(Notification)
-    count = select(func.count()).select_from(Notification)
-    if where is not None:
-        query = query.where(where)
-        count = count.where(where)
-    query = query.order_by(Notification.created_at.desc(), Notification.id.desc()).limit(limit).offset(offset)
-    items = list((await session.scalars(query)).all())
-    total = int(await session.scalar(count) or 0)
-    return items, total
+    return conditions
+
+
+async def list_notifications(
+    session: AsyncSession, f: NotificationFilter, page: PageRequest, *, with_total: bool = True
+) -> PageResult[Notification]:
+    """The message log, newest first (the id breaks ties), one page after `page.cursor`."""
+    order = [SortKey(Notification.created_at, descending=True), SortKey(Notification.id, descending=True)]
+    stmt = select(Notification).where(*notification_conditions(f))
+    return await paginate(session, stmt, order=order, page=page, scope=f"notifications:{f.scope()}",
+                          with_total=with_total)
 
 
 async def get_notification(session: AsyncSession, notification_id: uuid.UUID) -> Notification | None:
@@ -263,11 +269,13 @@ async def requeue_failed(session: AsyncSession, notification_id: uuid.UUID) -> N
 
 # Open invoices whose due date falls in [lo, hi] (the partial index ix_invoices_open_due), with the
 # reminder each one is due for as of :as_of, minus those already claimed. The predicate on status and
-# amount_due repeats the partial index's own, so the planner can use it.
+# amount_due repeats the partial index's own, so the planner can use it. An overdue notice goes only
+# to an invoice the invoice service says is OVERDUE: its copy says so, or the invoice service has just
+# answered so (:overdue_ids, before its invoice.overdue event has reached the copy).
 _FIND_DUE_SQL = text(
-    """
+    f"""
     WITH c AS (
-        SELECT i.id, i.due_date, i.issue_date,
+        SELECT i.id, i.due_date, i.issue_date, i.status,
                CASE WHEN i.due_date > CAST(:as_of AS date) THEN 'before_due' ELSE 'overdue' END AS kind,
                CASE WHEN i.due_date > CAST(:as_of AS date)
                     THEN (SELECT min(t) FROM unnest(CAST(:days AS integer[])) AS t
@@ -276,7 +284,7 @@ _FIND_DUE_SQL = text(
                                1 + (CAST(:as_of AS date) - i.due_date - 1) / CAST(:repeat AS integer))
                END AS sequence
         FROM invoices i
-        WHERE i.status IN ('SENT', 'VIEWED', 'PARTIAL', 'OVERDUE') AND i.amount_due > 0
+        WHERE i.status IN ({OPEN_SQL_LIST}) AND i.amount_due > 0
           AND i.due_date BETWEEN CAST(:lo AS date) AND CAST(:hi AS date)
           AND i.due_date <> CAST(:as_of AS date)
     )
@@ -284,6 +292,8 @@ _FIND_DUE_SQL = text(
     FROM c
     WHERE c.sequence > 0
       AND (c.kind = 'overdue' OR c.issue_date IS NULL OR c.due_date - c.sequence > c.issue_date)
+      AND (c.kind = 'before_due' OR c.status = '{InvoiceStatus.OVERDUE.value}'
+           OR c.id = ANY(CAST(:overdue_ids AS varchar[])))
       AND NOT EXISTS (SELECT 1 FROM reminders r
                       WHERE r.invoice_id = c.id AND r.kind = c.kind AND r.sequence = c.sequence)
     ORDER BY c.due_date, c.id
@@ -320,6 +330,8 @@ class ReminderWindow:
     days_before: tuple[int, ...]
     repeat: int
     max_notices: int
+    # Invoices the invoice service has just said are OVERDUE (their copies may not know it yet).
+    overdue_ids: frozenset[str] = frozenset()
 
     @property
     def lo(self) -> date:
@@ -337,6 +349,7 @@ class ReminderWindow:
             "max_notices": self.max_notices,
             "lo": self.lo,
             "hi": self.hi,
+            "overdue_ids": sorted(self.overdue_ids),
         }
 
 
@@ -361,17 +374,30 @@ async def claim_reminders(session: AsyncSession, as_of: date, found: Sequence[Ro
     return list(result.all())
 
 
+@dataclass(frozen=True)
+class ReminderListed:
+    reminder: Reminder
+    notification_id: uuid.UUID | None
+    notification_status: str | None
+    sent_at: datetime | None
+
+
 async def list_reminders(
-    session: AsyncSession, *, invoice_id: str | None, limit: int, offset: int
-) -> list[Row[Any]]:
-    stmt = (
-        select(Reminder, Notification.id, Notification.status, Notification.sent_at)
-        .join(Notification, Notification.reminder_id == Reminder.id, isouter=True)
-        .order_by(Reminder.id.desc())
-        .limit(limit)
-        .offset(offset)
-    )
+    session: AsyncSession, *, invoice_id: str | None, page: PageRequest
+) -> PageResult[ReminderListed]:
+    """Claimed reminders, newest first, each with the message it queued (if any)."""
+    stmt = select(Reminder)
     if invoice_id:
         stmt = stmt.where(Reminder.invoice_id == invoice_id)
-    return list((await session.execute(stmt)).all())
-
+    result = await paginate(session, stmt, order=[SortKey(Reminder.id, descending=True)], page=page,
+                            scope=f"reminders:{invoice_id or ''}", with_total=True)
+    reminders: list[Reminder] = result.items
+    messages = {}
+    if reminders:
+        rows = await session.execute(
+            select(Notification.reminder_id, Notification.id, Notification.status, Notification.sent_at)
+            .where(Notification.reminder_id.in_([r.id for r in reminders]))
+        )
+        messages = {row.reminder_id: (row.id, row.status, row.sent_at) for row in rows}
+    items = [ReminderListed(r, *messages.get(r.id, (None, None, None))) for r in reminders]
+    return PageResult(items=items, next_cursor=result.next_cursor, has_more=result.has_more, total=result.total)

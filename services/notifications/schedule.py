@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from datetime import date
 
-OPEN_STATUSES = frozenset({"SENT", "VIEWED", "PARTIAL", "OVERDUE"})
+from contracts.invoice import OPEN_STATUSES, InvoiceStatus
 
 
 def reminder_due(
     as_of: date,
     *,
-    status: str,
+    status: InvoiceStatus,
     amount_due: int,
     due_date: date | None,
     issue_date: date | None,
@@ -29,7 +29,9 @@ def reminder_due(
       falls after the issue date (no "due in 7 days" for an invoice issued 3 days before its due date);
     * on the due date: nothing;
     * after it: notice n = 1 + (days overdue - 1) // repeat, at most `max_notices`, and nothing once
-      the last notice's period has passed (a late scan sends the current notice, not the backlog).
+      the last notice's period has passed (a late scan sends the current notice, not the backlog);
+      and only for an invoice the invoice service says is OVERDUE (`status`: the copy's, or OVERDUE
+      when the invoice service has just answered so): the email never contradicts the invoice.
     """
     if status not in OPEN_STATUSES or amount_due <= 0 or due_date is None:
         return None
@@ -45,6 +47,6 @@ def reminder_due(
     if days_left == 0 or max_notices <= 0:
         return None
     overdue = -days_left
-    if overdue > max_notices * repeat:
+    if overdue > max_notices * repeat or status != InvoiceStatus.OVERDUE:
         return None
     return ("overdue", min(max_notices, 1 + (overdue - 1) // repeat))

@@ -57,13 +57,6 @@ class NotificationDetail(NotificationOut):
     delivery_attempts: list[AttemptOut]
 
 
-class NotificationPage(ApiModel):
-    items: list[NotificationOut]
-    total: int
-    limit: int
-    offset: int
-
-
 class ReminderRunRequest(InputModel):
     as_of: date | None = None
 

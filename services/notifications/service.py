@@ -11,7 +11,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -28,12 +28,15 @@ from contracts.notification import (
     NotificationOpenedV1,
 )
 from contracts.payment import PaymentEventType, PaymentEventV1
+from kit.clock import utcnow
 from kit.consumer import EventHandler
 from kit.db import Database, UnitOfWork
+from kit.errors import Conflict, NotFound
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
+from services.notifications.invoices import OverdueAuthority
 from services.notifications.mailer import new_message_id
-from services.notifications.models import Notification
+from services.notifications.models import DeliveryAttempt, Notification
 from services.notifications.rendering import Renderer, invoice_view, long_date, money
 
 log = structlog.get_logger(__name__)
@@ -103,10 +106,12 @@ class NotificationService:
         settings: NotificationsSettings,
         renderer: Renderer | None = None,
         *,
+        invoices: OverdueAuthority,
         on_new_messages: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.renderer = renderer or Renderer()
+        self.invoices = invoices
         self.on_new_messages = on_new_messages
 
     # ------------------------------------------------------------------------------------------
@@ -167,6 +172,8 @@ class NotificationService:
 
     async def on_invoice_event(self, uow: UnitOfWork, event: CloudEvent) -> None:
         snap = event.data_as(InvoiceSnapshotV1)
+        # `current`: this snapshot is the copy's version (newer, or the same one announced again, as a
+        # re-send is); an older one arrived late and sends nothing.
         current = await repo.upsert_invoice(uow.session, snap, event.data)
         kind = {
             InvoiceEventType.SENT.value: NotificationKind.INVOICE_SENT,
@@ -252,29 +259,55 @@ class NotificationService:
                      notification_id=str(notification_id))
 
     # ------------------------------------------------------------------------------------------
+    # the message log
+
+    async def notification_detail(
+        self, uow: UnitOfWork, notification_id: uuid.UUID
+    ) -> tuple[Notification, list[DeliveryAttempt]]:
+        n = await repo.get_notification(uow.session, notification_id)
+        if n is None:
+            raise NotFound("No such notification.")
+        return n, await repo.list_attempts(uow.session, notification_id)
+
+    async def retry(self, uow: UnitOfWork, notification_id: uuid.UUID) -> Notification:
+        """Queue a failed message again (same Message-ID, attempts counted afresh); only a failed one."""
+        n = await repo.requeue_failed(uow.session, notification_id)
+        if n is None:
+            if await repo.get_notification(uow.session, notification_id) is None:
+                raise NotFound("No such notification.")
+            raise Conflict("Only a failed notification can be retried.")
+        return n
+
+    # ------------------------------------------------------------------------------------------
     # reminders (R1-R4)
 
     def today(self) -> date:
-        return datetime.now(ZoneInfo(self.settings.reminder_timezone)).date()
+        return utcnow().astimezone(ZoneInfo(self.settings.reminder_timezone)).date()
 
-    def window(self, as_of: date) -> repo.ReminderWindow:
+    def window(self, as_of: date, overdue_ids: frozenset[str] = frozenset()) -> repo.ReminderWindow:
         s = self.settings
         return repo.ReminderWindow(
             as_of=as_of,
             days_before=tuple(s.reminder_days_before),
             repeat=s.overdue_repeat_days,
             max_notices=s.overdue_max_notices,
+            overdue_ids=overdue_ids,
         )
 
     async def scan_reminders(self, db: Database, as_of: date | None = None, *, batch_size: int = 1000) -> ScanResult:
         """Claim and queue every reminder due as of `as_of` (today by default). Idempotent.
 
-        Each batch is one transaction: find due reminders, claim them in `reminders` (unique per
+        First the invoice service marks what is past due as of that day: "overdue" is its word, so an
+        overdue notice goes only to an invoice it says is OVERDUE (in this answer, or in the copy once
+        its invoice.overdue event has arrived). Unreachable, the scan fails before queueing anything
+        (`ServiceUnavailable`, a 503 on `POST /api/reminders/run`).
+
+        Then each batch is one transaction: find due reminders, claim them in `reminders` (unique per
         invoice, kind and sequence), queue their messages. Several scans may run at once: each
         reminder is claimed by exactly one, and a crash before commit claims nothing.
         """
         as_of = as_of or self.today()
-        window = self.window(as_of)
+        window = self.window(as_of, await self.invoices.mark_overdue(as_of))
         result = ScanResult(as_of=as_of)
         while True:
             for attempt in range(5):
@@ -299,7 +332,7 @@ class NotificationService:
     async def _scan_batch(
         self, db: Database, window: repo.ReminderWindow, batch_size: int
     ) -> tuple[int, list[dict[str, Any]]]:
-        async with db.unit_of_work() as uow:
+        async with db.transaction() as uow:
             found = await repo.find_due_reminders(uow.session, window, limit=batch_size)
             claimed = await repo.claim_reminders(uow.session, window.as_of, found)
             rows = []
@@ -324,43 +357,38 @@ class NotificationService:
                      "notificationId": str(values["id"])}
                 )
             await repo.insert_notifications(uow.session, rows)
-            await uow.commit()
         return len(found), created
 
     # ------------------------------------------------------------------------------------------
     # open tracking (R5)
 
-    async def record_open(self, db: Database, token: str, via: str = "pixel") -> bool:
-        """First open of a message: record it and publish notification.opened, atomically.
+    async def record_open(self, uow: UnitOfWork, token: str, via: str = "pixel") -> bool:
+        """First open of a message: record it and publish notification.opened, in `uow` (atomically).
 
         False (and nothing recorded) for a malformed or unknown token, or a message opened before.
         """
         if not valid_token(token):
             return False
-        now = datetime.now(UTC)
-        async with db.unit_of_work() as uow:
-            n = await repo.record_open(uow.session, token, via, now)
-            if n is None:
-                return False
-            self.publish_opened(uow, n, now, via)
-            await uow.commit()
+        now = utcnow()
+        n = await repo.record_open(uow.session, token, via, now)
+        if n is None:
+            return False
+        self.publish_opened(uow, n, now, via)
         log.info("notification_opened", notification_id=str(n.id), invoice_id=n.invoice_id, via=via)
         return True
 
-    async def follow_link(self, db: Database, token: str) -> str:
+    async def follow_link(self, uow: UnitOfWork, token: str) -> str:
         """Where a tracked link goes; a click also counts as an open. Bad tokens go to the portal."""
         portal = (self.settings.portal_url or "").rstrip("/")
         if not valid_token(token):
             return portal
-        now = datetime.now(UTC)
-        async with db.unit_of_work() as uow:
-            n = await repo.record_click(uow.session, token, now)
-            if n is None:
-                return portal
-            opened = await repo.record_open(uow.session, token, "link", now)
-            if opened is not None:
-                self.publish_opened(uow, opened, now, "link")
-            await uow.commit()
+        now = utcnow()
+        n = await repo.record_click(uow.session, token, now)
+        if n is None:
+            return portal
+        opened = await repo.record_open(uow.session, token, "link", now)
+        if opened is not None:
+            self.publish_opened(uow, opened, now, "link")
         return self.link_target(n.invoice_id)
 
     def link_target(self, invoice_id: str | None) -> str:

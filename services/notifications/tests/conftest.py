@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import socket
 import threading
 import time
@@ -17,20 +18,24 @@ from typing import Any
 
 import pytest
 import uvicorn
+from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from contracts.envelope import CloudEvent
+from contracts.invoice import InvoiceSnapshotV1, InvoiceStatus
 from deploy.infra import MailSink, free_port
 from deploy.testing import KafkaEventLog as TopicReader
 from deploy.testing import publish_event as publish  # noqa: F401  (re-exported for the tests)
 from kit.db import Database
+from kit.errors import ServiceUnavailable
 from kit.migrations import upgrade_to_head_async
+from services.notifications import repository as repo
 from services.notifications.app import MIGRATIONS
 from services.notifications.config import NotificationsSettings
-from services.notifications.models import InboxEvent, OutboxMessage
+from services.notifications.models import InboxEvent, InvoiceCopy, OutboxMessage
 
 ADMIN = {"X-Actor-Role": "admin", "X-Actor-User-Id": "admin-1"}
 FAKE_PDF = b"%PDF-1.4\n% fake invoice pdf for tests\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
@@ -138,6 +143,50 @@ async def migrated_db(settings: NotificationsSettings, pool_size: int = 5) -> Da
 
 
 # ------------------------------------------------------------------------------------------------
+# the invoice service's word on OVERDUE, in process
+
+
+class OverdueMarker:
+    """`POST /api/invoices/mark-overdue` in process, for tests whose invoice copies are stored directly:
+    those copies stand for the invoice service's invoices.
+
+    A call marks the open invoices past due as of its day that it has not marked yet and answers their
+    ids; their invoice.overdue snapshots (version + 1) reach the copies at the next call, as Kafka would
+    have delivered them in between. `down = True`: the invoice service is unreachable.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.down = False
+        self.calls: list[date] = []
+        self.marked: set[str] = set()
+        self._in_flight: list[dict[str, Any]] = []
+
+    async def mark_overdue(self, as_of: date) -> frozenset[str]:
+        self.calls.append(as_of)
+        if self.down:
+            raise ServiceUnavailable("The invoice service cannot be reached (test).")
+        now_marked: set[str] = set()
+        async with self.db.transaction() as uow:
+            for snap in self._in_flight:
+                await repo.upsert_invoice(uow.session, InvoiceSnapshotV1.model_validate(snap), snap)
+            self._in_flight = []
+            copies = (await uow.session.scalars(select(InvoiceCopy).where(
+                InvoiceCopy.status.in_((InvoiceStatus.SENT, InvoiceStatus.VIEWED, InvoiceStatus.PARTIAL)),
+                InvoiceCopy.due_date < as_of,
+            ))).all()
+            for copy in copies:
+                if copy.id in self.marked:
+                    continue
+                self.marked.add(copy.id)
+                now_marked.add(copy.id)
+                self._in_flight.append(
+                    {**copy.snapshot, "status": InvoiceStatus.OVERDUE.value, "version": copy.version + 1}
+                )
+        return frozenset(now_marked)
+
+
+# ------------------------------------------------------------------------------------------------
 # mail
 
 
@@ -192,13 +241,29 @@ def mailbox(mail_sink: MailSink) -> Mailbox:
 
 
 class FakeInvoiceService:
-    """GET /api/invoices/{id}/pdf -> a PDF, unless the id is in `missing` (404) or `broken` (503)."""
+    """GET /api/invoices/{id}/pdf -> a PDF, unless the id is in `missing` (404) or `broken` (503).
+
+    POST /api/invoices/mark-overdue -> marks (once each) the ids in `past_due` and answers them;
+    `mark_overdue_status` other than 200 answers that status instead.
+    """
 
     def __init__(self) -> None:
         self.port = free_port()
         self.missing: set[str] = set()
         self.broken: set[str] = set()
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.past_due: set[str] = set()
+        self.mark_overdue_status = 200
+        self.mark_overdue_calls: list[tuple[dict[str, Any], dict[str, str]]] = []
+
+        async def mark_overdue_route(request: Request) -> Response:
+            self.mark_overdue_calls.append((await request.json(), dict(request.headers)))
+            if self.mark_overdue_status != 200:
+                return Response(status_code=self.mark_overdue_status)
+            marked, self.past_due = sorted(self.past_due), set()
+            body = {"markedOverdue": len(marked), "invoices": [{"id": i, "status": "OVERDUE"} for i in marked]}
+            return Response(json.dumps(body), media_type="application/json")
+
         async def pdf_route(request: Request) -> Response:
             invoice_id = request.path_params["invoice_id"]
             self.requests.append((invoice_id, dict(request.headers)))
@@ -208,7 +273,10 @@ class FakeInvoiceService:
                 return Response(status_code=503)
             return Response(content=FAKE_PDF, media_type="application/pdf")
 
-        app = Starlette(routes=[Route("/api/invoices/{invoice_id}/pdf", pdf_route)])
+        app = Starlette(routes=[
+            Route("/api/invoices/mark-overdue", mark_overdue_route, methods=["POST"]),
+            Route("/api/invoices/{invoice_id}/pdf", pdf_route),
+        ])
         self._server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         )

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from deploy.infra import MailSink, free_port
 from kit.db import Database
+from kit.pagination import PageRequest
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
 from services.notifications.consumers import NotificationConsumer
@@ -31,6 +32,7 @@ from services.notifications.tests.conftest import (
     FAKE_PDF,
     FakeInvoiceService,
     Mailbox,
+    OverdueMarker,
     invoice_event,
     migrated_db,
     payment_event,
@@ -75,7 +77,7 @@ class Harness:
 
 async def make_harness(settings: NotificationsSettings) -> Harness:
     db = await migrated_db(settings)
-    service = NotificationService(settings)
+    service = NotificationService(settings, invoices=OverdueMarker(db))
     worker = DeliveryWorker(
         db, service, SmtpMailer(settings),
         PdfFetcher(settings.invoice_url, settings.internal_token, timeout=settings.pdf_timeout),
@@ -253,10 +255,10 @@ async def test_a_message_that_keeps_failing_is_marked_failed_visible_and_retryab
         [failed_event] = await h.outbox("notification.failed")
         assert snap["id"].encode() in failed_event
         async with h.db.unit_of_work() as uow:
-            items, total = await repo.list_notifications(
-                uow.session, repo.NotificationFilter(status="failed"), limit=10, offset=0
+            page = await repo.list_notifications(
+                uow.session, repo.NotificationFilter(status="failed"), PageRequest(limit=10)
             )
-            assert total == 1 and items[0].id == n.id
+            assert page.total == 1 and page.items[0].id == n.id
         mailbox.sink.recover()
         async with h.db.unit_of_work() as uow:
             assert await repo.requeue_failed(uow.session, n.id) is not None

@@ -47,7 +47,7 @@ class Replicas:
         async with self.client(0) as http:
             response = await http.get(f"/api/notifications/invoices/{invoice_id}")
             assert response.status_code == 200, response.text
-            return response.json()  # type: ignore[no-any-return]
+            return response.json()["items"]  # type: ignore[no-any-return]
 
     async def wait_log(
         self, invoice_id: str, predicate: Callable[[list[dict[str, Any]]], bool], what: str, timeout: float = 40

@@ -18,7 +18,7 @@ from services.notifications.config import NotificationsSettings
 from services.notifications.consumers import NotificationConsumer
 from services.notifications.models import Notification, Reminder
 from services.notifications.service import CONSUMER_NAME, NotificationService
-from services.notifications.tests.conftest import invoice_event, migrated_db, snapshot
+from services.notifications.tests.conftest import OverdueMarker, invoice_event, migrated_db, snapshot
 
 DUE = date(2026, 3, 31)
 
@@ -43,7 +43,7 @@ async def reminders_of(db: Database, invoice_id: str | None = None) -> list[tupl
 async def setup(make_settings: Callable[..., NotificationsSettings]) -> Any:
     settings = make_settings()
     db = await migrated_db(settings)
-    yield settings, db, NotificationService(settings)
+    yield settings, db, NotificationService(settings, invoices=OverdueMarker(db))
     await db.dispose()
 
 
@@ -137,7 +137,7 @@ async def test_schedule_is_configurable(make_settings: Callable[..., Notificatio
     settings = make_settings(reminder_days_before="14,3", overdue_repeat_days=3, overdue_max_notices=2)
     db = await migrated_db(settings)
     try:
-        svc = NotificationService(settings)
+        svc = NotificationService(settings, invoices=OverdueMarker(db))
         await put_invoices(db, [snapshot(due=DUE, issue=date(2026, 2, 1))])
         seen = []
         day = DUE - timedelta(days=20)
@@ -182,7 +182,7 @@ async def test_concurrent_scans_claim_each_reminder_once(make_settings: Callable
         snaps += [snapshot(due=as_of - timedelta(days=1), issue=date(2026, 3, 1)) for _ in range(700)]
         snaps += [snapshot(due=as_of + timedelta(days=1), issue=date(2026, 4, 1)) for _ in range(600)]
         await put_invoices(dbs[0], snaps)
-        svc = NotificationService(settings)
+        svc = NotificationService(settings, invoices=OverdueMarker(dbs[0]))
         results = await asyncio.gather(*(svc.scan_reminders(db, as_of, batch_size=250) for db in dbs))
         created = [r for result in results for r in result.created]
         assert len(created) == 2000

@@ -11,13 +11,20 @@ from email.message import EmailMessage, Message
 import pytest
 
 from contracts.notification import NotificationKind, NotificationOpenedV1
+from kit.worker import backoff_delay
 from services.notifications.config import NotificationsSettings
-from services.notifications.delivery import backoff
 from services.notifications.mailer import Attachment, build_message, mail_domain, new_message_id
 from services.notifications.rendering import Renderer, long_date, money
 from services.notifications.repository import ReminderWindow
 from services.notifications.service import PIXEL_GIF, NotificationService, new_token, valid_token
 from services.notifications.tests.conftest import FAKE_PDF, snapshot
+
+
+class NeverAsked:
+    """No scan runs here: the invoice service is never asked."""
+
+    async def mark_overdue(self, as_of: date) -> frozenset[str]:
+        raise AssertionError(f"mark_overdue({as_of}) called in a unit test")
 
 
 def settings(**kw: object) -> NotificationsSettings:
@@ -79,7 +86,7 @@ def test_message_ids_use_the_sender_domain() -> None:
 
 
 def _context(kind: str, snap: dict, **context: object) -> dict:
-    svc = NotificationService(settings())
+    svc = NotificationService(settings(), invoices=NeverAsked())
     return svc.email_context(
         kind=kind, token="T" * 32, invoice_id=snap["id"], recipient=snap["clientEmail"],
         recipient_name=snap["clientName"], context=dict(context), invoice_snapshot=snap,
@@ -202,7 +209,7 @@ def test_build_message_without_attachment_and_with_non_ascii() -> None:
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    delays = [backoff(n, 5.0, 600.0) for n in range(1, 12)]
+    delays = [backoff_delay(n, initial=5.0, maximum=600.0) for n in range(1, 12)]  # delivery's retry policy
     assert 4.0 <= delays[0] <= 6.0
     assert 8.0 <= delays[1] <= 12.0
     assert all(d <= 720.0 for d in delays)
