@@ -39,8 +39,8 @@ from contracts.envelope import CloudEvent
 from deploy.infra import ServiceProcess, free_port
 from deploy.services import make_service_process, service_by_name
 from kit.actor import INTERNAL_TOKEN_HEADER, ROLE_HEADER
-from services.payments import stripe_events
 from services.payments.models import InvoiceCopy, Payment
+from services.payments.stripe import testing as stripe_events
 
 AMOUNT = 12_345
 

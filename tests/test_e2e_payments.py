@@ -13,7 +13,7 @@ import httpx
 
 from deploy.infra import ServiceProcess
 from deploy.services import GATEWAY, InfraEndpoints
-from services.payments import stripe_events
+from services.payments.stripe import testing as stripe_events
 from tests.conftest import TopicWatcher, login, wait_until
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from deploy.infra import ServiceProcess
 from deploy.services import GATEWAY, InfraEndpoints
-from services.payments import stripe_events
+from services.payments.stripe import testing as stripe_events
 from tests.conftest import wait_until
 
 try:

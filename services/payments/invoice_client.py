@@ -6,7 +6,8 @@ from typing import Protocol
 
 import httpx
 import structlog
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic.alias_generators import to_camel
 
 from contracts.invoice import InvoiceSnapshotV1
 from kit.actor import INTERNAL_TOKEN_HEADER
@@ -19,6 +20,28 @@ log = structlog.get_logger(__name__)
 class InvoiceServiceUnavailable(AppError):
     status_code = 503
     code = "invoice_service_unavailable"
+
+
+class LedgerEntry(BaseModel):
+    """One row of the invoice's payment ledger (`GET /api/invoices/{id}/payments`): what it applied."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    payment_id: str
+    kind: str = "payment"  # payment | refund
+
+
+class LedgerPage(BaseModel):
+    """The same list in the platform's page shape (`{items, nextCursor, hasMore}`)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    items: list[LedgerEntry]
+    next_cursor: str | None = None
+
+
+_LEDGER = TypeAdapter(list[LedgerEntry] | LedgerPage)
+_MAX_LEDGER_PAGES = 100
 
 
 class InvoiceReader(Protocol):

@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     Date,
     DateTime,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -25,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from contracts.invoice import InvoiceStatus
 from kit.db import InboxMixin, OutboxMixin
 
 
@@ -48,7 +50,8 @@ class InvoiceCopy(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     client_id: Mapped[str] = mapped_column(String(64), index=True)
     invoice_number: Mapped[str | None] = mapped_column(String(20))
-    status: Mapped[str] = mapped_column(String(12))
+    # Read back as the enum (stored as VARCHAR(12), its names: the migration's column, unchanged).
+    status: Mapped[InvoiceStatus] = mapped_column(Enum(InvoiceStatus, native_enum=False, length=12))
     currency: Mapped[str] = mapped_column(String(3))
     total: Mapped[int] = mapped_column(BigInteger)
     amount_paid: Mapped[int] = mapped_column(BigInteger)

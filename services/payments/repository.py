@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.invoice import InvoiceSnapshotV1
+from kit.pagination import PageRequest, PageResult, SortKey, paginate
+from kit.replica import upsert_if_newer
 from services.payments.models import (
     CheckoutSession,
     InvoiceCopy,
@@ -33,6 +35,11 @@ class PaymentFilter:
     methods: tuple[str, ...] = ()
     source: str | None = None
 
+    def scope(self) -> str:
+        """Binds a list cursor to these filters: a cursor of another filter is refused, not misread."""
+        return (f"payments:-createdAt:{self.invoice_id}:{self.client_id}:{','.join(sorted(self.statuses))}:"
+                f"{','.join(sorted(self.methods))}:{self.source}")
+
 
 def _as_uuid(value: str | None) -> uuid.UUID | None:
     if not value:
@@ -51,11 +58,13 @@ class Repository:
     async def get_invoice(self, invoice_id: str, *, for_update: bool = False) -> InvoiceCopy | None:
         stmt = select(InvoiceCopy).where(InvoiceCopy.id == invoice_id)
         if for_update:
-            stmt = stmt.with_for_update()
+            # The locked row's current values, also over a copy this session read before the lock.
+            stmt = stmt.with_for_update().execution_options(populate_existing=True)
         return (await self.session.scalars(stmt)).first()
 
     async def upsert_invoice(self, snap: InvoiceSnapshotV1, *, source: str = "event") -> bool:
-        """Keep the snapshot if it is newer than the copy (or the first one); True when stored."""
+        """Keep the snapshot if it is strictly newer than the copy (or the first one): kit.replica's rule,
+        so an equal version (a redelivery) or an older one (out of order) changes nothing. True when stored."""
         values: dict[str, Any] = {
             "id": snap.id,
             "client_id": snap.client_id,
@@ -71,16 +80,7 @@ class Repository:
             "version": snap.version,
             "source": source,
         }
-        stmt = insert(InvoiceCopy).values(**values)
-        updates = {k: stmt.excluded[k] for k in values if k != "id"}
-        updates["updated_at"] = func.now()
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[InvoiceCopy.id],
-            set_=updates,
-            where=InvoiceCopy.version < stmt.excluded.version,
-        ).returning(InvoiceCopy.id)
-        stored = (await self.session.execute(stmt)).first() is not None
-        return stored
+        return await upsert_if_newer(self.session, InvoiceCopy, values)
 
     async def mark_applied(self, cause_id: str | None, *, refund: bool) -> int:
         """The invoice service reports (via a snapshot's cause_id) that it applied this payment/refund."""
@@ -139,29 +139,22 @@ class Repository:
             stmt = stmt.with_for_update()
         return (await self.session.scalars(stmt)).first()
 
-    async def search_payments(
-        self, f: PaymentFilter, *, page: int, page_size: int
-    ) -> tuple[list[Payment], int]:
-        conds = []
+    async def search_payments(self, f: PaymentFilter, page: PageRequest) -> PageResult[Payment]:
+        """Newest first, one page after `page.cursor`, with the count of all matches (the lists are per
+        invoice or per client, both indexed, so the count is cheap)."""
+        stmt = select(Payment)
         if f.invoice_id:
-            conds.append(Payment.invoice_id == f.invoice_id)
+            stmt = stmt.where(Payment.invoice_id == f.invoice_id)
         if f.client_id:
-            conds.append(Payment.client_id == f.client_id)
+            stmt = stmt.where(Payment.client_id == f.client_id)
         if f.statuses:
-            conds.append(Payment.status.in_(f.statuses))
+            stmt = stmt.where(Payment.status.in_(f.statuses))
         if f.methods:
-            conds.append(Payment.method.in_(f.methods))
+            stmt = stmt.where(Payment.method.in_(f.methods))
         if f.source:
-            conds.append(Payment.source == f.source)
-        where = and_(*conds) if conds else None
-        count_stmt = select(func.count()).select_from(Payment)
-        stmt = select(Payment).order_by(Payment.created_at.desc(), Payment.id)
-        if where is not None:
-            count_stmt = count_stmt.where(where)
-            stmt = stmt.where(where)
-        total = int(await self.session.scalar(count_stmt) or 0)
-        rows = (await self.session.scalars(stmt.limit(page_size).offset((page - 1) * page_size))).all()
-        return list(rows), total
+            stmt = stmt.where(Payment.source == f.source)
+        order = [SortKey(Payment.created_at, descending=True), SortKey(Payment.id)]
+        return await paginate(self.session, stmt, order=order, page=page, scope=f.scope(), with_total=True)
 
     async def refunds_of(self, payment_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Refund]]:
         if not payment_ids:

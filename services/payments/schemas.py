@@ -78,13 +78,6 @@ class PaymentOut(ApiModel):
     updated_at: datetime
 
 
-class PaymentPage(ApiModel):
-    items: list[PaymentOut]
-    total: int
-    page: int
-    page_size: int
-
-
 class CheckoutOut(ApiModel):
     url: str
     session_id: str

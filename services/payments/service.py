@@ -1,4 +1,6 @@
-"""Payments domain logic: Pay Now (Checkout), manual payments, Stripe event handling. No HTTP.
+"""Payments domain logic: Pay Now (Checkout), manual payments, history, and what Stripe's events do to
+payments, checkout sessions and refunds. No HTTP and no Stripe JSON here: Stripe events arrive as
+typed values from services/payments/stripe/handlers.py.
 
 Money rules:
 * A payment is one row per Stripe PaymentIntent (else per Checkout Session), or one per manual
@@ -8,68 +10,102 @@ Money rules:
 * Amounts are recorded exactly as Stripe reports them, never rounded: an underpayment is a partial
   payment, an overpayment is recorded in full, both flagged; a payment in another currency than the
   invoice is recorded, flagged and held (not sent to the invoice service) for a human to resolve.
+* The invoice service is asked over HTTP (its copy may lag, or none exists yet) only before a lock
+  is taken: a slow invoice service must never hold a row of ours locked.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import timedelta
+from typing import Any, NamedTuple
 
 import structlog
 
 from contracts import topics
 from contracts.envelope import CloudEvent
-from contracts.invoice import InvoiceEventType, InvoiceSnapshotV1
+from contracts.invoice import InvoiceEventType, InvoiceSnapshotV1, InvoiceStatus
 from contracts.payment import SCHEMA_V1 as PAYMENT_SCHEMA
 from contracts.payment import PaymentEventType, PaymentEventV1
-from contracts.stripe import SCHEMA_INVOICE_V1, SCHEMA_SUBSCRIPTION_V1
+from contracts.stripe import SCHEMA_INVOICE_V1, SCHEMA_SUBSCRIPTION_V1, StripeInvoiceV1, StripeSubscriptionV1
 from kit.actor import Actor
+from kit.clock import from_unix, utcnow
 from kit.db import UnitOfWork
 from kit.errors import Conflict, InvalidInput, NotFound
 from kit.logging import current_correlation_id
-from services.payments import normalize
+from kit.pagination import PageRequest, PageResult
 from services.payments.config import PaymentsSettings
 from services.payments.invoice_client import InvoiceReader, InvoiceServiceUnavailable
-from services.payments.models import CheckoutSession, InvoiceCopy, Payment, Refund, StripeEvent
+from services.payments.models import CheckoutSession, InvoiceCopy, Payment, Refund
 from services.payments.repository import SETTLED, PaymentFilter, Repository
 from services.payments.schemas import MarkPaidRequest
-from services.payments.stripe_gateway import StripeGateway, StripeUnavailable
+from services.payments.stripe.gateway import StripeGateway, StripeUnavailable
 
 log = structlog.get_logger(__name__)
 SOURCE = "payments"
+UNKNOWN_CURRENCY = "XXX"  # ISO 4217 "no currency": a Stripe payment for an invoice we know nothing of
 
-NOT_PAYABLE = {"DRAFT": "a draft", "PAID": "already paid", "CANCELLED": "cancelled"}
-
-# Stripe event types this service handles (others are acknowledged and ignored).
-CHECKOUT_EVENTS = frozenset({
-    "checkout.session.completed",
-    "checkout.session.async_payment_succeeded",
-    "checkout.session.async_payment_failed",
-    "checkout.session.expired",
-})
-PAYMENT_EVENTS = frozenset({"payment_intent.payment_failed", "charge.refunded"})
-SUBSCRIPTION_EVENTS = frozenset({
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "customer.subscription.trial_will_end",
-})
-STRIPE_INVOICE_EVENTS = frozenset({"invoice.paid", "invoice.payment_failed"})
-HANDLED_EVENTS = CHECKOUT_EVENTS | PAYMENT_EVENTS | SUBSCRIPTION_EVENTS | STRIPE_INVOICE_EVENTS
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def from_unix(value: int | None) -> datetime | None:
-    return datetime.fromtimestamp(int(value), tz=UTC) if value else None
+NOT_PAYABLE: dict[InvoiceStatus, str] = {
+    InvoiceStatus.DRAFT: "a draft",
+    InvoiceStatus.PAID: "already paid",
+    InvoiceStatus.CANCELLED: "cancelled",
+}
 
 
 class RetryLater(Exception):
     """The event cannot be handled yet (e.g. a refund before its payment): try again later."""
+
+
+class Outcome(NamedTuple):
+    """What handling a Stripe event did, stored on its row."""
+
+    status: str  # processed | ignored
+    detail: str
+
+
+def processed(detail: str) -> Outcome:
+    return Outcome("processed", detail)
+
+
+def ignored(detail: str) -> Outcome:
+    return Outcome("ignored", detail)
+
+
+@dataclass(frozen=True)
+class StripeEventRef:
+    """Which Stripe event causes a change: its id, Stripe's timestamp (the order of events) and type."""
+
+    event_id: str
+    created: int
+    type: str
+
+
+@dataclass(frozen=True)
+class StripeCharge:
+    """A Stripe payment attempt for one of our invoices, as a Checkout Session or PaymentIntent tells it."""
+
+    invoice_id: str
+    client_id: str | None
+    amount: int | None  # minor units; None when Stripe did not say
+    currency: str | None  # ISO 4217, upper case
+    method: str
+    session_id: str | None = None
+    payment_intent: str | None = None
+    customer: str | None = None
+
+
+@dataclass(frozen=True)
+class StripeRefund:
+    """A charge's refunds as of an event: Stripe reports the cumulative amount refunded."""
+
+    payment_intent: str | None
+    cumulative: int
+    currency: str | None
+    charge_id: str | None
+    refund_id: str | None
+    for_our_invoice: bool  # metadata.invoice_id is set: the payment will come, retry until it does
 
 
 @dataclass(frozen=True)
@@ -119,26 +155,37 @@ def payment_event(
 
 
 class InvoiceCopies:
-    """The local copy of invoices, with the HTTP fallback for one not seen in an event yet."""
+    """The local copy of invoices (kept from invoice.* events), with the HTTP fallback for one not seen
+    in an event yet and a re-read for one that may lag behind its events.
+
+    Both HTTP reads happen before the caller locks anything (`lock()` comes last): the invoice service
+    may take seconds to answer, and nobody must wait on our rows meanwhile.
+    """
 
     def __init__(self, repo: Repository, reader: InvoiceReader) -> None:
         self.repo = repo
         self.reader = reader
+        self._fetched: set[str] = set()  # read from the invoice service in this unit of work
 
     async def get(self, invoice_id: str, *, for_update: bool = False) -> InvoiceCopy | None:
+        """The copy; when none exists yet, the invoice service is asked (no row is locked then: there is
+        none) and its answer stored. `for_update` locks an existing copy at once."""
         copy = await self.repo.get_invoice(invoice_id, for_update=for_update)
         if copy is not None:
             return copy
         snap = await self.reader.fetch(invoice_id)
         if snap is None:
             return None
+        self._fetched.add(invoice_id)
         await self.repo.upsert_invoice(snap, source="http")
         return await self.repo.get_invoice(invoice_id, for_update=for_update)
 
     async def refresh(self, copy: InvoiceCopy) -> InvoiceCopy:
         """Re-read the invoice (and which of our payments its ledger holds) from the invoice service when
         the copy may lag behind its events, say the invoice.sent event is still on its way. Used before
-        refusing something; if the invoice service cannot answer, the copy stands."""
+        refusing something, and before any lock; if the invoice service cannot answer, the copy stands."""
+        if copy.id in self._fetched:
+            return copy  # just read from the invoice service: nothing fresher to ask for
         try:
             # The ledger first: a payment applied in between then shows in amountPaid and still counts
             # as pending here, which errs towards refusing, never towards an overpayment.
@@ -157,6 +204,12 @@ class InvoiceCopies:
         log.info("invoice_copy_refreshed", invoice_id=copy.id, version=copy.version, status=copy.status)
         return copy
 
+    async def lock(self, copy: InvoiceCopy) -> InvoiceCopy:
+        """Lock the copy's row (FOR UPDATE) and re-read it: what is decided next holds until commit."""
+        locked = await self.repo.get_invoice(copy.id, for_update=True)
+        assert locked is not None  # copies are never deleted
+        return locked
+
     async def outstanding(self, copy: InvoiceCopy) -> int:
         return copy.total - copy.amount_paid - await self.repo.unapplied_net(copy.id)
 
@@ -174,7 +227,7 @@ async def apply_invoice_snapshot(uow: UnitOfWork, event_type: str, snap: Invoice
 
 
 class PaymentsService:
-    """What the HTTP API does: Pay Now, manual payments, history."""
+    """What the HTTP API does: Pay Now, manual payments, history. Runs in the request's unit of work."""
 
     def __init__(
         self,
@@ -189,15 +242,21 @@ class PaymentsService:
         self.repo = Repository(uow.session)
         self.copies = InvoiceCopies(self.repo, invoices)
 
+    async def _refresh_if(self, copy: InvoiceCopy, doubt: Callable[[InvoiceCopy], Awaitable[bool]]) -> InvoiceCopy:
+        return await self.copies.refresh(copy) if await doubt(copy) else copy
+
     # -- Pay Now ---------------------------------------------------------------------------------
     async def checkout(self, invoice_id: str, actor: Actor) -> tuple[CheckoutSession, bool]:
         """A Checkout Session for what is due; (session, reused). A repeat while one is open gets it back."""
-        await self.repo.lock_invoice_key(invoice_id)
+        # The invoice service first (HTTP, no lock held yet), then the lock.
         copy = await self.copies.get(invoice_id)
         if copy is None or not actor.can_see_client(copy.client_id):
             raise NotFound(f"Invoice {invoice_id} not found.")
-        if copy.status in NOT_PAYABLE or await self.copies.outstanding(copy) <= 0:
-            copy = await self.copies.refresh(copy)
+        copy = await self._refresh_if(copy, self._nothing_to_pay)
+        # One checkout of an invoice at a time (a double click gets the same session), without
+        # locking the copy's row: the Stripe calls below take a while.
+        await self.repo.lock_invoice_key(invoice_id)
+        await self.repo.session.refresh(copy)  # what the invoice.* consumer stored meanwhile
         if copy.status in NOT_PAYABLE:
             raise Conflict(
                 f"Invoice {copy.invoice_number or invoice_id} is {NOT_PAYABLE[copy.status]} and cannot be paid online.",
@@ -251,20 +310,19 @@ class PaymentsService:
         if self.settings.payment_methods:
             params["payment_method_types"] = list(self.settings.payment_methods)
         session = await self.stripe.create_checkout_session(params, idempotency_key=idempotency_key)
-        session_id = session.get("id")
-        if not session_id:
+        if not session.id:
             raise StripeUnavailable("Stripe returned a checkout session without an id.")
         stand_in = self.settings.stand_in_checkout
         if stand_in:
-            url = f"{self.settings.public_url.rstrip('/')}/portal/checkout/{session_id}"
+            url = f"{self.settings.public_url.rstrip('/')}/portal/checkout/{session.id}"
         else:
-            url = session.get("url") or ""
+            url = session.url or ""
             if not url:
                 raise StripeUnavailable("Stripe returned a checkout session without a URL.")
-        returned_expiry = from_unix(session.get("expires_at"))
+        returned_expiry = session.expires_at
         row = await self.repo.add_session(
             {
-                "id": session_id,
+                "id": session.id,
                 "invoice_id": invoice_id,
                 "client_id": copy.client_id,
                 "amount": due,
@@ -272,7 +330,7 @@ class PaymentsService:
                 "status": "open",
                 "payment_status": "unpaid",
                 "url": url,
-                "success_url": success_url.replace("{CHECKOUT_SESSION_ID}", session_id),
+                "success_url": success_url.replace("{CHECKOUT_SESSION_ID}", session.id),
                 "cancel_url": cancel_url,
                 "idempotency_key": idempotency_key,
                 "invoice_version": copy.version,
@@ -281,9 +339,12 @@ class PaymentsService:
                 "expires_at": returned_expiry if returned_expiry and returned_expiry > now else expires_at,
             }
         )
-        log.info("checkout_session_created", invoice_id=invoice_id, session_id=session_id, amount=due,
+        log.info("checkout_session_created", invoice_id=invoice_id, session_id=session.id, amount=due,
                  currency=copy.currency, stand_in=stand_in)
         return row, False
+
+    async def _nothing_to_pay(self, copy: InvoiceCopy) -> bool:
+        return copy.status in NOT_PAYABLE or await self.copies.outstanding(copy) <= 0
 
     async def _customer(self, copy: InvoiceCopy) -> str | None:
         existing = await self.repo.get_customer(copy.client_id)
@@ -295,9 +356,9 @@ class PaymentsService:
         if copy.client_name:
             params["name"] = copy.client_name
         customer = await self.stripe.create_customer(params, idempotency_key=f"customer:{copy.client_id}")
-        if not customer.get("id"):
+        if not customer.id:
             return None
-        row = await self.repo.add_customer(copy.client_id, customer["id"], copy.client_email)
+        row = await self.repo.add_customer(copy.client_id, customer.id, copy.client_email)
         return row.stripe_customer_id
 
     async def checkout_status(self, session_id: str, actor: Actor) -> tuple[CheckoutSession, str, Payment | None]:
@@ -319,11 +380,17 @@ class PaymentsService:
 
     # -- manual payments -------------------------------------------------------------------------
     async def mark_paid(self, invoice_id: str, body: MarkPaidRequest, actor: Actor) -> Payment:
-        copy = await self.copies.get(invoice_id, for_update=True)
+        # The invoice service first (HTTP: the copy when none exists yet, a re-read when the copy may be
+        # behind and we would refuse), then the row lock, then the decision on the locked row.
+        copy = await self.copies.get(invoice_id)
         if copy is None:
             raise NotFound(f"Invoice {invoice_id} not found.")
-        if copy.status in NOT_PAYABLE or body.amount > await self.copies.outstanding(copy):
-            copy = await self.copies.refresh(copy)
+
+        async def would_refuse(c: InvoiceCopy) -> bool:
+            return c.status in NOT_PAYABLE or body.amount > await self.copies.outstanding(c)
+
+        copy = await self._refresh_if(copy, would_refuse)
+        copy = await self.copies.lock(copy)  # concurrent records of one invoice queue here: never an overpayment
         if copy.status in NOT_PAYABLE:
             raise Conflict(
                 f"Invoice {copy.invoice_number or invoice_id} is {NOT_PAYABLE[copy.status]}; "
@@ -375,8 +442,8 @@ class PaymentsService:
 
     # -- history ---------------------------------------------------------------------------------
     async def search(
-        self, f: PaymentFilter, actor: Actor, *, page: int, page_size: int
-    ) -> tuple[list[Payment], dict[uuid.UUID, list[Refund]], int]:
+        self, f: PaymentFilter, actor: Actor, page: PageRequest
+    ) -> tuple[PageResult[Payment], dict[uuid.UUID, list[Refund]]]:
         if not actor.is_admin:
             if f.client_id and f.client_id != actor.client_id:
                 raise NotFound(f"Client {f.client_id} not found.")
@@ -386,9 +453,9 @@ class PaymentsService:
                     raise NotFound(f"Invoice {f.invoice_id} not found.")
             f = PaymentFilter(invoice_id=f.invoice_id, client_id=actor.client_id, statuses=f.statuses,
                               methods=f.methods, source=f.source)
-        rows, total = await self.repo.search_payments(f, page=page, page_size=page_size)
-        refunds = await self.repo.refunds_of([p.id for p in rows])
-        return rows, refunds, total
+        result = await self.repo.search_payments(f, page)
+        refunds = await self.repo.refunds_of([p.id for p in result.items])
+        return result, refunds
 
     async def get(self, payment_id: uuid.UUID, actor: Actor) -> tuple[Payment, list[Refund]]:
         payment = await self.repo.get_payment(payment_id)
@@ -398,148 +465,131 @@ class PaymentsService:
         return payment, refunds.get(payment.id, [])
 
 
-class StripeEventProcessor:
-    """Turns one stored Stripe event into its effects (payments, outbox events), in the caller's
-    transaction. Returns a short outcome for the event row; raises RetryLater to try again later."""
+class StripePayments:
+    """What Stripe's events do here: payments, checkout sessions, refunds, and the normalized stripe.*
+    events for other services. Runs in the webhook worker's transaction; each method returns the
+    outcome stored on the event row, or raises RetryLater."""
 
     def __init__(self, uow: UnitOfWork, invoices: InvoiceReader) -> None:
         self.uow = uow
         self.repo = Repository(uow.session)
         self.copies = InvoiceCopies(self.repo, invoices)
 
-    async def process(self, row: StripeEvent, event: dict[str, Any]) -> tuple[str, str]:
-        """(status, outcome) with status "processed" or "ignored"."""
-        etype = event.get("type", "")
-        obj = (event.get("data") or {}).get("object") or {}
-        ctx = _Ctx(event_id=row.id, created=int(event.get("created") or row.created), type=etype)
-        if etype in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
-            return await self._session_paid_or_pending(ctx, obj)
-        if etype == "checkout.session.async_payment_failed":
-            return await self._session_failed(ctx, obj)
-        if etype == "checkout.session.expired":
-            return await self._session_expired(ctx, obj)
-        if etype == "payment_intent.payment_failed":
-            return await self._intent_failed(ctx, obj)
-        if etype == "charge.refunded":
-            return await self._charge_refunded(ctx, obj)
-        if etype in SUBSCRIPTION_EVENTS:
-            return await self._republish_subscription(ctx, event)
-        if etype in STRIPE_INVOICE_EVENTS:
-            return await self._republish_invoice(ctx, event)
-        return "ignored", f"event type {etype} is not handled"
-
     # -- Checkout ----------------------------------------------------------------------------------
-    async def _session_paid_or_pending(self, ctx: _Ctx, obj: dict[str, Any]) -> tuple[str, str]:
-        if obj.get("mode") not in (None, "payment"):
-            return "ignored", (f"checkout session in {obj.get('mode')} mode "
-                               "(subscriptions arrive as customer.subscription.*)")
-        invoice_id = _invoice_id(obj)
-        if not invoice_id:
-            return "ignored", "checkout session for no invoice of ours"
-        session_id = obj.get("id")
-        pi = normalize.ref_id(obj.get("payment_intent"))
-        session_row = await self._touch_session(ctx, session_id, status="complete", payment_intent=pi,
-                                                payment_status=obj.get("payment_status"))
-        paid = ctx.type == "checkout.session.async_payment_succeeded" or obj.get("payment_status") in (
-            "paid", "no_payment_required")
+    async def checkout_completed(
+        self, ref: StripeEventRef, charge: StripeCharge, *, payment_status: str | None, paid: bool
+    ) -> Outcome:
+        """A session completed: paid now (card), or pending an asynchronous method's result."""
+        session_row = await self._touch_session(ref, charge, payment_status=payment_status)
         if not paid:
-            return await self._payment_pending(ctx, obj, invoice_id, session_id, pi)
-        return await self._settle(
-            ctx,
-            invoice_id=invoice_id,
-            client_id=(obj.get("metadata") or {}).get("client_id") or (session_row.client_id if session_row else None),
-            amount=obj.get("amount_total"),
-            currency=obj.get("currency"),
-            session_id=session_id,
-            payment_intent=pi,
-            customer=normalize.ref_id(obj.get("customer")),
-            method=_method(obj.get("payment_method_types")),
-            session_row=session_row,
-        )
+            return await self._payment_pending(ref, charge)
+        return await self._settle(ref, charge, session_row)
 
-    async def _payment_pending(
-        self, ctx: _Ctx, obj: dict[str, Any], invoice_id: str, session_id: str | None, pi: str | None
-    ) -> tuple[str, str]:
-        payment = await self.repo.find_stripe_payment(payment_intent=pi, session_id=session_id, for_update=True)
+    async def checkout_failed(self, ref: StripeEventRef, charge: StripeCharge) -> Outcome:
+        await self._touch_session(ref, charge, payment_status="unpaid")
+        return await self.payment_failed(ref, charge, code="async_payment_failed",
+                                         message="The payment could not be completed.")
+
+    async def checkout_expired(self, ref: StripeEventRef, session_id: str) -> Outcome:
+        row = await self.repo.get_session(session_id, for_update=True)
+        if row is None:
+            return ignored("expired checkout session unknown here")
+        if row.status != "open":
+            return ignored(f"stale: session already {row.status}")
+        row.status = "expired"
+        row.last_event_created = max(row.last_event_created, ref.created)
+        return processed(f"checkout session {session_id} expired")
+
+    async def _touch_session(
+        self, ref: StripeEventRef, charge: StripeCharge, *, payment_status: str | None
+    ) -> CheckoutSession | None:
+        if not charge.session_id:
+            return None
+        row = await self.repo.get_session(charge.session_id, for_update=True)
+        if row is None:
+            return None
+        if charge.payment_intent and not row.stripe_payment_intent_id:
+            row.stripe_payment_intent_id = charge.payment_intent
+        # complete is final for a session: an older "expired" never comes after it.
+        row.status = "complete"
+        if payment_status and row.payment_status != "paid":
+            row.payment_status = payment_status
+        row.last_event_created = max(row.last_event_created, ref.created)
+        return row
+
+    async def _payment_pending(self, ref: StripeEventRef, charge: StripeCharge) -> Outcome:
+        copy = await self.copies.get(charge.invoice_id)  # may ask the invoice service: before the lock below
+        payment = await self.repo.find_stripe_payment(payment_intent=charge.payment_intent,
+                                                      session_id=charge.session_id, for_update=True)
         if payment is not None:
-            return "processed", f"payment {payment.id} already {payment.status}; nothing to do for an unpaid completion"
-        copy = await self.copies.get(invoice_id)
+            return processed(f"payment {payment.id} already {payment.status}; nothing to do for an unpaid completion")
         payment = Payment(
             id=uuid.uuid4(),
-            invoice_id=invoice_id,
-            client_id=(obj.get("metadata") or {}).get("client_id") or (copy.client_id if copy else None),
-            amount=int(obj.get("amount_total") or 0),
-            currency=(obj.get("currency") or "").upper() or (copy.currency if copy else "XXX"),
-            method=_method(obj.get("payment_method_types")),
+            invoice_id=charge.invoice_id,
+            client_id=charge.client_id or (copy.client_id if copy else None),
+            amount=charge.amount or 0,
+            currency=charge.currency or (copy.currency if copy else UNKNOWN_CURRENCY),
+            method=charge.method,
             source="stripe",
             status="pending",
             amount_refunded=0,
             flags=[],
             held=False,
-            stripe_checkout_session_id=session_id,
-            stripe_payment_intent_id=pi,
-            stripe_customer_id=normalize.ref_id(obj.get("customer")),
-            last_stripe_event_id=ctx.event_id,
-            last_stripe_event_created=ctx.created,
+            stripe_checkout_session_id=charge.session_id,
+            stripe_payment_intent_id=charge.payment_intent,
+            stripe_customer_id=charge.customer,
+            last_stripe_event_id=ref.event_id,
+            last_stripe_event_created=ref.created,
         )
         self.uow.session.add(payment)
         await self.uow.session.flush()
-        return "processed", f"payment {payment.id} pending (asynchronous payment method)"
+        return processed(f"payment {payment.id} pending (asynchronous payment method)")
 
-    async def _settle(
-        self,
-        ctx: _Ctx,
-        *,
-        invoice_id: str,
-        client_id: str | None,
-        amount: Any,
-        currency: Any,
-        session_id: str | None,
-        payment_intent: str | None,
-        customer: str | None,
-        method: str,
-        session_row: CheckoutSession | None,
-    ) -> tuple[str, str]:
+    async def _settle(self, ref: StripeEventRef, charge: StripeCharge, session_row: CheckoutSession | None) -> Outcome:
+        # The copy first (locked; when none exists the invoice service is asked before any lock of ours
+        # for this event), then the payment: every path locks copy before payment.
+        copy = await self.copies.get(charge.invoice_id, for_update=True)
         payment = await self.repo.find_stripe_payment(
-            payment_intent=payment_intent, session_id=session_id, for_update=True
+            payment_intent=charge.payment_intent, session_id=charge.session_id, for_update=True
         )
         if payment is not None and payment.status in SETTLED:
-            return "processed", f"duplicate: payment {payment.id} already {payment.status}"
-        copy = await self.copies.get(invoice_id, for_update=True)
-        amount_int = int(amount or 0)
-        currency_code = (str(currency or "")).upper() or (copy.currency if copy else "XXX")
-        verdict = await self._assess(copy, amount_int, currency_code, session_row)
+            return processed(f"duplicate: payment {payment.id} already {payment.status}")
+        amount = charge.amount or 0
+        currency = charge.currency or (copy.currency if copy else UNKNOWN_CURRENCY)
+        verdict = await self._assess(copy, amount, currency, session_row)
         if payment is None:
-            payment = Payment(id=uuid.uuid4(), invoice_id=invoice_id, source="stripe", amount_refunded=0)
+            payment = Payment(id=uuid.uuid4(), invoice_id=charge.invoice_id, source="stripe", amount_refunded=0)
             self.uow.session.add(payment)
-        payment.client_id = client_id or (copy.client_id if copy else None)
-        payment.amount = amount_int
-        payment.currency = currency_code
-        payment.method = method
+        payment.client_id = (charge.client_id or (session_row.client_id if session_row else None)
+                             or (copy.client_id if copy else None))
+        payment.amount = amount
+        payment.currency = currency
+        payment.method = charge.method
         payment.status = "succeeded"
-        payment.paid_at = from_unix(ctx.created) or utcnow()
+        payment.paid_at = from_unix(ref.created) or utcnow()
         payment.failure_code = None
         payment.failure_message = None
         payment.flags = verdict.flags
         payment.held = verdict.held
-        payment.stripe_checkout_session_id = session_id or payment.stripe_checkout_session_id
-        payment.stripe_payment_intent_id = payment_intent or payment.stripe_payment_intent_id
-        payment.stripe_customer_id = customer or payment.stripe_customer_id
-        payment.last_stripe_event_id = ctx.event_id
-        payment.last_stripe_event_created = ctx.created
+        payment.stripe_checkout_session_id = charge.session_id or payment.stripe_checkout_session_id
+        payment.stripe_payment_intent_id = charge.payment_intent or payment.stripe_payment_intent_id
+        payment.stripe_customer_id = charge.customer or payment.stripe_customer_id
+        payment.last_stripe_event_id = ref.event_id
+        payment.last_stripe_event_created = ref.created
         await self.uow.session.flush()
         if verdict.held:
-            log.warning("stripe_payment_held", payment_id=str(payment.id), invoice_id=invoice_id, flags=verdict.flags)
-            return "processed", f"payment {payment.id} recorded and HELD for review: {', '.join(verdict.flags)}"
+            log.warning("stripe_payment_held", payment_id=str(payment.id), invoice_id=charge.invoice_id,
+                        flags=verdict.flags)
+            return processed(f"payment {payment.id} recorded and HELD for review: {', '.join(verdict.flags)}")
         self.uow.publish(
-            payment_event(payment, PaymentEventType.SUCCEEDED, stripe_event_id=ctx.event_id),
-            topic=topics.PAYMENT, key=invoice_id,
+            payment_event(payment, PaymentEventType.SUCCEEDED, stripe_event_id=ref.event_id),
+            topic=topics.PAYMENT, key=charge.invoice_id,
         )
         if verdict.flags:
-            log.warning("stripe_payment_flagged", payment_id=str(payment.id), invoice_id=invoice_id,
-                        flags=verdict.flags, amount=amount_int, amount_due=verdict.amount_due)
+            log.warning("stripe_payment_flagged", payment_id=str(payment.id), invoice_id=charge.invoice_id,
+                        flags=verdict.flags, amount=amount, amount_due=verdict.amount_due)
         extra = f" (flags: {', '.join(verdict.flags)})" if verdict.flags else ""
-        return "processed", f"payment {payment.id} succeeded: {amount_int} {currency_code}{extra}"
+        return processed(f"payment {payment.id} succeeded: {amount} {currency}{extra}")
 
     async def _assess(
         self, copy: InvoiceCopy | None, amount: int, currency: str, session_row: CheckoutSession | None
@@ -552,9 +602,9 @@ class StripeEventProcessor:
         if currency != copy.currency:
             return Assessment(flags=[*flags, "currency_mismatch"], held=True, amount_due=None)
         due = await self.copies.outstanding(copy)
-        if copy.status == "CANCELLED":
+        if copy.status == InvoiceStatus.CANCELLED:
             flags.append("invoice_cancelled")
-        elif copy.status == "PAID" or due <= 0:
+        elif copy.status == InvoiceStatus.PAID or due <= 0:
             flags.append("invoice_already_paid")
         if amount < due:
             flags.append("underpayment")
@@ -562,195 +612,109 @@ class StripeEventProcessor:
             flags.append("overpayment")
         return Assessment(flags=flags, held=False, amount_due=due)
 
-    async def _session_failed(self, ctx: _Ctx, obj: dict[str, Any]) -> tuple[str, str]:
-        invoice_id = _invoice_id(obj)
-        if not invoice_id or obj.get("mode") not in (None, "payment"):
-            return "ignored", "checkout session for no invoice of ours"
-        session_id = obj.get("id")
-        pi = normalize.ref_id(obj.get("payment_intent"))
-        await self._touch_session(ctx, session_id, status="complete", payment_intent=pi, payment_status="unpaid")
-        return await self._fail(
-            ctx, invoice_id=invoice_id, client_id=(obj.get("metadata") or {}).get("client_id"),
-            amount=obj.get("amount_total"), currency=obj.get("currency"), session_id=session_id,
-            payment_intent=pi, code="async_payment_failed",
-            message="The payment could not be completed.", method=_method(obj.get("payment_method_types")),
-        )
+    # -- failures ----------------------------------------------------------------------------------
+    async def invoice_of_payment_intent(self, payment_intent: str) -> str | None:
+        """Our invoice of a PaymentIntent that carries no metadata: through its session or payment."""
+        session_row = await self.repo.session_for_intent(payment_intent)
+        if session_row is not None:
+            return session_row.invoice_id
+        payment = await self.repo.find_stripe_payment(payment_intent=payment_intent, session_id=None)
+        return payment.invoice_id if payment is not None else None
 
-    async def _intent_failed(self, ctx: _Ctx, obj: dict[str, Any]) -> tuple[str, str]:
-        pi = obj.get("id")
-        metadata = obj.get("metadata") or {}
-        invoice_id = metadata.get("invoice_id")
-        session_row = None
-        if not invoice_id and pi:
-            session_row = await self.repo.session_for_intent(pi)
-            payment = await self.repo.find_stripe_payment(payment_intent=pi, session_id=None)
-            invoice_id = (session_row.invoice_id if session_row else None) or (payment.invoice_id if payment else None)
-        if not invoice_id:
-            return "ignored", "payment intent for no invoice of ours"
-        error = obj.get("last_payment_error") or {}
-        return await self._fail(
-            ctx, invoice_id=invoice_id, client_id=metadata.get("client_id"), amount=obj.get("amount"),
-            currency=obj.get("currency"), session_id=None, payment_intent=pi,
-            code=error.get("decline_code") or error.get("code") or "payment_failed",
-            message=error.get("message") or "The payment failed.",
-            method=_method(obj.get("payment_method_types")),
-        )
-
-    async def _fail(
-        self,
-        ctx: _Ctx,
-        *,
-        invoice_id: str,
-        client_id: str | None,
-        amount: Any,
-        currency: Any,
-        session_id: str | None,
-        payment_intent: str | None,
-        code: str,
-        message: str,
-        method: str,
-    ) -> tuple[str, str]:
-        payment = await self.repo.find_stripe_payment(payment_intent=payment_intent, session_id=session_id,
-                                                      for_update=True)
+    async def payment_failed(self, ref: StripeEventRef, charge: StripeCharge, *, code: str, message: str) -> Outcome:
+        copy = await self.copies.get(charge.invoice_id)  # may ask the invoice service: before the lock below
+        payment = await self.repo.find_stripe_payment(payment_intent=charge.payment_intent,
+                                                      session_id=charge.session_id, for_update=True)
         if payment is not None and payment.status in SETTLED:
-            return "ignored", f"stale: payment {payment.id} already {payment.status}; a failure cannot undo it"
+            return ignored(f"stale: payment {payment.id} already {payment.status}; a failure cannot undo it")
         if payment is not None and payment.status == "failed":
-            if (payment.last_stripe_event_created or 0) <= ctx.created:
+            if (payment.last_stripe_event_created or 0) <= ref.created:
                 payment.failure_code, payment.failure_message = code, message
-                payment.last_stripe_event_id, payment.last_stripe_event_created = ctx.event_id, ctx.created
-            return "processed", f"payment {payment.id} already failed; failure details updated"
-        copy = await self.copies.get(invoice_id)
+                payment.last_stripe_event_id, payment.last_stripe_event_created = ref.event_id, ref.created
+            return processed(f"payment {payment.id} already failed; failure details updated")
         if payment is None:
-            payment = Payment(id=uuid.uuid4(), invoice_id=invoice_id, source="stripe", amount_refunded=0,
+            payment = Payment(id=uuid.uuid4(), invoice_id=charge.invoice_id, source="stripe", amount_refunded=0,
                               flags=[], held=False)
             self.uow.session.add(payment)
-        payment.client_id = client_id or payment.client_id or (copy.client_id if copy else None)
-        payment.amount = int(amount or payment.amount or 0)
-        payment.currency = (str(currency or "")).upper() or payment.currency or (copy.currency if copy else "XXX")
-        payment.method = method
+        payment.client_id = charge.client_id or payment.client_id or (copy.client_id if copy else None)
+        payment.amount = charge.amount or payment.amount or 0
+        payment.currency = charge.currency or payment.currency or (copy.currency if copy else UNKNOWN_CURRENCY)
+        payment.method = charge.method
         payment.status = "failed"
         payment.failure_code, payment.failure_message = code, message
-        payment.stripe_checkout_session_id = session_id or payment.stripe_checkout_session_id
-        payment.stripe_payment_intent_id = payment_intent or payment.stripe_payment_intent_id
-        payment.last_stripe_event_id, payment.last_stripe_event_created = ctx.event_id, ctx.created
+        payment.stripe_checkout_session_id = charge.session_id or payment.stripe_checkout_session_id
+        payment.stripe_payment_intent_id = charge.payment_intent or payment.stripe_payment_intent_id
+        payment.last_stripe_event_id, payment.last_stripe_event_created = ref.event_id, ref.created
         await self.uow.session.flush()
         self.uow.publish(
-            payment_event(payment, PaymentEventType.FAILED, stripe_event_id=ctx.event_id),
-            topic=topics.PAYMENT, key=invoice_id,
+            payment_event(payment, PaymentEventType.FAILED, stripe_event_id=ref.event_id),
+            topic=topics.PAYMENT, key=charge.invoice_id,
         )
-        return "processed", f"payment {payment.id} failed: {code}"
-
-    async def _session_expired(self, ctx: _Ctx, obj: dict[str, Any]) -> tuple[str, str]:
-        session_id = obj.get("id")
-        row = await self.repo.get_session(session_id, for_update=True) if session_id else None
-        if row is None:
-            return "ignored", "expired checkout session unknown here"
-        if row.status != "open":
-            return "ignored", f"stale: session already {row.status}"
-        row.status = "expired"
-        row.last_event_created = max(row.last_event_created, ctx.created)
-        return "processed", f"checkout session {session_id} expired"
-
-    async def _touch_session(
-        self, ctx: _Ctx, session_id: str | None, *, status: str, payment_intent: str | None,
-        payment_status: str | None,
-    ) -> CheckoutSession | None:
-        if not session_id:
-            return None
-        row = await self.repo.get_session(session_id, for_update=True)
-        if row is None:
-            return None
-        if payment_intent and not row.stripe_payment_intent_id:
-            row.stripe_payment_intent_id = payment_intent
-        # complete is final for a session: an older "expired" never comes after it.
-        row.status = status
-        if payment_status and (row.payment_status != "paid"):
-            row.payment_status = "paid" if ctx.type == "checkout.session.async_payment_succeeded" else payment_status
-        row.last_event_created = max(row.last_event_created, ctx.created)
-        return row
+        return processed(f"payment {payment.id} failed: {code}")
 
     # -- refunds -----------------------------------------------------------------------------------
-    async def _charge_refunded(self, ctx: _Ctx, obj: dict[str, Any]) -> tuple[str, str]:
-        pi = normalize.ref_id(obj.get("payment_intent"))
-        payment = await self.repo.find_stripe_payment(payment_intent=pi, session_id=None, for_update=True)
+    async def refunded(self, ref: StripeEventRef, refund: StripeRefund) -> Outcome:
+        payment = await self.repo.find_stripe_payment(payment_intent=refund.payment_intent, session_id=None,
+                                                      for_update=True)
         if payment is None:
-            if (obj.get("metadata") or {}).get("invoice_id"):
-                raise RetryLater(f"refund of payment intent {pi} arrived before its payment")
-            return "ignored", "refund of a charge this service did not take"
-        cumulative = int(obj.get("amount_refunded") or 0)
-        delta = cumulative - payment.amount_refunded
+            if refund.for_our_invoice:
+                raise RetryLater(f"refund of payment intent {refund.payment_intent} arrived before its payment")
+            return ignored("refund of a charge this service did not take")
+        delta = refund.cumulative - payment.amount_refunded
         if delta <= 0:
-            return "ignored", (f"stale or duplicate: {payment.amount_refunded} already refunded "
-                               f"(event says {cumulative})")
-        refunds = (obj.get("refunds") or {}).get("data") if isinstance(obj.get("refunds"), dict) else None
-        refund = Refund(
+            return ignored(f"stale or duplicate: {payment.amount_refunded} already refunded "
+                           f"(event says {refund.cumulative})")
+        row = Refund(
             id=uuid.uuid4(),
             payment_id=payment.id,
             invoice_id=payment.invoice_id,
             amount=delta,
-            currency=(obj.get("currency") or payment.currency).upper(),
-            cumulative_refunded=cumulative,
-            stripe_charge_id=obj.get("id"),
-            stripe_refund_id=(refunds[0].get("id") if refunds else None),
-            stripe_event_id=ctx.event_id,
+            currency=refund.currency or payment.currency,
+            cumulative_refunded=refund.cumulative,
+            stripe_charge_id=refund.charge_id,
+            stripe_refund_id=refund.refund_id,
+            stripe_event_id=ref.event_id,
         )
-        self.uow.session.add(refund)
-        payment.amount_refunded = cumulative
-        payment.stripe_charge_id = payment.stripe_charge_id or obj.get("id")
+        self.uow.session.add(row)
+        payment.amount_refunded = refund.cumulative
+        payment.stripe_charge_id = payment.stripe_charge_id or refund.charge_id
         if payment.status in SETTLED:
-            payment.status = "refunded" if cumulative >= payment.amount else "partially_refunded"
+            payment.status = "refunded" if refund.cumulative >= payment.amount else "partially_refunded"
         await self.uow.session.flush()
         if payment.held or payment.status not in SETTLED:
-            return "processed", f"refund {refund.id} of {delta} recorded (payment not applied to the invoice)"
+            return processed(f"refund {row.id} of {delta} recorded (payment not applied to the invoice)")
         self.uow.publish(
-            payment_event(payment, PaymentEventType.REFUNDED, amount=delta, payment_id=str(refund.id),
-                          reference=f"refund of payment {payment.id}", stripe_event_id=ctx.event_id),
+            payment_event(payment, PaymentEventType.REFUNDED, amount=delta, payment_id=str(row.id),
+                          reference=f"refund of payment {payment.id}", stripe_event_id=ref.event_id),
             topic=topics.PAYMENT, key=payment.invoice_id,
         )
-        return "processed", f"refund {refund.id} of {delta} {refund.currency} for payment {payment.id}"
+        return processed(f"refund {row.id} of {delta} {row.currency} for payment {payment.id}")
 
     # -- subscriptions and Stripe invoices: normalized for the subscriptions service ---------------
-    async def _republish_subscription(self, ctx: _Ctx, event: dict[str, Any]) -> tuple[str, str]:
-        data = normalize.subscription(event)
+    async def republish_subscription(
+        self, ref: StripeEventRef, data: StripeSubscriptionV1, *, ordered: bool
+    ) -> Outcome:
+        """`ordered` events change the subscription's state: an older one than the last published is stale.
+        A notice (trial_will_end) is not a state change and never makes another event stale."""
         key = data.subscription_id
-        # trial_will_end is a notice, not a state change: it never makes another event stale.
-        if ctx.type != "customer.subscription.trial_will_end" and not await self.repo.advance_object(
-            key, "subscription", ctx.created, ctx.event_id, {"status": data.status}
-        ):
-            return "ignored", f"stale: a newer event of {key} was already published"
+        if ordered and not await self.repo.advance_object(key, "subscription", ref.created, ref.event_id,
+                                                          {"status": data.status}):
+            return ignored(f"stale: a newer event of {key} was already published")
         self.uow.publish(
-            CloudEvent.create(source=SOURCE, type=f"stripe.{ctx.type}", subject=key, data=data,
+            CloudEvent.create(source=SOURCE, type=f"stripe.{ref.type}", subject=key, data=data,
                               correlation_id=current_correlation_id(), dataschema=SCHEMA_SUBSCRIPTION_V1),
             topic=topics.STRIPE, key=key,
         )
-        return "processed", f"republished stripe.{ctx.type} for {key} ({data.status})"
+        return processed(f"republished stripe.{ref.type} for {key} ({data.status})")
 
-    async def _republish_invoice(self, ctx: _Ctx, event: dict[str, Any]) -> tuple[str, str]:
-        data = normalize.invoice(event)
-        if not await self.repo.advance_object(data.invoice_id, "invoice", ctx.created, ctx.event_id,
+    async def republish_invoice(self, ref: StripeEventRef, data: StripeInvoiceV1) -> Outcome:
+        if not await self.repo.advance_object(data.invoice_id, "invoice", ref.created, ref.event_id,
                                               {"status": data.status}):
-            return "ignored", f"stale: a newer event of {data.invoice_id} was already published"
+            return ignored(f"stale: a newer event of {data.invoice_id} was already published")
         key = data.subscription_id or data.invoice_id
         self.uow.publish(
-            CloudEvent.create(source=SOURCE, type=f"stripe.{ctx.type}", subject=key, data=data,
+            CloudEvent.create(source=SOURCE, type=f"stripe.{ref.type}", subject=key, data=data,
                               correlation_id=current_correlation_id(), dataschema=SCHEMA_INVOICE_V1),
             topic=topics.STRIPE, key=key,
         )
-        return "processed", f"republished stripe.{ctx.type} for {data.invoice_id}"
-
-
-@dataclass(frozen=True)
-class _Ctx:
-    event_id: str
-    created: int
-    type: str
-
-
-def _invoice_id(session: dict[str, Any]) -> str | None:
-    return (session.get("metadata") or {}).get("invoice_id") or session.get("client_reference_id")
-
-
-def _method(types: Any) -> str:
-    if isinstance(types, list) and len(types) == 1:
-        return str(types[0])
-    return "stripe"
+        return processed(f"republished stripe.{ref.type} for {data.invoice_id}")

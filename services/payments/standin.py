@@ -20,9 +20,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from kit.errors import NotFound
-from services.payments import stripe_events
 from services.payments.models import CheckoutSession
 from services.payments.repository import Repository
+from services.payments.stripe import testing as stripe_events
 
 log = structlog.get_logger(__name__)
 

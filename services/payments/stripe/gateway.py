@@ -1,20 +1,24 @@
 """The only place that talks to Stripe: a thin async adapter over the official SDK (`StripeClient`).
 
-Everything returned is a plain dict (`StripeObject.to_dict()`), so the domain code and the tests'
-fakes deal with the same shapes. Offline, `api_base` points at stripe-mock.
+What the domain reads comes back parsed (`events.CheckoutSession`, `events.Customer`); the setup
+command, which compares whole objects with what it wants, gets plain dicts
+(`StripeObject.to_dict()`). Offline, `api_base` points at stripe-mock.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import stripe
 import structlog
+from pydantic import BaseModel, ValidationError
 
 from kit.errors import AppError
 from services.payments.config import PaymentsSettings, check_stripe_key
+from services.payments.stripe.events import CheckoutSession, Customer
 
 log = structlog.get_logger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 class StripeUnavailable(AppError):
@@ -31,13 +35,13 @@ class StripeNotFound(Exception):
 class StripeGateway(Protocol):
     """What the payments service needs from Stripe."""
 
-    async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]: ...
+    async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> Customer: ...
 
-    async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]: ...
+    async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> CheckoutSession: ...
 
 
 class StripeSetupApi(Protocol):
-    """What the setup command (stripe_setup.py) needs from Stripe."""
+    """What the setup command (setup.py) needs from Stripe."""
 
     async def list_webhook_endpoints(self) -> list[dict[str, Any]]: ...
     async def create_webhook_endpoint(self, params: dict[str, Any]) -> dict[str, Any]: ...
@@ -57,6 +61,14 @@ class StripeSetupApi(Protocol):
 
 def _dict(obj: Any) -> dict[str, Any]:
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def _parsed(model: type[M], obj: Any, what: str) -> M:
+    try:
+        return model.model_validate(_dict(obj))
+    except ValidationError as exc:
+        log.warning("stripe_unreadable_answer", object=what, error=str(exc)[:300])
+        raise StripeUnavailable(f"Stripe returned an unreadable {what}.") from None
 
 
 def _error(action: str, exc: stripe.StripeError) -> StripeUnavailable:
@@ -101,23 +113,25 @@ class StripeSdkGateway:
         )
 
     # -- payments --------------------------------------------------------------------------------
-    async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]:
+    async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> Customer:
         try:
-            return _dict(await self.client.v1.customers.create_async(
+            customer = await self.client.v1.customers.create_async(
                 params=params,  # type: ignore[arg-type]
                 options={"idempotency_key": idempotency_key},
-            ))
+            )
         except stripe.StripeError as exc:
             raise _error("create the customer", exc) from exc
+        return _parsed(Customer, customer, "customer")
 
-    async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> dict[str, Any]:
+    async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> CheckoutSession:
         try:
-            return _dict(await self.client.v1.checkout.sessions.create_async(
+            session = await self.client.v1.checkout.sessions.create_async(
                 params=params,  # type: ignore[arg-type]
                 options={"idempotency_key": idempotency_key},
-            ))
+            )
         except stripe.StripeError as exc:
             raise _error("create the checkout session", exc) from exc
+        return _parsed(CheckoutSession, session, "checkout session")
 
     # -- setup -----------------------------------------------------------------------------------
     async def list_webhook_endpoints(self) -> list[dict[str, Any]]:

@@ -1,39 +1,43 @@
-"""Stripe webhook intake and the worker that processes what was taken in.
+"""Stripe webhook intake: `POST /webhooks/stripe`, the one code that serves it, and its OpenAPI operation.
 
-Intake (`POST /webhooks/stripe`): verify the signature on the raw bytes (300 s tolerance), store the
-event keyed by Stripe's event id (a redelivery is a no-op), answer 200. Nothing else happens before
-the 200, so Stripe never times out on us and a crash after the 200 loses nothing.
+Verify the signature on the raw bytes (300 s tolerance), store the event keyed by Stripe's event id
+(a redelivery is a no-op), answer 200. Nothing else happens before the 200, so Stripe never times out
+on us and a crash after the 200 loses nothing; the webhook worker (worker.py) handles what was stored.
 
-Worker: claims pending rows with FOR UPDATE SKIP LOCKED (safe with several replicas), applies each in
-a savepoint of one transaction together with its outbox events, and marks it processed. A crash
-before commit leaves the rows pending; they are processed once after the restart.
+The endpoint is pure ASGI and `install()` puts it in front of the app's middleware: Stripe's deliveries
+are the one high-volume path, and skipping the per-request middleware and FastAPI's routing and
+dependency machinery roughly doubles the acks per second. The same endpoint is also the app's route
+for the path (other methods get their 405 there), and the operation in the app's OpenAPI document is
+built from this module's request and response models, so the document describes the code that runs.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
-import orjson
 import stripe
 import structlog
-from sqlalchemy import func, update
-from sqlalchemy.exc import IntegrityError
+from fastapi import FastAPI
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kit.db import Database
-from kit.errors import AppError
+from kit.errors import AppError, error_body
+from kit.logging import CORRELATION_HEADER, bind_correlation_id
 from kit.outbox import asyncpg_dsn
+from kit.web import receive_body, send_error, send_json
 from services.payments.config import PaymentsSettings
-from services.payments.invoice_client import InvoiceReader, InvoiceServiceUnavailable
-from services.payments.models import StripeEvent
-from services.payments.repository import Repository
-from services.payments.service import HANDLED_EVENTS, RetryLater, StripeEventProcessor, utcnow
+from services.payments.stripe.handlers import HANDLERS, handled_types_table
 
 log = structlog.get_logger(__name__)
+
+WEBHOOK_PATH = "/webhooks/stripe"
+WEBHOOK_CHANNEL = "stripe_events"  # NOTIFY on it wakes webhook workers in other processes
+SIGNATURE_HEADER = "stripe-signature"
 
 
 class WebhookRejected(AppError):
@@ -43,13 +47,52 @@ class WebhookRejected(AppError):
     code = "webhook_rejected"
 
 
-class PayloadTooLarge(AppError):
-    status_code = 413
-    code = "payload_too_large"
+# -- the request and the answer -------------------------------------------------------------------------
 
 
-def verify_and_parse(body: bytes, signature: str | None, secret: str, tolerance: int) -> dict[str, Any]:
-    """Verify like stripe.Webhook.construct_event (the SDK's own check), then parse the event."""
+def _object_id(value: Any) -> Any:
+    return value if isinstance(value, str) else None
+
+
+class StripeObjectIn(BaseModel):
+    """The event's object: only its id is read here (the worker parses the rest by event type)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
+
+    id: Annotated[str | None, BeforeValidator(_object_id)] = Field(
+        default=None, description="Stripe's id of the object, e.g. cs_test_..., pi_..., sub_...")
+
+
+class StripeEventDataIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    object: StripeObjectIn
+
+
+class StripeEventIn(BaseModel):
+    """A Stripe Event, as Stripe delivers it; the body must be exactly the bytes Stripe signed."""
+
+    model_config = ConfigDict(extra="ignore", title="StripeEvent")
+
+    id: Annotated[StrictStr, Field(min_length=1, max_length=255, description="evt_...; deliveries are deduplicated")]
+    object: Literal["event"] | None = None
+    type: Annotated[StrictStr, Field(min_length=1, max_length=100, examples=sorted(HANDLERS))]
+    created: Annotated[StrictInt, Field(description="Unix seconds")]
+    livemode: Annotated[bool, BeforeValidator(bool)] = False
+    data: StripeEventDataIn
+
+
+class WebhookAck(BaseModel):
+    """The 200: Stripe stops retrying. Stored events are handled after it (duplicates and ignored
+    types are not handled again)."""
+
+    received: bool = True
+    duplicate: bool = Field(description="This event id was stored before: nothing new stored")
+    ignored: bool = Field(description="Stored but not handled: a type not in the table, or a live-mode event")
+
+
+def verify(body: bytes, signature: str | None, secret: str, tolerance: int) -> StripeEventIn:
+    """Verify like stripe.Webhook.construct_event (the SDK's own check), then read the event."""
     if not signature:
         raise WebhookRejected("Missing Stripe-Signature header.", code="missing_signature")
     try:
@@ -60,24 +103,17 @@ def verify_and_parse(body: bytes, signature: str | None, secret: str, tolerance:
     except UnicodeDecodeError:
         raise WebhookRejected("The body is not UTF-8.", code="invalid_payload") from None
     try:
-        event = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise WebhookRejected("The body is not JSON.", code="invalid_payload") from None
-    if not isinstance(event, dict) or event.get("object") not in (None, "event"):
-        raise WebhookRejected("The body is not a Stripe event.", code="invalid_payload")
-    event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
-    data = event.get("data")
-    if (
-        not isinstance(event_id, str) or not event_id or len(event_id) > 255
-        or not isinstance(event_type, str) or not event_type or len(event_type) > 100
-        or not isinstance(created, int) or isinstance(created, bool)
-        or not isinstance(data, dict) or not isinstance(data.get("object"), dict)
-    ):
-        raise WebhookRejected("The event lacks id, type, created or data.object.", code="invalid_payload")
-    return event
+        return StripeEventIn.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(err["type"] == "json_invalid" for err in errors):
+            raise WebhookRejected("The body is not JSON.", code="invalid_payload") from None
+        where = ", ".join(".".join(str(p) for p in err["loc"]) or "body" for err in errors[:5])
+        raise WebhookRejected(f"The body is not a Stripe event (it needs id, type, created and data.object): "
+                              f"{where}.", code="invalid_payload") from None
 
 
-WEBHOOK_CHANNEL = "stripe_events"
+# -- storing ----------------------------------------------------------------------------------------------
 
 _INSERT_EVENT = """
 INSERT INTO stripe_events (id, type, created, livemode, object_id, payload, status, outcome, attempts,
@@ -117,173 +153,118 @@ class WebhookIntake:
             await self._pool.close()
             self._pool = None
 
-    async def receive(self, body: bytes, signature: str | None) -> dict[str, Any]:
-        event = verify_and_parse(body, signature, self.settings.stripe_webhook_secret, self.settings.webhook_tolerance)
-        event_type: str = event["type"]
-        obj = event["data"]["object"]
+    async def receive(self, body: bytes, signature: str | None) -> WebhookAck:
+        event = verify(body, signature, self.settings.stripe_webhook_secret, self.settings.webhook_tolerance)
         status, outcome = "pending", None
-        if event_type not in HANDLED_EVENTS:
-            status, outcome = "ignored", f"event type {event_type} is not handled"
-        elif bool(event.get("livemode")) and not self.livemode_allowed:
+        if event.type not in HANDLERS:
+            status, outcome = "ignored", f"event type {event.type} is not handled"
+        elif event.livemode and not self.livemode_allowed:
             status, outcome = "ignored", "live-mode event delivered to a test-mode integration"
-        object_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+        object_id = event.data.object.id
         if self._pool is None:
             raise RuntimeError("webhook intake not started")
         inserted = await self._pool.fetchval(
-            _INSERT_EVENT, event["id"], event_type, event["created"], bool(event.get("livemode")),
+            _INSERT_EVENT, event.id, event.type, event.created, event.livemode,
             object_id[:255] if object_id else None, body, status, outcome,
         ) is not None
         if inserted and status == "pending":
             self.on_stored()
         if not inserted:
-            log.info("stripe_event_duplicate", event_id=event["id"], event_type=event_type)
+            log.info("stripe_event_duplicate", event_id=event.id, event_type=event.type)
         elif status == "ignored":
-            log.info("stripe_event_ignored", event_id=event["id"], event_type=event_type, reason=outcome)
-        return {"received": True, "duplicate": not inserted, "ignored": status == "ignored"}
+            log.info("stripe_event_ignored", event_id=event.id, event_type=event.type, reason=outcome)
+        return WebhookAck(duplicate=not inserted, ignored=status == "ignored")
 
 
-class WebhookWorker:
-    """Processes pending Stripe events; `wake()` after storing one. Safe with several replicas."""
+# -- serving ------------------------------------------------------------------------------------------------
 
-    def __init__(
-        self,
-        db: Database,
-        settings: PaymentsSettings,
-        invoices: InvoiceReader,
-        *,
-        concurrency: int = 1,
-    ) -> None:
-        self.db = db
-        self.settings = settings
-        self.invoices = invoices
-        self.concurrency = max(1, concurrency)
-        self._wakeup = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._listener: asyncpg.Connection | None = None
 
-    def wake(self) -> None:
-        self._wakeup.set()
+class WebhookEndpoint:
+    """Pure ASGI: the one code that answers `POST /webhooks/stripe` (200 JSON, 400/413 error body)."""
 
-    async def start(self) -> None:
-        if not self.settings.webhook_worker_enabled:
-            log.warning("webhook_worker_disabled")
-            return
-        try:  # events stored by intake-only replicas (other processes) wake this worker too
-            self._listener = await asyncpg.connect(asyncpg_dsn(self.db.url))
-            await self._listener.add_listener(WEBHOOK_CHANNEL, lambda *_: self.wake())
-        except (OSError, asyncpg.PostgresError) as exc:  # polling still works without LISTEN
-            log.warning("webhook_listen_unavailable", error=str(exc))
-        self._tasks = [asyncio.create_task(self._run(i), name=f"stripe-webhook-worker-{i}")
-                       for i in range(self.concurrency)]
+    def __init__(self, intake: WebhookIntake, *, max_body: int) -> None:
+        self.intake = intake
+        self.max_body = max_body
 
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-            self._listener = None
-
-    async def _run(self, index: int) -> None:
-        if self.settings.webhook_worker_start_delay > 0:
-            await asyncio.sleep(self.settings.webhook_worker_start_delay)
-        while True:
-            self._wakeup.clear()
-            try:
-                done = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # database down and the like: keep the rows, try again
-                log.warning("webhook_worker_error", error=str(exc)[:500])
-                done = 0
-                await asyncio.sleep(self.settings.webhook_worker_poll_interval)
-            if done >= self.settings.webhook_worker_batch:
-                continue  # more may be waiting
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.settings.webhook_worker_poll_interval)
-
-    async def run_once(self) -> int:
-        """Process one batch of due events; returns how many rows were claimed.
-
-        Fast path: the whole batch in one savepoint. If any event fails, that savepoint is rolled back
-        (the claimed rows stay locked) and the batch is redone with one savepoint per event, so one bad
-        event never holds the others back.
-        """
-        async with self.db.unit_of_work() as uow:
-            rows = await Repository(uow.session).claim_events(self.settings.webhook_worker_batch)
-            if not rows:
-                return 0
-            processor = StripeEventProcessor(uow, self.invoices)
-            outcomes: list[tuple[str, str]] | None = None
-            if len(rows) > 1:
-                try:
-                    async with uow.session.begin_nested():
-                        outcomes = [await processor.process(row, orjson.loads(row.payload)) for row in rows]
-                except Exception as exc:  # redo one by one below
-                    log.info("webhook_batch_retry_one_by_one", events=len(rows), error=str(exc)[:200])
-                    outcomes = None
-            if outcomes is not None:
-                # One executemany for the whole batch (an ORM flush would send one UPDATE per row).
-                await uow.session.execute(
-                    update(StripeEvent),
-                    [{"id": row.id, "status": status, "outcome": outcome[:2000], "processed_at": utcnow(),
-                      "last_error": None} for row, (status, outcome) in zip(rows, outcomes, strict=True)],
-                )
-                for row, (status, outcome) in zip(rows, outcomes, strict=True):
-                    log.info("stripe_event_handled", event_id=row.id, event_type=row.type, status=status,
-                             outcome=outcome)
-            else:
-                for row in rows:
-                    await self._process_one(uow, processor, row)
-            if self.settings.webhook_debug_stall_seconds > 0:
-                log.warning("webhook_debug_stall", seconds=self.settings.webhook_debug_stall_seconds,
-                            events=[r.id for r in rows])
-                await asyncio.sleep(self.settings.webhook_debug_stall_seconds)
-            await uow.commit()
-        return len(rows)
-
-    async def _process_one(self, uow: Any, processor: StripeEventProcessor, row: StripeEvent) -> None:
-        event_id, event_type = row.id, row.type
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        correlation_id = bind_correlation_id(headers.get(CORRELATION_HEADER.lower()))
+        reply_headers = {CORRELATION_HEADER: correlation_id}
         try:
-            event = orjson.loads(row.payload)
-            async with uow.session.begin_nested():
-                status, outcome = await processor.process(row, event)
-        except RetryLater as exc:
-            self._retry(row, str(exc), quick=False)
-            log.info("stripe_event_deferred", event_id=event_id, event_type=event_type, reason=str(exc))
+            body = await receive_body(receive, limit=self.max_body, content_length=headers.get("content-length"))
+            ack = await self.intake.receive(body, headers.get(SIGNATURE_HEADER))
+        except AppError as exc:
+            await send_error(send, exc, reply_headers)
             return
-        except (IntegrityError, InvoiceServiceUnavailable) as exc:
-            # A concurrent replica wrote the same payment first (retry at once), or the invoice service
-            # is down (back off).
-            self._retry(row, str(exc)[:500], quick=isinstance(exc, IntegrityError))
-            log.warning("stripe_event_retry", event_id=event_id, event_type=event_type, error=str(exc)[:300])
+        except Exception as exc:
+            log.exception("webhook_unexpected_error", error=str(exc))
+            await send_json(send, 500, error_body("internal_error", "An unexpected error occurred."), reply_headers)
             return
-        except Exception as exc:  # a bug or bad data in this one event: the others go on
-            self._retry(row, f"{type(exc).__name__}: {exc}"[:1000], quick=False)
-            log.exception("stripe_event_error", event_id=event_id, event_type=event_type)
-            return
-        self._done(row, status, outcome)
+        finally:
+            structlog.contextvars.unbind_contextvars("correlation_id")
+        await send_json(send, 200, ack.model_dump(), reply_headers)
 
-    @staticmethod
-    def _done(row: StripeEvent, status: str, outcome: str) -> None:
-        row.status = status
-        row.outcome = outcome[:2000]
-        row.processed_at = func.now()
-        row.last_error = None
-        log.info("stripe_event_handled", event_id=row.id, event_type=row.type, status=status, outcome=outcome)
 
-    def _retry(self, row: StripeEvent, error: str, *, quick: bool) -> None:
-        row.attempts += 1
-        row.last_error = error
-        if row.attempts >= self.settings.webhook_max_attempts:
-            row.status = "failed"
-            row.processed_at = func.now()
-            log.error("stripe_event_gave_up", event_id=row.id, event_type=row.type, attempts=row.attempts,
-                      error=error)
-            return
-        delay = 0.2 * row.attempts if quick else min(2 ** row.attempts, 3600)
-        row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+class WebhookFastPath:
+    """In front of the middleware stack: `POST /webhooks/stripe` goes straight to the endpoint."""
+
+    def __init__(self, app: ASGIApp, endpoint: WebhookEndpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST":
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def install(app: FastAPI, intake: WebhookIntake, *, max_body: int) -> None:
+    """Serve and document `POST /webhooks/stripe` on `app` with the one endpoint."""
+    endpoint = WebhookEndpoint(intake, max_body=max_body)
+    app.router.routes.append(Route(WEBHOOK_PATH, endpoint, methods=["POST"]))
+    app.add_middleware(WebhookFastPath, endpoint=endpoint)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            add_to_openapi(generate(), max_body=max_body)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def add_to_openapi(schema: dict[str, Any], *, max_body: int) -> None:
+    """The operation of `POST /webhooks/stripe`, from StripeEventIn and WebhookAck and `HANDLERS`."""
+    ref = "#/components/schemas/{model}"
+    refs, defs = models_json_schema([(StripeEventIn, "validation"), (WebhookAck, "serialization")], ref_template=ref)
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    error = {"description": "The platform's error body",
+             "content": {"application/json": {"schema": {"$ref": ref.format(model="StripeWebhookError")}}}}
+    schema["components"]["schemas"]["StripeWebhookError"] = {
+        "type": "object", "title": "StripeWebhookError",
+        "properties": {"error": {"type": "object", "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}, "details": {}}}},
+    }
+    description = (
+        "Stripe's deliveries. The signature (`Stripe-Signature`, 300 s tolerance) is verified on the raw "
+        "body, the event is stored by its id and answered at once; the webhook worker handles it after "
+        f"the 200. Bodies over {max_body // 1024} KB are refused (413). A signed event of another type, "
+        "or a live-mode one, is answered 200 and ignored.\n\nHandled event types:\n\n" + handled_types_table()
+    )
+    schema.setdefault("paths", {})[WEBHOOK_PATH] = {"post": {
+        "tags": ["webhooks"],
+        "summary": "Stripe webhook",
+        "operationId": "stripe_webhook",
+        "description": description,
+        "parameters": [{"name": "Stripe-Signature", "in": "header", "required": True,
+                        "schema": {"type": "string"}, "description": "t=<unix seconds>,v1=<HMAC-SHA256>"}],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": refs[(StripeEventIn, "validation")]}}},
+        "responses": {
+            "200": {"description": "Stored (or a duplicate of a stored event)",
+                    "content": {"application/json": {"schema": refs[(WebhookAck, "serialization")]}}},
+            "400": {**error, "description": "Not signed by Stripe with our secret, or not a Stripe event"},
+            "413": {**error, "description": "Body too large"},
+        },
+    }}

@@ -29,8 +29,8 @@ import stripe
 from pydantic import BaseModel, ValidationError
 
 from services.payments.config import PaymentsSettings
-from services.payments.service import HANDLED_EVENTS
-from services.payments.stripe_gateway import StripeSdkGateway, StripeSetupApi
+from services.payments.stripe.gateway import StripeSdkGateway, StripeSetupApi
+from services.payments.stripe.handlers import HANDLERS
 
 PLATFORM = "billing"
 
@@ -78,7 +78,12 @@ DEFAULT_CATALOG = Catalog(
     ]
 )
 
-WEBHOOK_EVENTS = sorted(HANDLED_EVENTS)
+# Exactly the types payments handles (the endpoint is ours alone: Stripe need not send anything else).
+WEBHOOK_EVENTS = sorted(HANDLERS)
+
+
+CHANGES = ("created", "updated")
+PLANNED = ("would create", "would update")
 
 
 @dataclass
@@ -99,7 +104,13 @@ class SetupReport:
 
     @property
     def writes(self) -> int:
-        return sum(1 for a in self.actions if a.verb in ("created", "updated"))
+        """What was written to Stripe (0 in a dry run)."""
+        return sum(1 for a in self.actions if a.verb in CHANGES)
+
+    @property
+    def planned(self) -> int:
+        """What a dry run would write."""
+        return sum(1 for a in self.actions if a.verb in PLANNED)
 
     def lines(self) -> list[str]:
         return [f"{a.kind:<24} {a.target:<40} {a.verb}{(' — ' + a.detail) if a.detail else ''}" for a in self.actions]
@@ -354,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stripe_setup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"actions": [a.__dict__ for a in report.actions], "writes": report.writes}, indent=2))
+        print(json.dumps({"actions": [a.__dict__ for a in report.actions], "writes": report.writes,
+                          "planned": report.planned}, indent=2))
     else:
         print("\n".join(report.lines()))
-        print(f"{report.writes} change(s){' planned' if args.dry_run else ''}.")
+        print(f"{report.planned} change(s) planned." if args.dry_run else f"{report.writes} change(s).")
     if report.webhook_secret:
         print(f"\nNew webhook endpoint: set STRIPE_WEBHOOK_SECRET={report.webhook_secret}", file=sys.stderr)
     return 0

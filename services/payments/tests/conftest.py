@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,10 @@ from contracts import topics
 from contracts.envelope import CloudEvent
 from contracts.invoice import InvoiceEventType, InvoiceSnapshotV1
 from deploy.testing import KafkaEventLog as EventLog
-from services.payments import stripe_events
 from services.payments.app import create_app
 from services.payments.config import PaymentsSettings
 from services.payments.models import Payment, StripeEvent
+from services.payments.stripe import testing as stripe_events
 
 ADMIN = {"X-Actor-Role": "admin", "X-Actor-User-Id": "admin-1"}
 _HERE = Path(__file__).parent
@@ -50,12 +50,18 @@ class FakeInvoiceReader:
         self.calls: list[str] = []
 
         self.ledgers: dict[str, list[tuple[str, str]]] = {}
+        # Called during each request to the "invoice service" (a test looks at the database meanwhile).
+        self.probe: Callable[[str], Awaitable[None]] | None = None
 
     async def fetch(self, invoice_id: str) -> InvoiceSnapshotV1 | None:
         self.calls.append(invoice_id)
+        if self.probe is not None:
+            await self.probe(invoice_id)
         return self.invoices.get(invoice_id)
 
     async def applied(self, invoice_id: str) -> list[tuple[str, str]]:
+        if self.probe is not None:
+            await self.probe(invoice_id)
         return self.ledgers.get(invoice_id, [])
 
 

@@ -8,7 +8,8 @@ import uuid
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from contracts.invoice import InvoiceEventType
 from contracts.payment import PaymentEventType, PaymentEventV1
@@ -291,10 +292,12 @@ async def test_history_per_invoice_and_per_client_with_isolation(
 
     page = (await api.get("/api/payments", params={"invoiceId": a1.id})).json()
     assert page["total"] == 3 and [p["amount"] for p in page["items"]] == [3_000, 2_000, 1_000]
-    page = (await api.get("/api/payments", params={"clientId": client_a, "pageSize": 2})).json()
-    assert page["total"] == 4 and len(page["items"]) == 2 and page["pageSize"] == 2
-    page2 = (await api.get("/api/payments", params={"clientId": client_a, "pageSize": 2, "page": 2})).json()
+    page = (await api.get("/api/payments", params={"clientId": client_a, "limit": 2})).json()
+    assert page["total"] == 4 and len(page["items"]) == 2 and page["hasMore"] is True
+    page2 = (await api.get("/api/payments", params={"clientId": client_a, "limit": 2,
+                                                    "cursor": page["nextCursor"]})).json()
     assert {p["id"] for p in page["items"]}.isdisjoint({p["id"] for p in page2["items"]})
+    assert len(page2["items"]) == 2 and page2["hasMore"] is False and page2["nextCursor"] is None
 
     as_a = client_headers(client_a)
     mine = (await api.get("/api/payments", headers=as_a)).json()
@@ -304,7 +307,11 @@ async def test_history_per_invoice_and_per_client_with_isolation(
     b_payment = (await api.get("/api/payments", params={"invoiceId": b1.id})).json()["items"][0]
     assert (await api.get(f"/api/payments/{b_payment['id']}", headers=as_a)).status_code == 404
     assert (await api.get(f"/api/payments/{b_payment['id']}", headers=ADMIN)).status_code == 200
-    assert (await api.get("/api/payments", params={"pageSize": 0})).status_code == 422
+    assert (await api.get("/api/payments", params={"limit": 0})).status_code == 422
+    assert (await api.get("/api/payments", params={"pageSize": 2})).status_code == 400  # unknown, named
+    # a cursor belongs to its filters
+    other = await api.get("/api/payments", params={"clientId": client_b, "cursor": page["nextCursor"]})
+    assert other.status_code == 400 and other.json()["error"]["code"] == "invalid_cursor"
     assert (await api.get("/api/payments", params={"invoiceId": "nope"})).status_code == 422
 
 
@@ -330,3 +337,42 @@ async def test_a_lagging_copy_is_refreshed_from_the_invoice_service_before_refus
     invoice_reader.ledgers[draft.id] = [(first.json()["id"], "payment")]
     assert (await api.post(url, json={"amount": 10_001, "method": "cash"})).status_code == 422
     assert (await api.post(url, json={"amount": 10_000, "method": "cash"})).status_code == 201
+
+
+async def test_the_invoice_service_is_asked_before_any_lock_is_taken(
+    api: httpx.AsyncClient, producer: Any, db: Any, invoice_reader: FakeInvoiceReader
+) -> None:
+    """mark-paid and Pay Now re-read a lagging copy (and fetch a missing one) over HTTP: while the
+    invoice service answers, neither the copy's row nor the checkout lock of the invoice is held."""
+    lagging = [snapshot(status="DRAFT", version=1) for _ in range(2)]
+    for snap in lagging:
+        await publish_invoice(producer, snap, InvoiceEventType.CREATED)
+        await wait_for_copy(db, snap.id, 1)
+        invoice_reader.invoices[snap.id] = snapshot(invoice_id=snap.id, client_id=snap.client_id, version=2)
+    unseen = snapshot()  # no event yet: only the invoice service knows it
+    invoice_reader.invoices[unseen.id] = unseen
+    held: list[tuple[str, str]] = []
+
+    async def probe(invoice_id: str) -> None:
+        try:  # NOWAIT: fails at once if the request's transaction holds the row
+            async with db.sessionmaker() as s, s.begin():
+                await s.execute(text("SELECT 1 FROM invoices WHERE id = :id FOR UPDATE NOWAIT"), {"id": invoice_id})
+        except DBAPIError:
+            held.append((invoice_id, "invoice row"))
+        async with db.sessionmaker() as s, s.begin():
+            free = await s.scalar(text("SELECT pg_try_advisory_xact_lock(hashtextextended(:k, 0))"),
+                                  {"k": f"checkout:{invoice_id}"})
+        if not free:
+            held.append((invoice_id, "checkout lock"))
+
+    invoice_reader.probe = probe
+    calls = len(invoice_reader.calls)
+    try:
+        paid = await api.post(f"/api/invoices/{lagging[0].id}/mark-paid", json={"amount": 100, "method": "cash"})
+        checkout = await api.post(f"/api/invoices/{lagging[1].id}/checkout")
+        unseen_paid = await api.post(f"/api/invoices/{unseen.id}/mark-paid", json={"amount": 100, "method": "cash"})
+    finally:
+        invoice_reader.probe = None
+    assert (paid.status_code, checkout.status_code, unseen_paid.status_code) == (201, 200, 201), checkout.text
+    assert len(invoice_reader.calls) - calls == 3  # each was asked
+    assert held == []

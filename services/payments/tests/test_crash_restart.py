@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from contracts import topics
 from contracts.payment import PaymentEventType
 from deploy.infra import REPO_ROOT, ServiceProcess, free_port
-from services.payments import stripe_events
 from services.payments.models import InvoiceCopy, OutboxMessage, Payment, StripeEvent
+from services.payments.stripe import testing as stripe_events
 from services.payments.tests.conftest import EventLog, completed_event, publish_invoice, snapshot
 
 SECRET = "whsec_crash_test"

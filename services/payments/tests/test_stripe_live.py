@@ -144,7 +144,7 @@ async def test_failed_payment_intent_event_from_stripe(
 
 
 async def test_setup_command_against_test_mode() -> None:
-    from services.payments.stripe_setup import run
+    from services.payments.stripe.setup import run
 
     url = os.environ.get("STRIPE_LIVE_SETUP_WEBHOOK_URL")
     settings = PaymentsSettings(stripe_secret_key=KEY, stripe_api_base=None)

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from services.payments.config import PaymentsSettings
-from services.payments.stripe_setup import (
+from services.payments.stripe import setup as setup_command
+from services.payments.stripe.handlers import HANDLERS
+from services.payments.stripe.setup import (
     DEFAULT_CATALOG,
     WEBHOOK_EVENTS,
     Catalog,
@@ -200,3 +202,28 @@ def test_cli_help_and_live_key_refusal(capsys: pytest.CaptureFixture[str], monke
     monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_live_" + "a" * 30)
     assert main([]) == 2
     assert "live-mode key" in capsys.readouterr().err
+
+
+def test_the_endpoint_subscribes_to_exactly_the_handled_types() -> None:
+    assert sorted(HANDLERS) == WEBHOOK_EVENTS
+
+
+def test_dry_run_counts_the_changes_it_lists(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary line counts the actions above it: N "would ..." lines, "N change(s) planned."."""
+    api = FakeStripe()
+    monkeypatch.setattr(setup_command.StripeSdkGateway, "from_settings", classmethod(lambda cls, settings: api))
+    monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_test_local")
+
+    assert main(["--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    planned = [line for line in out if " would " in line]
+    # webhook endpoint, 3 products, 6 prices, payment methods, portal: nothing exists yet
+    assert len(planned) == 12 and api.writes == []
+    assert out[-1] == "12 change(s) planned."
+
+    assert main([]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{len(api.writes)} change(s)." and len(api.writes) == 12
+    assert main(["--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "0 change(s) planned."

@@ -13,11 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.payments import normalize, stripe_events
 from services.payments.config import PaymentsSettings, is_loopback_url, looks_like_real_test_key
-from services.payments.webhooks import WebhookRejected, verify_and_parse
+from services.payments.stripe import normalize
+from services.payments.stripe import testing as stripe_events
+from services.payments.stripe.events import Event, Invoice, ObjT, Subscription, parse_event
+from services.payments.stripe.intake import WebhookRejected, verify
 
 REAL_LOOKING = "sk_test_51" + "Ab3dE" * 20  # the shape of a key Stripe issues (about 107 characters)
+
+
+def typed(event: dict[str, object], model: type[ObjT]) -> Event[ObjT]:
+    """A built event as the worker reads it: its stored body parsed into the typed models."""
+    return parse_event(stripe_events.encode_event(event), model)
 
 
 # -- settings --------------------------------------------------------------------------------------
@@ -89,7 +96,7 @@ def test_signed_events_pass_the_sdks_own_verification() -> None:
     body, headers = stripe_events.signed_request(event, "whsec_x")
     parsed = stripe.Webhook.construct_event(body, headers["Stripe-Signature"], "whsec_x", tolerance=300)
     assert parsed.id == event["id"] and parsed.type == "checkout.session.completed"
-    assert verify_and_parse(body, headers["Stripe-Signature"], "whsec_x", 300)["id"] == event["id"]
+    assert verify(body, headers["Stripe-Signature"], "whsec_x", 300).id == event["id"]
 
 
 def test_signature_matches_stripes_documented_scheme() -> None:
@@ -118,7 +125,7 @@ def test_verification_failures(mutate: object, code: str) -> None:
     body, headers = stripe_events.signed_request(event, "whsec_x")
     body2, header2 = mutate(body, headers["Stripe-Signature"])  # type: ignore[operator]
     with pytest.raises(WebhookRejected) as exc:
-        verify_and_parse(body2, header2, "whsec_x", 300)
+        verify(body2, header2, "whsec_x", 300)
     assert exc.value.code == code and exc.value.status_code == 400
 
 
@@ -128,7 +135,7 @@ def test_within_tolerance_and_multiple_signatures_accepted() -> None:
     ts = int(time.time()) - 290
     good = stripe_events.sign_payload(body, "whsec_x", ts).split(",")[1]
     header = f"t={ts},v1={'0' * 64},{good}"
-    assert verify_and_parse(body, header, "whsec_x", 300)["type"] == "invoice.paid"
+    assert verify(body, header, "whsec_x", 300).type == "invoice.paid"
 
 
 @pytest.mark.parametrize(
@@ -141,7 +148,7 @@ def test_within_tolerance_and_multiple_signatures_accepted() -> None:
 )
 def test_signed_but_unusable_bodies(payload: bytes) -> None:
     with pytest.raises(WebhookRejected) as exc:
-        verify_and_parse(payload, stripe_events.sign_payload(payload, "whsec_x"), "whsec_x", 300)
+        verify(payload, stripe_events.sign_payload(payload, "whsec_x"), "whsec_x", 300)
     assert exc.value.code == "invalid_payload"
 
 
@@ -149,17 +156,17 @@ def test_signed_but_unusable_bodies(payload: bytes) -> None:
 @given(st.binary(max_size=300), st.text(max_size=80))
 def test_arbitrary_bodies_and_headers_never_crash(body: bytes, header: str) -> None:
     with contextlib.suppress(WebhookRejected):
-        verify_and_parse(body, header, "whsec_x", 300)
+        verify(body, header, "whsec_x", 300)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=300))
 def test_arbitrary_signed_bodies_are_refused_cleanly_or_parsed(body: bytes) -> None:
     try:
-        event = verify_and_parse(body, stripe_events.sign_payload(body, "whsec_x"), "whsec_x", 300)
+        event = verify(body, stripe_events.sign_payload(body, "whsec_x"), "whsec_x", 300)
     except WebhookRejected:
         return
-    assert isinstance(event["id"], str)
+    assert isinstance(event.id, str)
 
 
 # -- normalization ---------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ def test_subscription_current_api_shape_periods_on_items() -> None:
     sub = stripe_events.subscription(client_id="c1", plan_id="p1", period_start=1_700_000_000,
                                      period_end=1_702_592_000)
     event = stripe_events.build_event("customer.subscription.updated", sub, created=1_700_000_100)
-    data = normalize.subscription(event)
+    data = normalize.subscription(typed(event, Subscription))
     assert data.subscription_id == sub["id"] and data.client_id == "c1" and data.plan_id == "p1"
     assert data.current_period_start is not None and int(data.current_period_start.timestamp()) == 1_700_000_000
     assert int(data.current_period_end.timestamp()) == 1_702_592_000  # type: ignore[union-attr]
@@ -186,21 +193,21 @@ def test_subscription_older_api_shape_periods_on_subscription() -> None:
         item.pop("current_period_end")
         item["plan"] = item.pop("price")
     sub["current_period_start"], sub["current_period_end"] = 1_600_000_000, 1_602_592_000
-    data = normalize.subscription(stripe_events.build_event("customer.subscription.created", sub))
+    data = normalize.subscription(typed(stripe_events.build_event("customer.subscription.created", sub), Subscription))
     assert int(data.current_period_end.timestamp()) == 1_602_592_000  # type: ignore[union-attr]
     assert data.items[0].current_period_end == data.current_period_end
 
 
 def test_invoice_both_shapes_of_the_subscription_reference() -> None:
     new = stripe_events.stripe_invoice(subscription_id="sub_1", client_id="c9")
-    data = normalize.invoice(stripe_events.build_event("invoice.paid", new))
+    data = normalize.invoice(typed(stripe_events.build_event("invoice.paid", new), Invoice))
     assert data.subscription_id == "sub_1" and data.client_id == "c9" and data.paid_at is not None
     old = {**new, "parent": None, "subscription": "sub_2",
            "subscription_details": {"metadata": {"client_id": "c8", "plan_id": "p"}}}
-    data = normalize.invoice(stripe_events.build_event("invoice.payment_failed", old))
+    data = normalize.invoice(typed(stripe_events.build_event("invoice.payment_failed", old), Invoice))
     assert data.subscription_id == "sub_2" and data.client_id == "c8" and data.plan_id == "p"
     one_off = {**new, "parent": None}
-    assert normalize.invoice(stripe_events.build_event("invoice.paid", one_off)).subscription_id is None
+    assert normalize.invoice(typed(stripe_events.build_event("invoice.paid", one_off), Invoice)).subscription_id is None
 
 
 def test_public_and_portal_urls_follow_the_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,3 +217,23 @@ def test_public_and_portal_urls_follow_the_gateway(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PAYMENTS_PORTAL_URL", "https://portal.example")
     assert PaymentsSettings().portal_url == "https://portal.example"
     assert PaymentsSettings(public_url="https://pay.example").public_url == "https://pay.example"
+
+
+def test_openapi_documents_the_one_webhook_endpoint_from_the_intake_models_and_the_table() -> None:
+    from fastapi.routing import APIRoute
+
+    from services.payments.app import create_app
+    from services.payments.stripe.handlers import HANDLERS
+
+    app = create_app(PaymentsSettings())
+    doc = app.openapi()
+    operation = doc["paths"]["/webhooks/stripe"]["post"]
+    assert all(f"`{event_type}`" in operation["description"] for event_type in HANDLERS)
+    request = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert {"id", "type", "created", "data"} <= set(doc["components"]["schemas"][request]["properties"])
+    ack = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert set(doc["components"]["schemas"][ack]["properties"]) == {"received", "duplicate", "ignored"}
+    assert {"400", "413"} <= set(operation["responses"])
+    # served by one ASGI endpoint, not by a FastAPI handler
+    served = [r for r in app.routes if getattr(r, "path", None) == "/webhooks/stripe"]
+    assert len(served) == 1 and not isinstance(served[0], APIRoute)

@@ -11,11 +11,12 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from contracts.invoice import InvoiceEventType
+from contracts.invoice import InvoiceEventType, InvoiceStatus
 from contracts.payment import PaymentEventType, PaymentEventV1
 from contracts.stripe import StripeInvoiceV1, StripeSubscriptionV1
-from services.payments import stripe_events
 from services.payments.models import OutboxMessage, Payment, StripeEvent
+from services.payments.service import apply_invoice_snapshot
+from services.payments.stripe import testing as stripe_events
 from services.payments.tests.conftest import (
     WEBHOOK_SECRET,
     EventLog,
@@ -392,6 +393,30 @@ async def test_invoice_snapshots_keep_the_highest_version_and_mark_payments_appl
         assert copy is not None and copy.version == 5 and copy.status == "PAID" and copy.amount_paid == snap.total
         payment = await s.get(Payment, uuid.UUID(payment_id))
         assert payment is not None and payment.applied_at is not None
+
+
+async def test_an_equal_or_older_invoice_snapshot_changes_nothing(db: Any) -> None:
+    """kit.replica's rule for the copy: only a strictly newer version replaces it. An equal version is
+    a redelivery (even if it says something else), an older one arrived out of order."""
+    from services.payments.models import InvoiceCopy
+
+    snap = snapshot(version=3)
+    async with db.transaction() as uow:
+        assert await apply_invoice_snapshot(uow, InvoiceEventType.SENT, snap) is True
+    equal = snap.model_copy(update={"status": InvoiceStatus.VIEWED, "amount_paid": 1_000})
+    older = snap.model_copy(update={"version": 2, "status": InvoiceStatus.DRAFT})
+    for stale in (equal, older):
+        async with db.transaction() as uow:
+            assert await apply_invoice_snapshot(uow, InvoiceEventType.UPDATED, stale) is False
+    async with db.sessionmaker() as s:
+        copy = await s.get(InvoiceCopy, snap.id)
+        assert copy is not None and (copy.version, copy.status, copy.amount_paid) == (3, InvoiceStatus.SENT, 0)
+    newer = snap.model_copy(update={"version": 4, "status": InvoiceStatus.VIEWED})
+    async with db.transaction() as uow:
+        assert await apply_invoice_snapshot(uow, InvoiceEventType.VIEWED, newer) is True
+    async with db.sessionmaker() as s:
+        copy = await s.get(InvoiceCopy, snap.id)
+        assert copy is not None and (copy.version, copy.status) == (4, InvoiceStatus.VIEWED)
 
 
 async def test_one_bad_event_does_not_hold_back_its_batch(

@@ -1,0 +1,393 @@
+"""Typed models of the Stripe objects payments reads: only the fields it uses, parsed once per event.
+
+The edge of the service: a stored webhook body becomes an `Event[<object model>]` here, and nothing
+past this module touches Stripe's JSON. Money is `int` (minor units, as Stripe sends it), a currency
+is a checked ISO 4217 code normalised to upper case, a timestamp is an aware datetime
+(`kit.clock.from_unix`), a reference that may be expanded (`"cus_1"` or `{"id": "cus_1", ...}`) is
+its id. The models accept the shapes of older and current Stripe API versions where they differ
+(`invoice.subscription` before 2025-03-31, `invoice.parent.subscription_details` after; billing
+periods on the subscription before, on its items after; `plan` before `price`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictInt, ValidationError
+
+from kit.clock import from_unix
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _timestamp(value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value
+    return from_unix(int(value))
+
+
+def _ref(value: Any) -> Any:
+    """A Stripe reference: an id, or the expanded object (then its id)."""
+    if isinstance(value, dict):
+        return value.get("id")
+    return value
+
+
+def _currency(value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and len(value) == 3 and value.isascii() and value.isalpha():
+        return value.upper()
+    raise ValueError("a currency is a 3-letter ISO 4217 code")
+
+
+def _list_object(value: Any) -> Any:
+    """Stripe's list object `{"object": "list", "data": [...]}`, or a plain list."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return value.get("data") or []
+    return value
+
+
+def _metadata(value: Any) -> Any:
+    if isinstance(value, ObjectMetadata):
+        return value
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if v is not None}
+
+
+Timestamp = Annotated[datetime | None, BeforeValidator(_timestamp)]
+Ref = Annotated[str | None, BeforeValidator(_ref)]
+Currency = Annotated[str | None, BeforeValidator(_currency)]
+
+
+class StripeModel(BaseModel):
+    """Unknown fields are ignored: Stripe adds fields in every API version."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ObjectMetadata(BaseModel):
+    """A Stripe object's `metadata`: every key is kept (other services get it whole), and ours
+    (DESIGN.md: Stripe objects we create carry our ids) are typed."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    invoice_id: str | None = None
+    client_id: str | None = None
+    plan_id: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        return {key: str(value) for key, value in self.model_dump().items() if value is not None}
+
+
+Metadata = Annotated[ObjectMetadata, BeforeValidator(_metadata)]
+
+
+# -- Checkout ----------------------------------------------------------------------------------------
+
+
+class CheckoutSession(StripeModel):
+    """`checkout.session.*` events, and what Stripe answers when a session is created."""
+
+    id: str
+    mode: str | None = None
+    client_reference_id: str | None = None
+    metadata: Metadata = ObjectMetadata()
+    payment_intent: Ref = None
+    customer: Ref = None
+    payment_status: str | None = None
+    amount_total: int | None = None
+    currency: Currency = None
+    payment_method_types: list[str] = []
+    url: str | None = None
+    expires_at: Timestamp = None
+
+    @property
+    def invoice_id(self) -> str | None:
+        """Our invoice: `metadata.invoice_id`, else `client_reference_id` (both set by our checkout)."""
+        return self.metadata.invoice_id or self.client_reference_id
+
+    @property
+    def for_a_payment(self) -> bool:
+        """A one-off payment (ours), not a subscription or setup session."""
+        return self.mode in (None, "payment")
+
+    @property
+    def paid(self) -> bool:
+        return self.payment_status in ("paid", "no_payment_required")
+
+    @property
+    def method(self) -> str:
+        return payment_method(self.payment_method_types)
+
+
+class Customer(StripeModel):
+    id: str | None = None
+
+
+# -- PaymentIntent and Charge ------------------------------------------------------------------------
+
+
+class PaymentError(StripeModel):
+    code: str | None = None
+    decline_code: str | None = None
+    message: str | None = None
+
+
+class PaymentIntent(StripeModel):
+    id: str
+    metadata: Metadata = ObjectMetadata()
+    amount: int | None = None
+    currency: Currency = None
+    last_payment_error: PaymentError | None = None
+    payment_method_types: list[str] = []
+
+    @property
+    def failure_code(self) -> str:
+        error = self.last_payment_error or PaymentError()
+        return error.decline_code or error.code or "payment_failed"
+
+    @property
+    def failure_message(self) -> str:
+        error = self.last_payment_error or PaymentError()
+        return error.message or "The payment failed."
+
+    @property
+    def method(self) -> str:
+        return payment_method(self.payment_method_types)
+
+
+class RefundRef(StripeModel):
+    id: str | None = None
+
+
+class Charge(StripeModel):
+    id: str | None = None
+    payment_intent: Ref = None
+    metadata: Metadata = ObjectMetadata()
+    amount_refunded: int = 0  # cumulative, over every refund of the charge
+    currency: Currency = None
+    refunds: Annotated[list[RefundRef], BeforeValidator(_list_object)] = []
+
+    @property
+    def latest_refund_id(self) -> str | None:
+        return self.refunds[0].id if self.refunds else None
+
+
+# -- Subscriptions -----------------------------------------------------------------------------------
+
+
+class Recurring(StripeModel):
+    interval: str | None = None
+    interval_count: int | None = None
+
+
+def _price(value: Any) -> Any:
+    return {"id": value} if isinstance(value, str) else value  # an unexpanded `plan`
+
+
+class Price(StripeModel):
+    """A price, or the `plan` of older API versions (amount and interval at the top level)."""
+
+    id: str | None = None
+    lookup_key: str | None = None
+    product: Ref = None
+    unit_amount: int | None = None
+    amount: int | None = None
+    currency: Currency = None
+    recurring: Recurring | None = None
+    interval: str | None = None
+    interval_count: int | None = None
+
+
+class SubscriptionItem(StripeModel):
+    id: str = ""
+    price: Annotated[Price | None, BeforeValidator(_price)] = None
+    plan: Annotated[Price | None, BeforeValidator(_price)] = None
+    quantity: int | None = None
+    current_period_start: Timestamp = None
+    current_period_end: Timestamp = None
+
+
+class Subscription(StripeModel):
+    """`customer.subscription.*` events."""
+
+    id: str
+    customer: Ref = None
+    metadata: Metadata = ObjectMetadata()
+    status: str | None = None
+    currency: Currency = None
+    items: Annotated[list[SubscriptionItem], BeforeValidator(_list_object)] = []
+    current_period_start: Timestamp = None
+    current_period_end: Timestamp = None
+    cancel_at_period_end: bool = False
+    cancel_at: Timestamp = None
+    canceled_at: Timestamp = None
+    ended_at: Timestamp = None
+    trial_start: Timestamp = None
+    trial_end: Timestamp = None
+    start_date: Timestamp = None
+    latest_invoice: Ref = None
+
+
+# -- Stripe invoices (subscription billing) ----------------------------------------------------------
+
+
+class SubscriptionDetails(StripeModel):
+    subscription: Ref = None
+    metadata: Metadata = ObjectMetadata()
+
+
+class InvoiceParent(StripeModel):
+    subscription_details: SubscriptionDetails | None = None
+
+
+class StatusTransitions(StripeModel):
+    paid_at: Timestamp = None
+
+
+class Period(StripeModel):
+    start: Timestamp = None
+    end: Timestamp = None
+
+
+class PriceDetails(StripeModel):
+    price: Ref = None
+
+
+class LinePricing(StripeModel):
+    price_details: PriceDetails | None = None
+
+
+class ProrationDetails(StripeModel):
+    proration: bool | None = None
+
+
+class LineParent(StripeModel):
+    subscription_item_details: ProrationDetails | None = None
+    invoice_item_details: ProrationDetails | None = None
+
+
+class InvoiceLine(StripeModel):
+    id: str = ""
+    description: str | None = None
+    amount: Annotated[int, BeforeValidator(lambda v: v or 0)] = 0
+    currency: Currency = None
+    quantity: int | None = None
+    price: Ref = None
+    pricing: LinePricing | None = None
+    proration: bool | None = None
+    parent: LineParent | None = None
+    period: Period = Period()
+
+    @property
+    def price_id(self) -> str | None:
+        if self.price:
+            return self.price
+        details = self.pricing.price_details if self.pricing else None
+        return details.price if details else None
+
+    @property
+    def is_proration(self) -> bool:
+        if self.proration is not None:
+            return self.proration
+        for details in (self.parent.subscription_item_details, self.parent.invoice_item_details) if self.parent else ():
+            if details is not None and details.proration is not None:
+                return details.proration
+        return False
+
+
+class Invoice(StripeModel):
+    """`invoice.*` events (Stripe's invoices of subscriptions, not ours)."""
+
+    id: str
+    customer: Ref = None
+    subscription: Ref = None  # API versions before 2025-03-31
+    subscription_details: SubscriptionDetails | None = None  # idem
+    parent: InvoiceParent | None = None
+    metadata: Metadata = ObjectMetadata()
+    status: str | None = None
+    number: str | None = None
+    currency: Currency = None
+    subtotal: int | None = None
+    tax: int | None = None
+    total: int | None = None
+    amount_due: Annotated[int, BeforeValidator(lambda v: v or 0)] = 0
+    amount_paid: Annotated[int, BeforeValidator(lambda v: v or 0)] = 0
+    amount_remaining: int | None = None
+    billing_reason: str | None = None
+    attempt_count: int | None = None
+    next_payment_attempt: Timestamp = None
+    period_start: Timestamp = None
+    period_end: Timestamp = None
+    status_transitions: StatusTransitions = StatusTransitions()
+    hosted_invoice_url: str | None = None
+    invoice_pdf: str | None = None
+    lines: Annotated[list[InvoiceLine], BeforeValidator(_list_object)] = []
+
+    @property
+    def subscription_id(self) -> str | None:
+        if self.subscription:
+            return self.subscription
+        details = self.parent.subscription_details if self.parent else None
+        return details.subscription if details else None
+
+    @property
+    def subscription_metadata(self) -> ObjectMetadata:
+        """The subscription's metadata copied onto the invoice (either API shape; the older wins)."""
+        merged: dict[str, str] = {}
+        for details in (self.parent.subscription_details if self.parent else None, self.subscription_details):
+            if details is not None:
+                merged.update(details.metadata.as_dict())
+        return ObjectMetadata.model_validate(merged)
+
+
+# -- the event -----------------------------------------------------------------------------------------
+
+ObjT = TypeVar("ObjT", bound=StripeModel)
+
+
+class EventData(StripeModel, Generic[ObjT]):
+    object: ObjT
+
+
+class Event(StripeModel, Generic[ObjT]):
+    """A stored Stripe event with its `data.object` parsed into the model its type carries."""
+
+    id: str
+    type: str
+    created: StrictInt  # unix seconds; Stripe's order of events (one-second resolution)
+    livemode: bool = False
+    data: EventData[ObjT]
+
+    @property
+    def object(self) -> ObjT:
+        return self.data.object
+
+    @property
+    def created_at(self) -> datetime:
+        return from_unix(self.created) or EPOCH
+
+
+def parse_event(payload: bytes, model: type[ObjT]) -> Event[ObjT]:
+    """The event in `payload`, its object as `model`. A payload Stripe would never send (a string
+    where an amount belongs, a currency that is no code) is a ValueError naming the field."""
+    try:
+        return Event[model].model_validate_json(payload)  # type: ignore[valid-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)[:5]
+        )
+        raise ValueError(f"unreadable Stripe {model.__name__} event: {problems}") from None
+
+
+def payment_method(types: list[str]) -> str:
+    """The method of a payment: the one method offered, else just "stripe"."""
+    return types[0] if len(types) == 1 else "stripe"
+
