@@ -476,21 +476,22 @@ def create_app(settings: Settings) -> FastAPI:
         success = session.get("success_url")
         if session["status"] == "complete" and success:
             return RedirectResponse(str(success).replace("{CHECKOUT_SESSION_ID}", session_id), status_code=303)
-        return RedirectResponse(f"/checkout/{session_id}", status_code=303)
+        return RedirectResponse(f"{settings.base_url}/checkout/{session_id}", status_code=303)
 
     @app.post("/checkout/{session_id}/decline")
     async def checkout_decline(session_id: str) -> Response:
         session = await page_error(lambda e: e.decline_checkout(session_id))
         if isinstance(session, HTMLResponse):
             return session
-        return RedirectResponse(f"/checkout/{session_id}?declined=1", status_code=303)
+        return RedirectResponse(f"{settings.base_url}/checkout/{session_id}?declined=1", status_code=303)
 
     @app.post("/checkout/{session_id}/cancel")
     async def checkout_cancel(session_id: str) -> Response:
         session = await page_error(lambda e: e.checkout_session(session_id))
         if isinstance(session, HTMLResponse):
             return session
-        return RedirectResponse(str(session.get("cancel_url") or f"/checkout/{session_id}"), status_code=303)
+        return RedirectResponse(str(session.get("cancel_url") or f"{settings.base_url}/checkout/{session_id}"),
+                                status_code=303)
 
     @app.get("/invoice/{invoice_id}", response_class=HTMLResponse)
     async def invoice_page(invoice_id: str, request: Request) -> HTMLResponse:
@@ -508,14 +509,14 @@ def create_app(settings: Settings) -> FastAPI:
         result = await page_error(lambda e: e.pay_invoice(invoice_id, {}, outcome="succeed"))
         if isinstance(result, HTMLResponse):
             return result
-        return RedirectResponse(f"/invoice/{invoice_id}?paid=1", status_code=303)
+        return RedirectResponse(f"{settings.base_url}/invoice/{invoice_id}?paid=1", status_code=303)
 
     @app.post("/invoice/{invoice_id}/decline")
     async def invoice_decline(invoice_id: str) -> Response:
         result = await page_error(lambda e: e.fail_invoice_payment(invoice_id))
         if isinstance(result, HTMLResponse):
             return result
-        return RedirectResponse(f"/invoice/{invoice_id}?declined=1", status_code=303)
+        return RedirectResponse(f"{settings.base_url}/invoice/{invoice_id}?declined=1", status_code=303)
 
     @app.get("/portal/{session_id}", response_class=HTMLResponse)
     async def portal_page(session_id: str, request: Request) -> HTMLResponse:
@@ -539,7 +540,7 @@ def create_app(settings: Settings) -> FastAPI:
     def back_to_portal(session_id: str, result: Obj | HTMLResponse, notice: str) -> Response:
         if isinstance(result, HTMLResponse):
             return result
-        return RedirectResponse(f"/portal/{session_id}?notice={notice}", status_code=303)
+        return RedirectResponse(f"{settings.base_url}/portal/{session_id}?notice={notice}", status_code=303)
 
     @app.post("/portal/{session_id}/card")
     async def portal_card(session_id: str, request: Request) -> Response:

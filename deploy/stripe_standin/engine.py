@@ -50,6 +50,7 @@ RETRY_DELAY = DAY  # next_payment_attempt after a failure (Stripe's smart retrie
 MAX_ATTEMPTS = 4  # the first attempt and three retries, then the subscription becomes unpaid
 INCOMPLETE_EXPIRES_AFTER = 23 * 3600
 CHECKOUT_DEFAULT_EXPIRY = 24 * 3600
+CHECKOUT_MIN_EXPIRY = 30 * 60
 CARD_OUTCOMES = ("succeed", "decline", "none")
 PRORATION_BEHAVIORS = ("create_prorations", "always_invoice", "none")
 PAYMENT_BEHAVIORS = ("allow_incomplete", "default_incomplete", "error_if_incomplete", "pending_if_incomplete")
@@ -1261,7 +1262,7 @@ class Engine:
     def decline_error(payment_intent: str | None = None) -> Obj:
         return {"charge": new_id("ch"), "code": "card_declined", "decline_code": "generic_decline",
                 "doc_url": "https://stripe.com/docs/error-codes/card-declined", "message": "Your card was declined.",
-                "payment_method": None, "type": "card_error"}
+                "type": "card_error"}
 
     def _attempt(self, invoice: Obj, at: int, *, outcome: str | None = None) -> bool:
         """Charge the invoice (with the customer's simulated card unless ``outcome``); True if paid."""
@@ -1528,9 +1529,9 @@ class Engine:
                               param="line_items")
         expires_at = as_int(p, "expires_at", now + CHECKOUT_DEFAULT_EXPIRY)
         assert expires_at is not None
-        if not now < expires_at <= now + CHECKOUT_DEFAULT_EXPIRY + 60:
-            raise StripeError("The `expires_at` timestamp must be less than 24 hours from Checkout Session "
-                              "creation and in the future.", param="expires_at")
+        if not now + CHECKOUT_MIN_EXPIRY - 60 <= expires_at <= now + CHECKOUT_DEFAULT_EXPIRY + 60:
+            raise StripeError("The `expires_at` timestamp must be at least 30 minutes and at most 24 hours from "
+                              "Checkout Session creation.", param="expires_at")
         subscription_data = as_dict(p, "subscription_data")
         if subscription_data:
             self._missing_pm_behavior(as_dict(subscription_data, "trial_settings"), "subscription_data[trial_settings]")
@@ -1547,8 +1548,8 @@ class Engine:
             "currency": currencies.pop(), "custom_fields": [],
             "custom_text": {"after_submit": None, "shipping_address": None, "submit": None,
                             "terms_of_service_acceptance": None},
-            "customer": customer_id, "customer_creation": None if customer_id else (
-                "always" if mode == "subscription" else "if_required"),
+            "customer": customer_id,
+            "customer_creation": "if_required" if mode == "payment" and not customer_id else None,
             "customer_details": None, "customer_email": customer_email, "discounts": [], "expires_at": expires_at,
             "invoice": None, "invoice_creation": None, "livemode": False, "locale": as_str(p, "locale"),
             "metadata": metadata_update({}, p), "mode": mode, "payment_intent": None, "payment_link": None,
