@@ -8,6 +8,7 @@ overdue" for an invoice the portal still shows as SENT).
 
 from __future__ import annotations
 
+import uuid
 from datetime import date
 from typing import Protocol
 
@@ -16,16 +17,12 @@ import structlog
 from pydantic import ValidationError
 
 from contracts.base import ContractModel
-from contracts.invoice import InvoiceStatus
 from kit.actor import INTERNAL_TOKEN_HEADER
 from kit.errors import ServiceUnavailable
 
 log = structlog.get_logger(__name__)
 
 MARK_OVERDUE_PATH = "/api/invoices/mark-overdue"
-# A scan asks again while the invoice service keeps marking (it may work in batches); a bound all the
-# same, so a misbehaving answer cannot keep a scan going for ever.
-MAX_MARK_ROUNDS = 1000
 
 
 class InvoiceServiceUnavailable(ServiceUnavailable):
@@ -43,21 +40,14 @@ class OverdueAuthority(Protocol):
         ...
 
 
-class _MarkedInvoice(ContractModel):
-    id: str
-    status: InvoiceStatus = InvoiceStatus.OVERDUE
-
-
 class MarkOverdueAnswer(ContractModel):
-    """`POST /api/invoices/mark-overdue`'s answer: how many it marked and which (as ids or invoices)."""
+    """`POST /api/invoices/mark-overdue`'s answer, the fields we use: the invoices this call moved to
+    OVERDUE. (Those already OVERDUE, or moved by a scan running at the same time, are not listed: their
+    copies say OVERDUE once their invoice.overdue events have arrived.)"""
 
-    marked_overdue: int = 0
-    invoice_ids: list[str] = []
-    invoices: list[_MarkedInvoice] = []
-
-    def overdue_ids(self) -> frozenset[str]:
-        ids = {i.id for i in self.invoices if i.status == InvoiceStatus.OVERDUE}
-        return frozenset(ids.union(self.invoice_ids))
+    as_of: date
+    marked_overdue: int
+    invoice_ids: list[uuid.UUID]
 
 
 class InvoiceServiceClient:
@@ -69,18 +59,17 @@ class InvoiceServiceClient:
                                          trust_env=False)
 
     async def mark_overdue(self, as_of: date) -> frozenset[str]:
-        marked: set[str] = set()
-        for _ in range(MAX_MARK_ROUNDS):
-            answer = await self._mark_once(as_of)
-            ids = answer.overdue_ids()
-            if not ids:
-                if answer.marked_overdue:  # a count without the invoices: their copies will tell, later
-                    log.warning("mark_overdue_answer_without_ids", marked=answer.marked_overdue)
-                break
-            marked |= ids
-        return frozenset(marked)
+        """One call: when it answers, nothing open and due before `as_of` is left unmarked."""
+        answer = await self._post(as_of)
+        if answer.as_of != as_of:
+            raise InvoiceServiceUnavailable(
+                f"The invoice service marked overdue invoices as of {answer.as_of}, not {as_of}; "
+                "no overdue notice was sent.", details={"service": "invoice"},
+            )
+        log.info("invoices_marked_overdue", as_of=as_of.isoformat(), marked=answer.marked_overdue)
+        return frozenset(str(invoice_id) for invoice_id in answer.invoice_ids)
 
-    async def _mark_once(self, as_of: date) -> MarkOverdueAnswer:
+    async def _post(self, as_of: date) -> MarkOverdueAnswer:
         try:
             response = await self._client.post(MARK_OVERDUE_PATH, json={"asOf": as_of.isoformat()})
         except httpx.HTTPError as exc:

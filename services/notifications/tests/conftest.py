@@ -260,8 +260,9 @@ class FakeInvoiceService:
             self.mark_overdue_calls.append((await request.json(), dict(request.headers)))
             if self.mark_overdue_status != 200:
                 return Response(status_code=self.mark_overdue_status)
+            asked = await request.json()
             marked, self.past_due = sorted(self.past_due), set()
-            body = {"markedOverdue": len(marked), "invoices": [{"id": i, "status": "OVERDUE"} for i in marked]}
+            body = {"asOf": asked["asOf"], "markedOverdue": len(marked), "invoiceIds": marked}
             return Response(json.dumps(body), media_type="application/json")
 
         async def pdf_route(request: Request) -> Response:

@@ -203,3 +203,80 @@ async def test_reminders_run_on_demand_is_idempotent(api: Api, mailbox: Mailbox)
     assert today.status_code == 200 and today.json()["asOf"] == api.parts.service.today().isoformat()
     bad = await api.http.post("/api/reminders/run", json={"asOf": "not-a-date"})
     assert bad.status_code == 422 and bad.json()["error"]["details"][0]["field"] == "asOf"
+
+
+async def test_reminders_run_as_of_a_date_asks_the_invoice_service_first(
+    api: Api, mailbox: Mailbox, fake_invoice_service: FakeInvoiceService
+) -> None:
+    """One overdue notice for the invoice the invoice service marks OVERDUE, none for another past due."""
+    as_of = date(2026, 10, 10)
+    marked = snapshot(number="2026-0310", due=as_of - timedelta(days=1), issue=date(2026, 9, 1),
+                      email_="marked@acme.example.com")
+    not_marked = snapshot(number="2026-0311", due=as_of - timedelta(days=1), issue=date(2026, 9, 1),
+                          email_="not-marked@acme.example.com")
+    for snap in (marked, not_marked):
+        await api.consumer.apply(invoice_event("invoice.sent", snap))
+    fake_invoice_service.past_due = {marked["id"]}
+    calls = len(fake_invoice_service.mark_overdue_calls)
+    response = await api.http.post("/api/reminders/run", json={"asOf": as_of.isoformat()})
+    assert response.status_code == 200, response.text
+    [(asked, _headers)] = fake_invoice_service.mark_overdue_calls[calls:calls + 1]
+    assert asked == {"asOf": "2026-10-10"}
+    mine = [(r["invoiceId"], r["kind"], r["sequence"]) for r in response.json()["reminders"]
+            if r["invoiceId"] in (marked["id"], not_marked["id"])]
+    assert mine == [(marked["id"], "reminder_overdue", 1)]
+    await api.sent(marked["id"], "reminder_overdue")
+    assert sorted(m["X-Billing-Kind"] for m in mailbox.to("marked@acme.example.com")) == [
+        "invoice_sent", "reminder_overdue"]
+    assert [m["X-Billing-Kind"] for m in mailbox.to("not-marked@acme.example.com")] == ["invoice_sent"]
+
+
+async def test_reminders_run_is_a_503_and_sends_nothing_when_the_invoice_service_fails(
+    api: Api, fake_invoice_service: FakeInvoiceService, make_settings: Callable[..., NotificationsSettings]
+) -> None:
+    as_of = date(2026, 11, 10)
+    late = snapshot(number="2026-0312", due=as_of - timedelta(days=1), issue=date(2026, 10, 1))
+    await api.consumer.apply(invoice_event("invoice.sent", late))
+    fake_invoice_service.past_due = {late["id"]}
+    fake_invoice_service.mark_overdue_status = 500
+    try:
+        failed = await api.http.post("/api/reminders/run", json={"asOf": as_of.isoformat()})
+    finally:
+        fake_invoice_service.mark_overdue_status = 200
+    assert failed.status_code == 503, failed.text
+    error = failed.json()["error"]
+    assert error["code"] == "invoice_service_unavailable" and "no overdue notice was sent" in error["message"]
+    assert (await api.http.get("/api/reminders", params={"invoiceId": late["id"]})).json()["items"] == []
+
+    # Nothing listening at all (the default settings point at a closed port): a 503 too, with Retry-After.
+    app = create_app(make_settings())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://n", headers=ADMIN) as http:
+            down = await http.post("/api/reminders/run", json={"asOf": as_of.isoformat()})
+    assert down.status_code == 503 and down.json()["error"]["code"] == "invoice_service_unavailable"
+    assert down.headers["retry-after"] == "30"
+
+
+async def test_lists_page_with_a_cursor_and_refuse_unknown_parameters(api: Api) -> None:
+    snaps = [snapshot(number=f"2026-04{i:02d}", email_=f"page-{i}@acme.example.com") for i in range(5)]
+    for snap in snaps:
+        await api.consumer.apply(invoice_event("invoice.sent", snap))
+    seen: list[str] = []
+    params: dict[str, Any] = {"limit": 2, "kind": "invoice_sent"}
+    while True:
+        page = (await api.http.get("/api/notifications", params=params)).json()
+        assert len(page["items"]) <= 2 and page["total"] == 5
+        seen += [i["id"] for i in page["items"]]
+        if not page["hasMore"]:
+            break
+        params["cursor"] = page["nextCursor"]
+    everything = (await api.http.get("/api/notifications", params={"limit": 100, "kind": "invoice_sent"})).json()
+    assert seen == [i["id"] for i in everything["items"]] and len(set(seen)) == 5
+    # A cursor belongs to its list and filters.
+    other = await api.http.get("/api/notifications", params={"cursor": params["cursor"], "kind": "invoice_cancelled"})
+    assert other.status_code == 400 and other.json()["error"]["code"] == "invalid_cursor"
+    for path in ("/api/notifications", "/api/reminders", f"/api/notifications/invoices/{snaps[0]['id']}"):
+        bad = await api.http.get(path, params={"offset": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_query_parameter", path
+        assert set((await api.http.get(path)).json()) == {"items", "nextCursor", "hasMore", "total"}

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from contracts.invoice import InvoiceSnapshotV1
 from kit.db import Database
+from kit.errors import ServiceUnavailable
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
 from services.notifications.consumers import NotificationConsumer
@@ -257,3 +258,67 @@ async def test_indexed_sql_matches_the_reference_schedule(
             assert got == expected, window
     finally:
         await db.dispose()
+
+
+async def test_an_overdue_notice_only_for_an_invoice_the_invoice_service_says_is_overdue(setup: Any) -> None:
+    """Past its due date is not enough: the invoice service decides OVERDUE (its answer, or the copy)."""
+    _, db, svc = setup
+    marked = snapshot(due=DUE, issue=date(2026, 3, 1))
+    kept_open = snapshot(due=DUE, issue=date(2026, 3, 1))  # e.g. a payment arrived there meanwhile
+    await put_invoices(db, [marked, kept_open])
+    svc.invoices.marked.add(kept_open["id"])  # the invoice service does not mark this one
+    result = await svc.scan_reminders(db, DUE + timedelta(days=1))
+    assert svc.invoices.calls == [DUE + timedelta(days=1)]  # asked first, for the scan's day
+    assert [(r["invoiceId"], r["kind"]) for r in result.created] == [(marked["id"], "reminder_overdue")]
+    assert await reminders_of(db, kept_open["id"]) == []
+    # Once its copy says OVERDUE (its invoice.overdue arrived), the notice goes out.
+    await put_invoices(db, [{**kept_open, "status": "OVERDUE", "version": 3}])
+    later = await svc.scan_reminders(db, DUE + timedelta(days=2))
+    assert [(r["invoiceId"], r["kind"], r["sequence"]) for r in later.created] == [
+        (kept_open["id"], "reminder_overdue", 1)]
+
+
+async def test_no_reminder_at_all_while_the_invoice_service_is_unreachable(setup: Any) -> None:
+    _, db, svc = setup
+    late = snapshot(due=DUE, issue=date(2026, 3, 1))
+    soon = snapshot(due=DUE + timedelta(days=8), issue=date(2026, 3, 1))
+    await put_invoices(db, [late, soon])
+    svc.invoices.down = True
+    with pytest.raises(ServiceUnavailable):
+        await svc.scan_reminders(db, DUE + timedelta(days=1))
+    assert await reminders_of(db) == []
+    async with db.unit_of_work() as uow:
+        assert await uow.session.scalar(select(func.count()).select_from(Notification)) == 0
+    svc.invoices.down = False  # back: the same run now does everything, once
+    result = await svc.scan_reminders(db, DUE + timedelta(days=1))
+    assert sorted((r["invoiceId"], r["kind"]) for r in result.created) == sorted(
+        [(late["id"], "reminder_overdue"), (soon["id"], "reminder_before_due")])
+
+
+async def test_an_equal_or_older_snapshot_changes_nothing_but_a_resend_still_mails(setup: Any) -> None:
+    """The copy takes strictly newer versions only (kit.replica); the email decision is not the copy's."""
+    _, db, svc = setup
+    consumer = NotificationConsumer(db, CONSUMER_NAME, svc.handlers())
+    sent = snapshot(due=DUE, version=2, total=120_00)
+    assert await consumer.apply(invoice_event("invoice.sent", sent))
+
+    async def copy() -> tuple[str, int, int]:
+        async with db.unit_of_work() as uow:
+            c = await repo.get_invoice(uow.session, sent["id"])
+            assert c is not None
+            return c.status, c.version, c.amount_due
+
+    # The same version with other content (a replay of a divergent snapshot), then an older one.
+    assert await consumer.apply(invoice_event("invoice.viewed", {**sent, "status": "VIEWED", "amountDue": 1}))
+    assert await copy() == ("SENT", 2, 120_00)
+    assert await consumer.apply(invoice_event("invoice.updated", {**sent, "status": "DRAFT", "version": 1}))
+    assert await copy() == ("SENT", 2, 120_00)
+    # The invoice service re-sends without a new version: the copy is unchanged, the client gets the email.
+    assert await consumer.apply(invoice_event("invoice.sent", {**sent, "reason": "resent"}))
+    # A stale invoice.sent (older version) sends nothing.
+    assert await consumer.apply(invoice_event("invoice.sent", {**sent, "version": 1}))
+    async with db.unit_of_work() as uow:
+        kinds = (await uow.session.scalars(
+            select(Notification.kind).where(Notification.invoice_id == sent["id"]))).all()
+    assert sorted(kinds) == ["invoice_sent", "invoice_sent"]
+    assert await copy() == ("SENT", 2, 120_00)

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,52 @@ async def wait_status(http: httpx.AsyncClient, invoice_id: str, status: str, tim
             return body
         await asyncio.sleep(0.2)
     raise AssertionError(f"invoice never reached {status}: {body}")
+
+
+async def test_reminders_run_past_the_due_date_marks_overdue_first_then_one_notice(
+    services: tuple[ServiceProcess, ServiceProcess, str], mailbox: Mailbox
+) -> None:
+    """The overdue notice and the invoice's status agree: the run as of a date asks the invoice service
+    to mark what is past due, and mails an overdue notice only for what it says is OVERDUE."""
+    invoice_svc, notifications_svc, token = services
+    admin = {"X-Actor-Role": "admin", "X-Actor-User-Id": "admin-1", "X-Internal-Token": token}
+    email = f"overdue-{uuid.uuid4().hex[:8]}@client.example.com"
+    as_of = date(2027, 3, 11)
+    async with httpx.AsyncClient(base_url=invoice_svc.url, headers=admin, timeout=30) as inv:
+        client = await inv.post("/api/clients", json={"name": "Late Payer Ltd", "email": email, "currency": "EUR"})
+        assert client.status_code == 201, client.text
+        ids = {}
+        for name, due in (("late", as_of - timedelta(days=1)), ("not_yet", as_of + timedelta(days=29))):
+            created = await inv.post("/api/invoices", json={
+                "clientId": client.json()["id"], "issueDate": "2027-02-01", "dueDate": due.isoformat(),
+                "items": [{"description": "Retainer", "quantity": "1", "unitPrice": 80_000}],
+            })
+            assert created.status_code == 201, created.text
+            ids[name] = created.json()["id"]
+            sent = await inv.post(f"/api/invoices/{ids[name]}/send")
+            assert sent.status_code == 200 and sent.json()["status"] == "SENT", sent.text
+        # Both invoice emails out: the notifications service holds both copies (SENT).
+        await mailbox.wait(lambda ms: all(mailbox.for_invoice(i) for i in ids.values()), "the invoice emails",
+                           timeout=60)
+
+        async with httpx.AsyncClient(base_url=notifications_svc.url, headers=admin, timeout=60) as notif:
+            run = await notif.post("/api/reminders/run", json={"asOf": as_of.isoformat()})
+            assert run.status_code == 200, run.text
+            mine = [(r["invoiceId"], r["kind"], r["sequence"]) for r in run.json()["reminders"]
+                    if r["invoiceId"] in ids.values()]
+            assert mine == [(ids["late"], "reminder_overdue", 1)]
+            # The invoice service says so too: OVERDUE there, the other one untouched.
+            assert (await inv.get(f"/api/invoices/{ids['late']}")).json()["status"] == "OVERDUE"
+            assert (await inv.get(f"/api/invoices/{ids['not_yet']}")).json()["status"] == "SENT"
+
+            await mailbox.wait(lambda ms: len(mailbox.for_invoice(ids["late"])) >= 2, "the overdue notice",
+                               timeout=60)
+            again = await notif.post("/api/reminders/run", json={"asOf": as_of.isoformat()})
+            assert again.status_code == 200, again.text
+            assert [r for r in again.json()["reminders"] if r["invoiceId"] in ids.values()] == []
+        await asyncio.sleep(2.0)  # a second notice would have been sent by now
+        assert sorted(m["X-Billing-Kind"] for m in mailbox.for_invoice(ids["late"])) == [
+            "invoice_sent", "reminder_overdue"]
+        [notice] = [m for m in mailbox.for_invoice(ids["late"]) if m["X-Billing-Kind"] == "reminder_overdue"]
+        assert "1 day overdue" in notice.get_body(("plain",)).get_content()
+        assert [m["X-Billing-Kind"] for m in mailbox.for_invoice(ids["not_yet"])] == ["invoice_sent"]
