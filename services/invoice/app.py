@@ -60,7 +60,9 @@ MAX_BODY = 2 * 1024 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 
-def invoice_service(uow: RequestUnitOfWork, request: Request) -> InvoiceService:
+# The services are built on the request's unit of work (committed once the handler returns). The
+# factories are async only so FastAPI calls them inline instead of in its thread pool.
+async def invoice_service(uow: RequestUnitOfWork, request: Request) -> InvoiceService:
     settings: InvoiceSettings = request.app.state.runtime.settings
     return InvoiceService(uow, default_net_days=settings.default_net_days)
 
@@ -68,7 +70,7 @@ def invoice_service(uow: RequestUnitOfWork, request: Request) -> InvoiceService:
 Service = Annotated[InvoiceService, Depends(invoice_service)]
 
 
-def template_service(uow: RequestUnitOfWork, request: Request) -> TemplateService:
+async def template_service(uow: RequestUnitOfWork, request: Request) -> TemplateService:
     return TemplateService(uow, request.app.state.template_cache)
 
 
@@ -286,14 +288,9 @@ async def put_template(body: TemplateUpdate, templates: Templates, actor: AdminA
 @template.post("/preview", response_class=Response, responses=PDF_RESPONSES)
 async def preview_template(body: TemplatePreview, templates: Templates, pdfs: Pdfs, _: AdminActor) -> Response:
     """A sample invoice rendered with these (unsaved) settings, for a live preview."""
-    if body.remove_logo or ("logo" in body.model_fields_set and body.logo is None):
-        logo = None
-    elif body.logo is not None:
-        logo = await validate_uploaded_logo(body.logo.data, body.logo.mime)
-    else:
-        logo = (await templates.current()).settings.logo
-    await templates.uow.session.close()  # no database work while rendering
-    pdf = await pdfs.preview(body.to_settings(logo))
+    settings = await templates.preview_settings(body)
+    await templates.uow.session.close()  # no database connection held while rendering
+    pdf = await pdfs.preview(settings)
     return Response(
         content=pdf,
         media_type="application/pdf",

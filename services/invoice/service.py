@@ -293,8 +293,7 @@ class InvoiceService:
 
     async def cancel(self, invoice_id: uuid.UUID) -> Invoice:
         invoice = await self.get_invoice(invoice_id, Actor("system"), for_update=True)
-        self._check(invoice, S.CANCELLED)  # before touching anything: a refused cancel changes nothing
-        invoice.cancelled_at = utcnow()
+        invoice.cancelled_at = utcnow()  # a refused move raises: the unit of work rolls this back
         await self._change(invoice, InvoiceEventType.CANCELLED, to=S.CANCELLED)
         return invoice
 
@@ -427,15 +426,6 @@ class InvoiceService:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _check(self, invoice: Invoice, target: InvoiceStatus, *, refund: bool = False) -> None:
-        current = InvoiceStatus(invoice.status)
-        if not can_transition(current, target, refund=refund):
-            raise Conflict(
-                f"Invoice cannot go from {current} to {target}.",
-                code="invalid_transition",
-                details={"from": current, "to": target},
-            )
-
     async def _change(self, invoice: Invoice, event_type: InvoiceEventType, *, to: InvoiceStatus | None = None,
                       refund: bool = False, cause_id: str | None = None, reason: str | None = None) -> None:
         """The one way an existing invoice changes: the move to `to` (if any) is checked against the
@@ -443,7 +433,10 @@ class InvoiceService:
         one and the event is staged in the outbox with the new snapshot. Nothing else assigns
         `status` or `version`."""
         if to is not None:
-            self._check(invoice, to, refund=refund)
+            current = InvoiceStatus(invoice.status)
+            if not can_transition(current, to, refund=refund):
+                raise Conflict(f"Invoice cannot go from {current} to {to}.", code="invalid_transition",
+                               details={"from": current, "to": to})
             invoice.status = to
         invoice.version += 1
         # Written now (not at commit) so the response built from this instance shows updated_at and

@@ -29,7 +29,7 @@ from services.invoice.models import Invoice, InvoiceTemplate
 from services.invoice.pdf import LogoError, NormalizedLogo, TemplateSettings, validate_logo
 from services.invoice.pdf.logo import MAX_LOGO_BYTES
 from services.invoice.repository import TemplateRepository
-from services.invoice.schemas import TemplateUpdate
+from services.invoice.schemas import TemplatePreview, TemplateUpdate
 from services.invoice.status import InvoiceStatus
 
 log = structlog.get_logger(__name__)
@@ -176,6 +176,17 @@ class TemplateService:
             )
         logo = None if update.remove_logo else current.settings.logo
         return await self._insert(update.to_settings(logo), actor)
+
+    async def preview_settings(self, preview: TemplatePreview) -> TemplateSettings:
+        """The unsaved settings of a preview with its logo: none when `removeLogo` or `logo: null`,
+        the given one (validated again) when there is one, else the saved logo."""
+        if preview.remove_logo or ("logo" in preview.model_fields_set and preview.logo is None):
+            logo = None
+        elif preview.logo is not None:
+            logo = await validate_uploaded_logo(preview.logo.data, preview.logo.mime)
+        else:
+            logo = (await self.current()).settings.logo
+        return preview.to_settings(logo)
 
     async def set_logo(self, logo: NormalizedLogo, actor: Actor) -> StoredTemplate:
         await self.repo.lock()
