@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
@@ -34,9 +35,18 @@ class Seeder:
     def invoice(self, client_id: str, items: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
         return self.call("POST", "/api/invoices", json={"clientId": client_id, "items": items, **fields})
 
+    def clients(self) -> Iterator[dict[str, Any]]:
+        """Every client, following the list's cursor page by page."""
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self.call("GET", "/api/clients", params=params)
+            yield from page["items"]
+            if page["nextCursor"] is None:
+                return
+            params["cursor"] = page["nextCursor"]
+
     def run(self) -> None:
-        clients = self.call("GET", "/api/clients")
-        if any(c["email"] == DEMO_CLIENT_EMAIL for c in clients):
+        if any(c["email"] == DEMO_CLIENT_EMAIL for c in self.clients()):
             print("[seed] demo data already present")
             return
         acme = self.call(

@@ -4,12 +4,26 @@ part-pay and fully pay an invoice, and watch its events arrive on Kafka."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
 
 from deploy.infra import ServiceProcess
 from deploy.services import GATEWAY
 from tests.conftest import TopicWatcher, login, wait_until
+
+
+async def every_item(http: httpx.AsyncClient, path: str, **params: Any) -> list[dict[str, Any]]:
+    """All items of a list endpoint, following `nextCursor` page by page."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = await http.get(path, params={**params, "limit": 100, **({"cursor": cursor} if cursor else {})})
+        assert page.status_code == 200, page.text
+        items += page.json()["items"]
+        cursor = page.json()["nextCursor"]
+        if cursor is None:
+            return items
 
 
 async def test_invoice_lifecycle_through_the_gateway(admin: httpx.AsyncClient, kafka_events: TopicWatcher) -> None:
@@ -42,7 +56,7 @@ async def test_invoice_lifecycle_through_the_gateway(admin: httpx.AsyncClient, k
                        "invoice.paid"):
         await kafka_events.wait_for(invoice["id"], event_type)
     assert len(kafka_events.matching(invoice["id"], "payment.recorded")) == 2
-    history = (await admin.get(f"/api/invoices/{invoice['id']}/payments")).json()
+    history = (await admin.get(f"/api/invoices/{invoice['id']}/payments")).json()["items"]
     assert sorted(p["amount"] for p in history) == [78_500, 100_000]
 
 
@@ -79,7 +93,7 @@ async def test_idempotency_key_returns_the_first_response(admin: httpx.AsyncClie
     second = await admin.post("/api/clients", json=body, headers=key)
     assert first.status_code == second.status_code == 201
     assert first.json()["id"] == second.json()["id"]
-    clients = (await admin.get("/api/clients", params={"limit": 500})).json()
+    clients = await every_item(admin, "/api/clients")
     assert sum(1 for c in clients if c["email"] == "once@once.example.com") == 1
 
 
@@ -102,3 +116,29 @@ async def test_correlation_id_flows_from_request_to_event(admin: httpx.AsyncClie
     assert created.headers["X-Correlation-Id"] == correlation_id
     [event] = await kafka_events.wait_for(created.json()["id"], "invoice.created")
     assert event.correlationid == correlation_id
+
+
+async def test_put_and_lists_follow_the_public_convention(admin: httpx.AsyncClient) -> None:
+    """Issue 8 through the gateway: a PUT takes the create body (409 on a non-draft whatever the body)
+    and lists answer `limit`/`cursor` pages; an old or unknown parameter is a 400 naming it."""
+    client, _ = [(await admin.post("/api/clients", json={"name": f"Convention {i}",
+                                                        "email": "c@convention.example.com"})).json() for i in range(2)]
+    body = {"clientId": client["id"], "items": [{"description": "Work", "quantity": "1", "unitPrice": 1_000}]}
+    drafts = [(await admin.post("/api/invoices", json=body)).json() for _ in range(3)]
+    replaced = await admin.put(f"/api/invoices/{drafts[0]['id']}", json=body)
+    assert replaced.status_code == 200, replaced.text
+    await admin.post(f"/api/invoices/{drafts[0]['id']}/send")
+    for put in (body, {"items": "not a list"}):
+        refused = await admin.put(f"/api/invoices/{drafts[0]['id']}", json=put)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "invoice_not_editable"
+
+    first = (await admin.get("/api/invoices", params={"clientId": client["id"], "limit": 1})).json()
+    assert len(first["items"]) == 1 and first["hasMore"] is True and first["total"] == 3
+    walked = await every_item(admin, "/api/invoices", clientId=client["id"])
+    assert sorted(i["id"] for i in walked) == sorted(d["id"] for d in drafts)
+    old = await admin.get("/api/invoices", params={"page": 2})
+    assert old.status_code == 400 and "page" in old.json()["error"]["message"]
+    bad = await admin.get("/api/invoices", params={"cursor": "bm90LWEtY3Vyc29y"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
+    clients = (await admin.get("/api/clients", params={"limit": 1})).json()
+    assert len(clients["items"]) == 1 and clients["hasMore"] is True and clients["total"] >= 2

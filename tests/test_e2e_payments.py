@@ -106,7 +106,7 @@ async def test_signed_webhooks_repeated_and_out_of_order(
     assert len(kafka_events.matching(invoice["id"], "payment.succeeded")) == 1
     assert kafka_events.matching(invoice["id"], "payment.failed") == []
     assert (await admin.get(f"/api/invoices/{invoice['id']}")).json()["status"] == "PAID"  # never backwards
-    ledger = (await admin.get(f"/api/invoices/{invoice['id']}/payments")).json()
+    ledger = (await admin.get(f"/api/invoices/{invoice['id']}/payments")).json()["items"]
     assert [p["amount"] for p in ledger] == [40_000]
 
 

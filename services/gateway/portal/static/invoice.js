@@ -114,7 +114,8 @@ async function loadInvoice() {
 
 async function loadHistory() {
   try {
-    const entries = await api(`/api/invoices/${encodeURIComponent(invoiceId)}/payments`);
+    // The ledger is a cursor page: the history shows its first 100 entries (the largest page).
+    const entries = (await api(`/api/invoices/${encodeURIComponent(invoiceId)}/payments?limit=100`)).items;
     renderHistory(entries);
     return entries;
   } catch (err) {

@@ -51,13 +51,39 @@ function row(invoice) {
   return tr;
 }
 
+// The API pages with cursors; the portal keeps page numbers in its own URL. cursors[n] is the
+// cursor of page n + 1 (page 1 has none), learned as pages are read.
+const cursors = [""];
+
+function listUrl(cursor) {
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE), sort: "-createdAt" });
+  if (cursor) params.set("cursor", cursor);
+  return `/api/invoices?${params}`;
+}
+
+async function fetchPage(page) {
+  // A reload or a pasted ?page=N: walk forward from the last page whose cursor is known.
+  while (cursors.length < page) {
+    const known = await api(listUrl(cursors[cursors.length - 1]));
+    if (!known.nextCursor) break; // fewer pages than asked for
+    cursors.push(known.nextCursor);
+  }
+  const index = Math.min(page, cursors.length) - 1;
+  const result = await api(listUrl(cursors[index]));
+  if (result.nextCursor && cursors.length === index + 1) cursors.push(result.nextCursor);
+  return { shown: index + 1, result };
+}
+
 async function load() {
   const page = currentPage();
   hide(pageError);
   show(loading);
   try {
-    const params = new URLSearchParams({ page: String(page), pageSize: String(PAGE_SIZE), sort: "-createdAt" });
-    const result = await api(`/api/invoices?${params}`);
+    const { shown, result } = await fetchPage(page);
+    if (shown !== page) {
+      goTo(shown);
+      return;
+    }
     rows.replaceChildren(...result.items.map(row));
     const pages = Math.max(1, Math.ceil(result.total / PAGE_SIZE));
     if (result.total === 0) {
@@ -67,14 +93,10 @@ async function load() {
       hide(empty);
       show(table);
     }
-    if (page > pages && result.total > 0) {
-      goTo(pages);
-      return;
-    }
     pager.hidden = pages <= 1;
     pageInfo.textContent = `Page ${page} of ${pages} · ${result.total} invoice${result.total === 1 ? "" : "s"}`;
     prev.disabled = page <= 1;
-    next.disabled = page >= pages;
+    next.disabled = !result.hasMore;
   } catch (err) {
     show(pageError, err.message);
   } finally {
