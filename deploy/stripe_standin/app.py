@@ -84,7 +84,7 @@ ROUTES = [
     _route("POST", f"/v1/prices/{ID}", lambda e, p, a: e.update_price(a[0], p)),
     _route("POST", "/v1/customers", lambda e, p, a: e.create_customer(p)),
     _route("GET", "/v1/customers", lambda e, p, a: e.list_customers(p)),
-    _route("GET", f"/v1/customers/{ID}", lambda e, p, a: e.get("customer", a[0])),
+    _route("GET", f"/v1/customers/{ID}", lambda e, p, a: e.retrieve_customer(a[0])),
     _route("POST", f"/v1/customers/{ID}", lambda e, p, a: e.update_customer(a[0], p)),
     _route("DELETE", f"/v1/customers/{ID}", lambda e, p, a: e.delete_customer(a[0])),
     _route("POST", "/v1/test_helpers/test_clocks", lambda e, p, a: e.create_test_clock(p)),

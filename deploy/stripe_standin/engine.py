@@ -463,6 +463,12 @@ class Engine:
         self.emit("customer.created", customer)
         return customer
 
+    def retrieve_customer(self, customer_id: str) -> Obj:
+        customer = self.s.bucket("customer").get(customer_id)
+        if customer is not None and customer.get("deleted"):
+            return {"id": customer_id, "object": "customer", "deleted": True}
+        return self.get("customer", customer_id)
+
     def update_customer(self, customer_id: str, p: Obj) -> Obj:
         customer = self.get("customer", customer_id)
         before = copy.deepcopy(customer)
@@ -847,7 +853,7 @@ class Engine:
             sub.update({"status": "canceled", "canceled_at": moment, "ended_at": moment})
             sub["cancellation_details"]["reason"] = "cancellation_requested"
             item["current_period_end"] = moment
-            self.emit("customer.subscription.deleted", sub, created=moment, previous=_diff(before, sub))
+            self.emit("customer.subscription.deleted", sub, created=moment)
             return
         if no_pm and behavior == "pause":
             sub["status"] = "paused"
@@ -868,11 +874,10 @@ class Engine:
     def _renew(self, sub: Obj, moment: int) -> None:
         item = sub["items"]["data"][0]
         if sub["cancel_at_period_end"]:
-            before = copy.deepcopy(sub)
             sub["status"] = "canceled"
             sub["ended_at"] = moment
             sub["canceled_at"] = sub.get("canceled_at") or moment
-            self.emit("customer.subscription.deleted", sub, created=moment, previous=_diff(before, sub))
+            self.emit("customer.subscription.deleted", sub, created=moment)
             return
         before = copy.deepcopy(sub)
         price = self._current_price(sub)
@@ -926,8 +931,8 @@ class Engine:
                               param="items[0][price]")
         if behavior not in PRORATION_BEHAVIORS:
             raise StripeError("Invalid proration_behavior", param="proration_behavior")
-        if sub["status"] == "trialing":
-            return plan  # no prorations during a trial: the trial end invoices the new price
+        if sub["status"] not in ("active", "past_due", "unpaid"):
+            return plan  # no prorations in a trial (its end invoices the new price), nor while incomplete/paused
         if not start <= pd <= end:
             raise StripeError(
                 f"The proration_date ({pd}) must be within the current billing period of the subscription "
@@ -1070,10 +1075,9 @@ class Engine:
         return sub
 
     def _cancel_now(self, sub: Obj, moment: int, *, reason: str | None) -> None:
-        before = copy.deepcopy(sub)
         sub.update({"status": "canceled", "canceled_at": moment, "ended_at": moment, "cancel_at": None})
         sub["cancellation_details"]["reason"] = reason
-        self.emit("customer.subscription.deleted", sub, created=moment, previous=_diff(before, sub))
+        self.emit("customer.subscription.deleted", sub, created=moment)
 
     # ------------------------------------------------------------------------------------------------
     # invoices

@@ -209,12 +209,15 @@ class Deliverer:
 
     async def _worker(self, url: str) -> None:
         queue = self._queues.setdefault(url, [])
+        idle = True
         while self._running:
             if not queue:
+                idle = True
                 await self._sleep_or_wake(url, 3600)
                 continue
-            if self.config.shuffle:
+            if self.config.shuffle and idle:
                 await asyncio.sleep(0.05)  # let a burst of events gather, so there is something to shuffle
+            idle = False
             delivery, wait = self._pick(queue, time.time())
             if delivery is None:
                 await self._sleep_or_wake(url, wait)

@@ -642,12 +642,21 @@ def test_signatures_verify_like_stripe(client: Sdk, hooks: WebhookReceiver) -> N
 def test_duplicate_deliveries_and_shuffle_knobs(
     client: Sdk, hooks: WebhookReceiver, stripe_standin: StripeStandin,
 ) -> None:
+    [price] = monthly_prices(client, 1000)
+    start = ts(2027, 1, 1)
+    clock, customer = clock_customer(client, start)
+    client.v1.subscriptions.create(params={"customer": customer.id, "items": [{"price": price.id}]})
+    assert stripe_standin.flush(10)
+    hooks.clear()
     stripe_standin.configure(duplicate_deliveries=True, shuffle=True)
     try:
-        customer = client.v1.customers.create(params={"email": "twice@example.com"})
-        twice = hooks.wait_for("customer.created", 2, id=customer.id)
-        assert twice[0]["id"] == twice[1]["id"]  # the same event, delivered twice
-        assert stripe_standin.flush(10)
+        advance(client, clock, ts(2027, 7, 1) + 60)  # six renewals, 5 events each, emitted in one request
+        assert stripe_standin.flush(15)
+        emitted = [e["id"] for e in stripe_standin.events() if e["id"] in {x["id"] for x in hooks.events()}]
+        received = [e["id"] for e in hooks.events()]
+        assert len(emitted) >= 30 and len(received) == 2 * len(emitted)
+        assert sorted(received) == sorted(emitted * 2)  # every event exactly twice
+        assert list(dict.fromkeys(received)) != emitted  # not in emission order
     finally:
         stripe_standin.configure(duplicate_deliveries=False, shuffle=False)
     single = client.v1.customers.create(params={"email": "once@example.com"})
