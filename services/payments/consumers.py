@@ -14,6 +14,8 @@ from contracts.stripe import StripeInvoiceV1, StripeSubscriptionV1
 from kit.consumer import EventConsumer
 from kit.db import Database, UnitOfWork
 from services.payments.service import apply_invoice_snapshot
+from services.payments.stripe.events import Invoice, StripeModel, Subscription
+from services.payments.stripe.handlers import HANDLERS
 
 GROUP_ID = "payments"
 CONSUMER_NAME = "payments-invoices"
@@ -23,21 +25,25 @@ async def on_invoice_event(uow: UnitOfWork, event: CloudEvent) -> None:
     await apply_invoice_snapshot(uow, event.type, event.data_as(InvoiceSnapshotV1))
 
 
-HANDLERS = {event_type.value: on_invoice_event for event_type in InvoiceEventType}
+INVOICE_HANDLERS = {event_type.value: on_invoice_event for event_type in InvoiceEventType}
+
+
+def _republished(model: type[StripeModel]) -> str:
+    """The stripe.* types published for a Stripe object, from the handler table."""
+    return " / ".join(f"stripe.{event_type}" for event_type, handler in HANDLERS.items() if handler.model is model)
 
 
 def register_consumers(broker: KafkaBroker, db: Database, *, group_id: str = GROUP_ID) -> EventConsumer:
-    consumer = EventConsumer(db, CONSUMER_NAME, HANDLERS)
+    consumer = EventConsumer(db, CONSUMER_NAME, INVOICE_HANDLERS)
     consumer.subscribe(broker, topics.INVOICE, group_id=group_id)
     # Declared for the AsyncAPI document: what this service publishes (through its outbox).
     broker.publisher(topics.PAYMENT, title="payment events", schema=PaymentEventV1,
                      description="payment.succeeded (Stripe) / .recorded (manual) / .failed / .refunded as "
                                  "CloudEvents; key = invoice id")
     broker.publisher(topics.STRIPE, title="stripe subscription events", schema=StripeSubscriptionV1,
-                     description="stripe.customer.subscription.created/.updated/.deleted/.trial_will_end, "
-                                 "normalized; key = Stripe subscription id")
+                     description=f"{_republished(Subscription)}, normalized; key = Stripe subscription id")
     broker.publisher(topics.STRIPE, title="stripe invoice events", schema=StripeInvoiceV1,
-                     description="stripe.invoice.paid / stripe.invoice.payment_failed, normalized; "
+                     description=f"{_republished(Invoice)}, normalized; "
                                  "key = Stripe subscription id (else the Stripe invoice id)")
     return consumer
 

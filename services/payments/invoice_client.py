@@ -82,16 +82,27 @@ class HttpInvoiceReader:
             raise InvoiceServiceUnavailable("The invoice service returned an unreadable invoice.") from exc
 
     async def applied(self, invoice_id: str) -> list[tuple[str, str]]:
-        try:
-            response = await self._client.get(f"/api/invoices/{invoice_id}/payments")
-        except httpx.HTTPError as exc:
-            raise InvoiceServiceUnavailable("The invoice service cannot be reached; try again.") from exc
-        if response.status_code != 200:
-            raise InvoiceServiceUnavailable(f"The invoice service answered {response.status_code}; try again.")
-        try:
-            return [(str(row["paymentId"]), str(row.get("kind", "payment"))) for row in response.json()]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvoiceServiceUnavailable("The invoice service returned an unreadable ledger.") from exc
+        """Every entry of the ledger: a plain list, or each page of the platform's paged list."""
+        entries: list[LedgerEntry] = []
+        params: dict[str, str | int] = {}  # the first page as the service pages by default
+        for _ in range(_MAX_LEDGER_PAGES):
+            try:
+                response = await self._client.get(f"/api/invoices/{invoice_id}/payments", params=params)
+            except httpx.HTTPError as exc:
+                raise InvoiceServiceUnavailable("The invoice service cannot be reached; try again.") from exc
+            if response.status_code != 200:
+                raise InvoiceServiceUnavailable(f"The invoice service answered {response.status_code}; try again.")
+            try:
+                body = _LEDGER.validate_json(response.content)
+            except ValidationError as exc:
+                raise InvoiceServiceUnavailable("The invoice service returned an unreadable ledger.") from exc
+            if isinstance(body, list):
+                return [(entry.payment_id, entry.kind) for entry in body]
+            entries.extend(body.items)
+            if not body.next_cursor:
+                break
+            params = {"limit": 100, "cursor": body.next_cursor}
+        return [(entry.payment_id, entry.kind) for entry in entries]
 
     async def aclose(self) -> None:
         await self._client.aclose()

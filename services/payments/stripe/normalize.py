@@ -8,7 +8,6 @@ the versions we accept are resolved in `events.py`, and this module only picks t
 from __future__ import annotations
 
 from contracts.stripe import (
-    StripeEventMeta,
     StripeInvoiceLineV1,
     StripeInvoiceV1,
     StripeSubscriptionItemV1,
@@ -17,12 +16,6 @@ from contracts.stripe import (
 from services.payments.stripe.events import Event, Invoice, InvoiceLine, Price, Subscription, SubscriptionItem
 
 UNKNOWN_CURRENCY = "XXX"  # ISO 4217 "no currency": a Stripe invoice always has one
-
-
-def _meta(event: Event[Subscription] | Event[Invoice]) -> dict[str, object]:
-    meta = StripeEventMeta(stripe_event_id=event.id, stripe_event_type=event.type,
-                           stripe_event_created=event.created_at, livemode=event.livemode)
-    return dict(meta)
 
 
 def subscription_item(item: SubscriptionItem, sub: Subscription) -> StripeSubscriptionItemV1:
@@ -49,7 +42,10 @@ def subscription(event: Event[Subscription]) -> StripeSubscriptionV1:
     items = [subscription_item(item, sub) for item in sub.items]
     first = items[0] if items else None
     return StripeSubscriptionV1(
-        **_meta(event),
+        stripe_event_id=event.id,
+        stripe_event_type=event.type,
+        stripe_event_created=event.created_at,
+        livemode=event.livemode,
         subscription_id=sub.id,
         customer_id=sub.customer,
         client_id=sub.metadata.client_id,
@@ -93,7 +89,10 @@ def invoice(event: Event[Invoice]) -> StripeInvoiceV1:
     currency = inv.currency or UNKNOWN_CURRENCY
     sub_meta = inv.subscription_metadata
     return StripeInvoiceV1(
-        **_meta(event),
+        stripe_event_id=event.id,
+        stripe_event_type=event.type,
+        stripe_event_created=event.created_at,
+        livemode=event.livemode,
         invoice_id=inv.id,
         subscription_id=inv.subscription_id,
         customer_id=inv.customer,

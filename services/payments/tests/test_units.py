@@ -237,3 +237,37 @@ def test_openapi_documents_the_one_webhook_endpoint_from_the_intake_models_and_t
     # served by one ASGI endpoint, not by a FastAPI handler
     served = [r for r in app.routes if getattr(r, "path", None) == "/webhooks/stripe"]
     assert len(served) == 1 and not isinstance(served[0], APIRoute)
+
+
+async def test_the_invoice_ledger_is_read_as_a_list_or_page_by_page() -> None:
+    import httpx
+
+    from services.payments.invoice_client import HttpInvoiceReader, InvoiceServiceUnavailable
+
+    pages = {
+        None: {"items": [{"paymentId": "p1", "kind": "payment"}], "nextCursor": "c2", "hasMore": True},
+        "c2": {"items": [{"paymentId": "r1", "kind": "refund", "amount": 5}], "nextCursor": None, "hasMore": False},
+    }
+    seen: list[dict[str, str]] = []
+
+    def paged(request: httpx.Request) -> httpx.Response:
+        seen.append(dict(request.url.params))
+        return httpx.Response(200, json=pages[request.url.params.get("cursor")])
+
+    def plain(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=[{"paymentId": "p1"}, {"paymentId": "r1", "kind": "refund"}])
+
+    def garbled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"items": [{"kind": "payment"}]})
+
+    reader = HttpInvoiceReader("http://invoice", None)
+    await reader.aclose()
+    for handler in (paged, plain):
+        reader._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://invoice")
+        assert await reader.applied("inv-1") == [("p1", "payment"), ("r1", "refund")]
+        await reader.aclose()
+    assert seen == [{}, {"limit": "100", "cursor": "c2"}]  # the first page asks nothing the service may not know
+    reader._client = httpx.AsyncClient(transport=httpx.MockTransport(garbled), base_url="http://invoice")
+    with pytest.raises(InvoiceServiceUnavailable):
+        await reader.applied("inv-1")
+    await reader.aclose()
