@@ -789,16 +789,16 @@ class Engine:
         }
         self.s.bucket("subscription")[sub_id] = sub
         self.s.meta(sub_id).update({"anchor": anchor, "trial_will_end_sent": False})
-        self.emit("customer.subscription.created", sub, created=at)
-        if trialing:
-            assert trial_end is not None
-            if trial_end - at <= TRIAL_WILL_END_BEFORE:
-                self.s.meta(sub_id)["trial_will_end_sent"] = True
-                self.emit("customer.subscription.trial_will_end", sub, created=at)
-        else:
+        invoice = None
+        if not trialing:  # the first invoice exists when the subscription does (latest_invoice is set)
             line = self._cycle_line(sub, price, quantity, start, end)
-            self._issue_invoice(sub, [line], "subscription_create", at, at,
-                                attempt=payment_behavior != "default_incomplete")
+            invoice = self._prepare_invoice(sub, [line], "subscription_create", at, at)
+        self.emit("customer.subscription.created", sub, created=at)
+        if invoice is not None:
+            self._publish_invoice(invoice, sub, attempt=payment_behavior != "default_incomplete")
+        elif trial_end is not None and trial_end - at <= TRIAL_WILL_END_BEFORE:
+            self.s.meta(sub_id)["trial_will_end_sent"] = True
+            self.emit("customer.subscription.trial_will_end", sub, created=at)
         return sub
 
     def retrieve_subscription(self, sub_id: str) -> Obj:
@@ -866,10 +866,11 @@ class Engine:
         sub["billing_cycle_anchor"] = moment
         self.s.meta(sub["id"])["anchor"] = moment
         item["current_period_start"], item["current_period_end"] = moment, end
-        self.emit("customer.subscription.updated", sub, created=moment, previous=_diff(before, sub))
         line = self._cycle_line(sub, price, int(item["quantity"]), moment, end)
-        self._issue_invoice(sub, [line], "subscription_cycle", before["items"]["data"][0]["current_period_start"],
-                            moment)
+        invoice = self._prepare_invoice(sub, [line], "subscription_cycle",
+                                        before["items"]["data"][0]["current_period_start"], moment)
+        self.emit("customer.subscription.updated", sub, created=moment, previous=_diff(before, sub))
+        self._publish_invoice(invoice, sub)
 
     def _renew(self, sub: Obj, moment: int) -> None:
         item = sub["items"]["data"][0]
@@ -886,9 +887,10 @@ class Engine:
         anchor = self._anchor(sub)
         new_end = next_period_end(anchor, recurring["interval"], recurring["interval_count"], old_end)
         item["current_period_start"], item["current_period_end"] = old_end, new_end
-        self.emit("customer.subscription.updated", sub, created=moment, previous=_diff(before, sub))
         line = self._cycle_line(sub, price, int(item["quantity"]), old_end, new_end)
-        self._issue_invoice(sub, [line], "subscription_cycle", old_start, old_end)
+        invoice = self._prepare_invoice(sub, [line], "subscription_cycle", old_start, old_end)
+        self.emit("customer.subscription.updated", sub, created=moment, previous=_diff(before, sub))
+        self._publish_invoice(invoice, sub)
 
     def _requested_item(self, sub: Obj, items: list[Any], param: str) -> tuple[Obj, int]:
         item = sub["items"]["data"][0]
@@ -1037,13 +1039,16 @@ class Engine:
                 self.s.meta(sub_id)["anchor"] = new_trial_end
                 if new_trial_end - at > TRIAL_WILL_END_BEFORE:
                     self.s.meta(sub_id)["trial_will_end_sent"] = False
-        if sub != before:
-            self.emit("customer.subscription.updated", sub, created=at, previous=_diff(before, sub))
         for spec in plan.prorations:
             self._create_invoice_item(sub, spec, at)
+        invoice = None
         if plan.invoice_now:
-            self._issue_invoice(sub, plan.cycle_lines, "subscription_update", at, at,
-                                proration_date=plan.proration_date)
+            invoice = self._prepare_invoice(sub, plan.cycle_lines, "subscription_update", at, at,
+                                            proration_date=plan.proration_date)
+        if sub != before:
+            self.emit("customer.subscription.updated", sub, created=at, previous=_diff(before, sub))
+        if invoice is not None:
+            self._publish_invoice(invoice, sub)
         if end_trial_now:
             self._end_trial(sub, at)
         return sub
@@ -1199,9 +1204,10 @@ class Engine:
             "total_pretax_credit_amounts": [], "total_taxes": [], "webhooks_delivered_at": None if preview else at,
         }
 
-    def _issue_invoice(self, sub: Obj, specs: list[LineSpec], billing_reason: str, period_start: int,
-                       period_end: int, *, attempt: bool = True, proration_date: int | None = None) -> Obj:
-        at = self.now_for(sub["customer"])
+    def _prepare_invoice(self, sub: Obj, specs: list[LineSpec], billing_reason: str, period_start: int,
+                         period_end: int, *, proration_date: int | None = None) -> Obj:
+        """The draft (pending items of ``sub`` first, then ``specs``), stored as ``sub``'s latest invoice;
+        nothing emitted yet (``_publish_invoice`` does that)."""
         items = self._pending_items(sub["id"])
         invoice = self.build_invoice(sub, specs, billing_reason, period_start, period_end, preview=False,
                                      pending=[self._item_spec(ii) for ii in items], proration_date=proration_date)
@@ -1210,13 +1216,17 @@ class Engine:
         self.s.bucket("invoice")[invoice["id"]] = invoice
         self.s.meta(invoice["id"])["payments"] = []
         sub["latest_invoice"] = invoice["id"]
+        return invoice
+
+    def _publish_invoice(self, invoice: Obj, sub: Obj, *, attempt: bool = True) -> None:
+        """invoice.created, then finalize, then (charge_automatically) charge."""
+        at = self.now_for(sub["customer"])
         self.emit("invoice.created", invoice, created=at)
         self._finalize(invoice, at, sub)
         if invoice["amount_due"] == 0:
             self._mark_paid(invoice, at, charge=False)
         elif sub["collection_method"] == "charge_automatically" and attempt:
             self._attempt(invoice, at)
-        return invoice
 
     def _finalize(self, invoice: Obj, at: int, sub: Obj) -> None:
         customer = self.get("customer", invoice["customer"])

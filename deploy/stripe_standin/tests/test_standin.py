@@ -143,6 +143,11 @@ def test_trial_then_first_invoice_then_monthly_renewal(
     next_end = ts(2027, 2, 24, 9)
     assert line["period"] == {"start": trial_end, "end": next_end}
     assert invoice["number"].startswith("STANDIN-") and invoice["created"] == trial_end
+    [activated] = hooks.events("customer.subscription.updated", id=sub.id)
+    assert activated["data"]["object"]["status"] == "active" and activated["created"] == trial_end
+    assert activated["data"]["object"]["latest_invoice"] == invoice["id"]
+    assert activated["data"]["previous_attributes"]["status"] == "trialing"
+    assert activated["data"]["previous_attributes"]["latest_invoice"] is None
     order = [t for t in types(hooks, customer=customer.id) if t.startswith("invoice.")]
     assert order == ["invoice.created", "invoice.finalized", "invoice.paid", "invoice.payment_succeeded"]
     current = raw(http, f"/v1/subscriptions/{sub.id}", spec, "subscription")
@@ -170,6 +175,8 @@ def test_declined_card_goes_past_due_and_recovers_after_the_card_is_fixed(
     clock, customer = clock_customer(client, start)
     sub = client.v1.subscriptions.create(params={"customer": customer.id, "items": [{"price": price.id}]})
     assert sub.status == "active"
+    [created] = hooks.wait_for("customer.subscription.created", id=sub.id)
+    assert created["data"]["object"]["latest_invoice"] == sub.latest_invoice
     stripe_standin.set_card(customer.id, "decline")
     period_end = ts(2027, 4, 1)
     advance(client, clock, period_end + 60)
