@@ -90,6 +90,9 @@ class StripeSubscriptionV1(StripeEventMeta):
     start_date: datetime | None = None
     latest_invoice_id: str | None = None
     metadata: dict[str, str] = {}
+    # Optional additions (older producers leave them unset): how Stripe collects the invoices.
+    collection_method: str | None = None  # charge_automatically, send_invoice
+    days_until_due: int | None = None
 
 
 class StripeInvoiceLineV1(ContractModel):

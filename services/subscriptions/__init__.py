@@ -1,1 +1,1 @@
-"""subscriptions service: see DESIGN.md and its issue; not built yet."""
+"""subscriptions service: plans, prices, the mirror of Stripe's subscriptions (see DESIGN.md, issue 9)."""
