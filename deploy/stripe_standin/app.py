@@ -396,7 +396,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def events(request: Request) -> Obj:
         query = dict(request.query_params)
         kind, object_id = query.get("type"), query.get("object")
-        limit = int(query.get("limit", "1000"))
+        limit = int(query["limit"]) if query.get("limit", "").isdigit() else 1000
         out = []
         for event in standin.state.events:
             obj = event["data"]["object"]
