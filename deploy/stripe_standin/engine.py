@@ -426,12 +426,16 @@ class Engine:
     def card(self, customer_id: str) -> str:
         return str(self.s.meta(customer_id).get("card", "succeed"))
 
-    def set_card(self, customer_id: str, outcome: str) -> Obj:
+    def set_card(self, customer_id: str, outcome: str, *, explicit: bool = True) -> Obj:
+        """The customer's simulated card. ``explicit``: set on purpose (knob, portal, checkout), so a
+        send_invoice subscription no longer takes it away."""
         customer = self.get("customer", customer_id)
         if outcome not in CARD_OUTCOMES:
             raise StripeError(f"outcome must be one of {', '.join(CARD_OUTCOMES)}", param="outcome")
         before = copy.deepcopy(customer)
         self.s.meta(customer_id)["card"] = outcome
+        if explicit:
+            self.s.meta(customer_id)["card_explicit"] = True
         customer["invoice_settings"]["default_payment_method"] = (
             None if outcome == "none" else f"pm_standin_{outcome}_{customer_id.removeprefix('cus_')}"
         )
@@ -483,7 +487,7 @@ class Engine:
         if "default_payment_method" in settings:
             pm = as_str(settings, "default_payment_method")
             customer["invoice_settings"]["default_payment_method"] = pm
-            self.s.meta(customer_id)["card"] = "succeed" if pm else "none"
+            self.s.meta(customer_id).update({"card": "succeed" if pm else "none", "card_explicit": True})
         customer["metadata"] = metadata_update(customer["metadata"], p)
         if customer != before:
             self.emit("customer.updated", customer, previous=_diff(before, customer))
@@ -735,6 +739,9 @@ class Engine:
         missing_payment_method: str = "create_invoice", description: str | None = None,
     ) -> Obj:
         at = self.now_for(customer_id)
+        if collection_method == "send_invoice" and not self.s.meta(customer_id).get("card_explicit"):
+            # a customer billed by sent invoices has no card on file (unless one was given on purpose)
+            self.set_card(customer_id, "none", explicit=False)
         recurring = price["recurring"]
         trialing = trial_end is not None and trial_end > at
         if trialing:
@@ -846,7 +853,7 @@ class Engine:
         item = sub["items"]["data"][0]
         price = self._current_price(sub)
         recurring = price["recurring"]
-        no_pm = sub["collection_method"] == "charge_automatically" and self.card(customer_id) == "none"
+        no_pm = self.card(customer_id) == "none"
         behavior = sub["trial_settings"]["end_behavior"]["missing_payment_method"]
         sub["trial_end"] = moment
         if no_pm and behavior == "cancel":

@@ -438,6 +438,23 @@ def test_send_invoice_subscription_is_paid_on_the_hosted_invoice_page(
     assert client.v1.invoices.retrieve(invoice.id).status == "paid"
 
 
+def test_send_invoice_customer_has_no_card_so_a_trial_can_pause(
+    client: Sdk, hooks: WebhookReceiver, http: httpx.Client,
+) -> None:
+    [price] = monthly_prices(client, 1000)
+    start = ts(2027, 9, 1)
+    clock, customer = clock_customer(client, start)
+    sub = client.v1.subscriptions.create(params={
+        "customer": customer.id, "items": [{"price": price.id}], "collection_method": "send_invoice",
+        "days_until_due": 7, "trial_period_days": 10,
+        "trial_settings": {"end_behavior": {"missing_payment_method": "pause"}}})
+    assert client.v1.customers.retrieve(customer.id).invoice_settings.default_payment_method is None
+    advance(client, clock, start + 10 * DAY)
+    hooks.wait_for("customer.subscription.paused", id=sub.id)
+    assert client.v1.subscriptions.retrieve(sub.id).status == "paused"
+    assert client.v1.invoices.list(params={"subscription": sub.id}).data == []
+
+
 def test_clock_rules(client: Sdk, hooks: WebhookReceiver) -> None:
     start = ts(2027, 1, 1)
     clock, customer = clock_customer(client, start)
