@@ -17,7 +17,7 @@ import httpx
 import pytest
 import stripe
 
-from deploy.infra import StripeStandin
+from deploy.infra import StripeStandin, free_port
 from deploy.stripe_standin.spec import SpecValidator, default_validator
 from deploy.stripe_standin.testing import WebhookReceiver
 
@@ -758,22 +758,41 @@ def test_failed_delivery_is_retried(
     assert stripe_standin.pending_deliveries() == 0
 
 
-def test_state_survives_a_restart(stripe_standin: StripeStandin, tmp_path: Any) -> None:
-    from deploy.infra import free_port
-
+def test_state_and_pending_deliveries_survive_a_restart(
+    stripe_standin: StripeStandin, hooks: WebhookReceiver, tmp_path: Any,
+) -> None:
     state = tmp_path / "standin-state.json"
-    other = StripeStandin(free_port(), stripe_standin.stripe_mock_url, state_file=state,
-                          log_path=tmp_path / "standin.log")
+    other = StripeStandin(free_port(), stripe_standin.stripe_mock_url, state_file=state, webhook_urls=[hooks.url],
+                          webhook_secret="whsec_test", log_path=tmp_path / "standin.log")
     other.start()
+    hooks.fail_next(1000)  # the endpoint is down: the delivery stays pending
     try:
-        c = stripe.StripeClient(KEY, base_addresses={"api": other.url},
-                                max_network_retries=0)
+        c = stripe.StripeClient(KEY, base_addresses={"api": other.url}, max_network_retries=0)
         customer = c.v1.customers.create(params={"email": "kept@example.com"})
+        deadline = time.monotonic() + 10
+        while not any(r.status == 500 for r in hooks.received) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert other.pending_deliveries() == 1
     finally:
         other.stop()
     assert state.is_file()
+    hooks.fail_next(0)
     other.start()
     try:
         assert c.v1.customers.retrieve(customer.id).email == "kept@example.com"
+        hooks.wait_for("customer.created", id=customer.id, timeout=15)  # resumed after the restart
+        assert other.flush(10)
     finally:
         other.stop()
+
+
+def test_customers_without_a_clock_live_in_real_time(client: Sdk, hooks: WebhookReceiver) -> None:
+    [price] = monthly_prices(client, 800)
+    customer = client.v1.customers.create(params={"email": "now@example.com"})
+    trial_end = int(time.time()) + 2
+    sub = client.v1.subscriptions.create(params={"customer": customer.id, "items": [{"price": price.id}],
+                                                 "trial_end": trial_end})
+    hooks.wait_for("customer.subscription.trial_will_end", id=sub.id)  # less than 3 days: at once
+    [paid] = hooks.wait_for("invoice.paid", customer=customer.id, timeout=10)  # the ticker ended the trial
+    assert paid["created"] >= trial_end and paid["data"]["object"]["amount_paid"] == 800
+    assert client.v1.subscriptions.retrieve(sub.id).status == "active"
