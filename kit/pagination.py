@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import QueryableAttribute
 
 from kit.errors import AppError
 
@@ -71,7 +72,7 @@ PageParams = Annotated[PageRequest, Depends(page_request)]
 
 @dataclass(frozen=True)
 class SortKey:
-    column: ColumnElement[Any]
+    column: ColumnElement[Any] | QueryableAttribute[Any]
     descending: bool = False
     nullable: bool = False
 
@@ -170,9 +171,10 @@ class _Element:
 def _elements(order: Sequence[SortKey]) -> list[_Element]:
     out: list[_Element] = []
     for key in order:
+        column: ColumnElement[Any] = key.column.expression if isinstance(key.column, QueryableAttribute) else key.column
         if key.nullable:
-            out.append(_Element(key.column.is_(None), False, True))
-        out.append(_Element(key.column, key.descending, False))
+            out.append(_Element(column.is_(None), False, True))
+        out.append(_Element(column, key.descending, False))
     return out
 
 
