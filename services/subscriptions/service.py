@@ -471,7 +471,7 @@ class SubscriptionService:
                                            skew_seconds=self.settings.fetch_skew_seconds)
             if decision is Freshness.SKIP:
                 log.info("stripe_state_stale_skipped", subscription=data.subscription_id,
-                         event=data.stripe_event_id, held=str(row.stripe_state_at))
+                         stripe_event=data.stripe_event_id, held=str(row.stripe_state_at))
                 return row
             if decision is Freshness.REFETCH:
                 return await self.refresh(row.stripe_subscription_id, cause=data.stripe_event_id)
