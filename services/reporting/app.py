@@ -1,0 +1,207 @@
+"""HTTP API of the reporting service: admin-only reports over its own read models, as JSON, CSV or xlsx."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from sqlalchemy import text
+
+from kit.actor import AdminActor
+from kit.errors import InvalidInput
+from kit.pagination import Page, PageParams
+from kit.service import ServiceRuntime, create_service_app, make_broker
+from kit.web import RequestUnitOfWork, request_database
+from services.reporting import tables
+from services.reporting.config import ReportingSettings
+from services.reporting.exports import CSV_TYPE, XLSX_TYPE, export
+from services.reporting.feed import Feed, LiveFeed
+from services.reporting.models import MIGRATIONS, SCHEMA
+from services.reporting.money import check_currency
+from services.reporting.periods import Period, as_of_day, period
+from services.reporting.reports import Reports, days_back, default_months_back, read_zone
+from services.reporting.schemas import (
+    Aging,
+    AgingGroup,
+    Basis,
+    Dso,
+    ExportFormat,
+    MonthlyRevenue,
+    Mrr,
+    OutstandingInvoice,
+    PaymentMethods,
+    Reconciliation,
+    Summary,
+)
+
+log = structlog.get_logger(__name__)
+
+EXPORTS: dict[int | str, dict[str, Any]] = {200: {"content": {
+    CSV_TYPE.split(";")[0]: {"schema": {"type": "string"}},
+    XLSX_TYPE: {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+Format = Annotated[ExportFormat, Query(description="json (default), csv (RFC 4180, UTF-8) or xlsx.")]
+CurrencyFilter = Annotated[str | None, Query(min_length=3, max_length=3, pattern=r"^[A-Za-z]{3}$",
+                                             description="Only this ISO 4217 currency.")]
+From = Annotated[date | None, Query(alias="from", description="First day (YYYY-MM-DD).")]
+To = Annotated[date | None, Query(description="Last day (YYYY-MM-DD), included.")]
+AsOf = Annotated[date | None, Query(alias="asOf", description="As of the end of this day (default today).")]
+
+
+async def reports(uow: RequestUnitOfWork, request: Request) -> Reports:
+    settings: ReportingSettings = request.app.state.runtime.settings
+    return Reports(uow.session, await read_zone(uow.session, settings.timezone))
+
+
+ReportsDep = Annotated[Reports, Depends(reports)]
+router = APIRouter(prefix="/api/reports", tags=["reports"])
+
+
+@router.get("/summary", response_model=Summary, responses=EXPORTS)
+async def summary(_: AdminActor, reports: ReportsDep, as_of: AsOf = None, currency: CurrencyFilter = None,
+                  format: Format = ExportFormat.JSON) -> Summary | Response:
+    """The dashboard (REP1), per currency: collected this month and year to date, invoiced, outstanding,
+    overdue, MRR, ARR, active subscriptions."""
+    code = check_currency(currency)
+    report = await reports.summary(as_of_day(as_of, reports.zone.today()), code)
+    return report if format == ExportFormat.JSON else export(tables.summary(report, code), format)
+
+
+@router.get("/outstanding", response_model=Page[OutstandingInvoice], responses=EXPORTS)
+async def outstanding(_: AdminActor, reports: ReportsDep, request: Request, page: PageParams,
+                      currency: CurrencyFilter = None,
+                      client_id: Annotated[str | None, Query(alias="clientId", max_length=64,
+                                                             pattern=r"^[A-Za-z0-9_\-]+$")] = None,
+                      format: Format = ExportFormat.JSON) -> Page[OutstandingInvoice] | Response:
+    """Open invoices, the oldest due first (REP2): client, number, due date, amount due, days overdue.
+    A page as every list; an export holds every row (so it takes no `limit` or `cursor`)."""
+    code = check_currency(currency)
+    if format == ExportFormat.JSON:
+        return await reports.outstanding(page, code, client_id)
+    if {"limit", "cursor"} & set(request.query_params):
+        raise InvalidInput("An export holds every row: limit and cursor apply to the JSON pages only.",
+                           details=[{"field": "format", "message": "no limit or cursor with an export"}])
+    zone, db = reports.zone, request_database(request)
+
+    async def rows() -> Any:
+        async with db.transaction() as uow:  # its own: the request's ends before the body streams
+            async for chunk in Reports(uow.session, zone).all_outstanding(code, client_id):
+                yield chunk
+
+    return export(tables.outstanding(rows(), zone.today(), zone.name, reports.generated_at.isoformat(), code,
+                                     client_id), format)
+
+
+@router.get("/ar-aging", response_model=Aging, responses=EXPORTS)
+async def ar_aging(_: AdminActor, reports: ReportsDep, as_of: AsOf = None,
+                   group_by: Annotated[AgingGroup, Query(alias="groupBy")] = AgingGroup.CURRENCY,
+                   currency: CurrencyFilter = None, format: Format = ExportFormat.JSON) -> Aging | Response:
+    """What is owed as of a day by days past due: current, 1–30, 31–60, 61–90, over 90 (REP2), per
+    currency or per client and currency."""
+    code = check_currency(currency)
+    report = await reports.aging(as_of_day(as_of, reports.zone.today()), group_by, code)
+    return report if format == ExportFormat.JSON else export(tables.aging(report, code), format)
+
+
+def _months(reports: Reports, start: date | None, end: date | None) -> Period:
+    today = reports.zone.today()
+    return period(start, end, default_start=default_months_back(today), default_end=today, whole_months=True)
+
+
+@router.get("/revenue/monthly", response_model=MonthlyRevenue, responses=EXPORTS)
+async def revenue_monthly(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None,
+                          basis: Basis = Basis.CASH, currency: CurrencyFilter = None,
+                          format: Format = ExportFormat.JSON) -> MonthlyRevenue | Response:
+    """One row per month of the range (whole months; twelve to this month by default), months without
+    revenue as zero (REP3). Cash: received less refunded, on the day the money moved. Invoiced: invoices
+    issued that month and not cancelled."""
+    code = check_currency(currency)
+    report = await reports.monthly_revenue(_months(reports, from_, to), basis, code)
+    return report if format == ExportFormat.JSON else export(tables.monthly_revenue(report, code), format)
+
+
+@router.get("/payment-methods", response_model=PaymentMethods, responses=EXPORTS)
+async def payment_methods(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None,
+                          currency: CurrencyFilter = None,
+                          format: Format = ExportFormat.JSON) -> PaymentMethods | Response:
+    """Payments per method (card, bank transfer, cash, cheque, other) with refunds netted (REP4); this
+    year by default."""
+    code = check_currency(currency)
+    today = reports.zone.today()
+    report = await reports.payment_methods(
+        period(from_, to, default_start=today.replace(month=1, day=1), default_end=today), code)
+    return report if format == ExportFormat.JSON else export(tables.payment_methods(report, code), format)
+
+
+@router.get("/mrr", response_model=Mrr, responses=EXPORTS)
+async def mrr(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None, currency: CurrencyFilter = None,
+              format: Format = ExportFormat.JSON) -> Mrr | Response:
+    """MRR at the end of each month and its movements (new, expansion, contraction, churn, reactivation;
+    net new), as Stripe Billing defines them; whole months, twelve to this month by default."""
+    code = check_currency(currency)
+    report = await reports.mrr(_months(reports, from_, to), code)
+    return report if format == ExportFormat.JSON else export(tables.mrr(report, code), format)
+
+
+@router.get("/dso", response_model=Dso, responses=EXPORTS)
+async def dso(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None, currency: CurrencyFilter = None,
+              format: Format = ExportFormat.JSON) -> Dso | Response:
+    """Days sales outstanding = receivables at the end of the period ÷ sales invoiced in it × its days
+    (the last 90 days by default)."""
+    code = check_currency(currency)
+    today = reports.zone.today()
+    span = period(from_, to, default_start=days_back(today, 90), default_end=today)
+    as_of_day(span.end, today)  # receivables of a day that has not ended do not exist yet
+    report = await reports.dso(span, code)
+    return report if format == ExportFormat.JSON else export(tables.dso(report, code), format)
+
+
+@router.get("/reconciliation", response_model=Reconciliation, responses=EXPORTS)
+async def reconciliation(_: AdminActor, reports: ReportsDep, currency: CurrencyFilter = None,
+                         format: Format = ExportFormat.JSON) -> Reconciliation | Response:
+    """Per invoice, the payments recorded for it (less refunds) against its amountPaid; every mismatch
+    (expected: none once the feed has caught up)."""
+    code = check_currency(currency)
+    report = await reports.reconciliation(code)
+    return report if format == ExportFormat.JSON else export(tables.reconciliation(report, code), format)
+
+
+def build_runtime(settings: ReportingSettings | None = None) -> tuple[ServiceRuntime, LiveFeed | None]:
+    from kit.db import Database
+
+    settings = settings or ReportingSettings()
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    runtime = ServiceRuntime(settings=settings, db=db, broker=make_broker(settings), migrations=MIGRATIONS)
+
+    async def check_zone() -> None:
+        async with db.transaction() as uow:
+            built = (await uow.session.execute(
+                text(f"SELECT value FROM {SCHEMA}.meta WHERE key = 'timezone'"))).scalar()
+        if built and built != settings.timezone:
+            log.warning("reporting_timezone_differs", setting=settings.timezone, read_models=built,
+                        hint="the reports use the read models' zone until `python -m services.reporting rebuild`")
+
+    runtime.on_startup.append(check_zone)
+    live = None
+    if settings.feed_enabled and settings.kafka_enabled:
+        live = LiveFeed(Feed(db, default_zone=settings.timezone), settings)
+        runtime.on_startup.append(live.start)
+        runtime.on_shutdown.append(live.stop)
+    return runtime, live
+
+
+def create_app(settings: ReportingSettings | None = None) -> FastAPI:
+    runtime, live = build_runtime(settings)
+    app = create_service_app(
+        runtime,
+        title="Reporting service",
+        description="Revenue, outstanding and aging, payment methods, MRR, DSO and reconciliation, from read "
+                    "models fed by Kafka events; every report also as CSV or xlsx.",
+        routers=[router],
+    )
+    app.state.feed = live
+    return app
+
