@@ -112,7 +112,7 @@ def types(hooks: WebhookReceiver, **match: Any) -> list[str]:
 
 
 def test_trial_then_first_invoice_then_monthly_renewal(
-    client: Sdk, hooks: WebhookReceiver, http: httpx.Client, spec: SpecValidator,
+    client: Sdk, hooks: WebhookReceiver, http: httpx.Client, spec: SpecValidator, stripe_standin: StripeStandin,
 ) -> None:
     [price] = monthly_prices(client, 1000)
     start = ts(2027, 1, 10, 9)
@@ -127,13 +127,15 @@ def test_trial_then_first_invoice_then_monthly_renewal(
     assert created["created"] == start and created["data"]["object"]["status"] == "trialing"
 
     advance(client, clock, trial_end - 3 * DAY - 60)
+    assert stripe_standin.flush(10)
     assert hooks.events("customer.subscription.trial_will_end", id=sub.id) == []
     advance(client, clock, trial_end - 3 * DAY)
     [will_end] = hooks.wait_for("customer.subscription.trial_will_end", id=sub.id)
     assert will_end["created"] == trial_end - 3 * DAY
 
     advance(client, clock, trial_end + 3600)
-    [paid] = hooks.wait_for("invoice.paid", customer=customer.id)
+    hooks.wait_for("invoice.payment_succeeded", customer=customer.id)  # the last of them
+    [paid] = hooks.events("invoice.paid", customer=customer.id)
     invoice = paid["data"]["object"]
     assert invoice["amount_due"] == invoice["amount_paid"] == invoice["total"] == 1000
     assert invoice["billing_reason"] == "subscription_cycle" and invoice["status"] == "paid"
@@ -751,6 +753,7 @@ def test_failed_delivery_is_retried(
     hooks.fail_next(1)
     customer = client.v1.customers.create(params={"email": "retry@example.com"})
     [event] = hooks.wait_for("customer.created", id=customer.id, timeout=10)
+    assert stripe_standin.flush(10)
     [record] = [e for e in stripe_standin.events("customer.created", customer.id) if e["id"] == event["id"]]
     [delivery] = record["deliveries"]
     assert delivery["status"] == "delivered" and delivery["attempts"] == 2
