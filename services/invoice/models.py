@@ -10,6 +10,7 @@ from sqlalchemy import (
     CheckConstraint,
     Date,
     DateTime,
+    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -23,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from contracts.invoice import InvoiceStatus
 from kit.clock import utcnow
 from kit.db import InboxMixin, OutboxMixin
 
@@ -67,7 +69,12 @@ class Invoice(Base):
     invoice_number: Mapped[str | None] = mapped_column(String(20), unique=True)
     number_year: Mapped[int | None] = mapped_column(Integer)
     number_seq: Mapped[int | None] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(12), default="DRAFT")
+    # Stored as VARCHAR(12) holding the value ("SENT"), read back as the enum.
+    status: Mapped[InvoiceStatus] = mapped_column(
+        Enum(InvoiceStatus, native_enum=False, length=12, validate_strings=True,
+             values_callable=lambda statuses: [s.value for s in statuses]),
+        default=InvoiceStatus.DRAFT,
+    )
     currency: Mapped[str] = mapped_column(String(3))
     client_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clients.id"))
     project_id: Mapped[str | None] = mapped_column(String(100))

@@ -11,9 +11,10 @@ from datetime import date
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Select, func, select, text, update
+from sqlalchemy import Select, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import QueryableAttribute
 
 from contracts.invoice import InvoiceStatus
 from kit.pagination import PageRequest, PageResult, SortKey, paginate
@@ -22,7 +23,7 @@ from services.invoice.models import Client, Invoice, InvoicePayment, InvoicePdf,
 # `sort` values of the invoice list (without the leading "-") -> their columns, nullable ones marked
 # (NULLs sort last either way). Numbers sort by (year, sequence): "2026-10000" comes after "2026-9999".
 # The id is always the last key, so the order is total and a cursor names one position.
-_SORTS: dict[str, tuple[tuple[ColumnElement[Any], bool], ...]] = {
+_SORTS: dict[str, tuple[tuple[QueryableAttribute[Any], bool], ...]] = {
     "createdAt": ((Invoice.created_at, False),),
     "issueDate": ((Invoice.issue_date, True),),
     "dueDate": ((Invoice.due_date, True),),
@@ -93,7 +94,7 @@ class InvoiceRepository:
             stmt = stmt.with_for_update(of=Invoice).execution_options(populate_existing=True)
         return (await self.session.scalars(stmt)).unique().one_or_none()
 
-    def _filtered(self, stmt: Select, f: InvoiceFilter) -> Select:  # type: ignore[type-arg]
+    def _filtered(self, stmt: Select[Any], f: InvoiceFilter) -> Select[Any]:
         if f.client_id is not None:
             stmt = stmt.where(Invoice.client_id == f.client_id)
         if f.sent_only:
@@ -133,7 +134,7 @@ class InvoiceRepository:
             .returning(NumberCounter.last_value)
         )
         assert value is not None
-        return value
+        return int(value)
 
     async def past_due_ids(
         self, as_of: date, statuses: Sequence[InvoiceStatus], limit: int, *, skip_locked: bool

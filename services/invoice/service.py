@@ -433,7 +433,7 @@ class InvoiceService:
         one and the event is staged in the outbox with the new snapshot. Nothing else assigns
         `status` or `version`."""
         if to is not None:
-            current = InvoiceStatus(invoice.status)
+            current = invoice.status
             if not can_transition(current, to, refund=refund):
                 raise Conflict(f"Invoice cannot go from {current} to {to}.", code="invalid_transition",
                                details={"from": current, "to": to})

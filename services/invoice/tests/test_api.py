@@ -352,6 +352,11 @@ async def test_invoice_list_sorts_nullable_columns_nulls_last_across_pages(api: 
         assert values == sorted(values, reverse=sort.startswith("-")), (sort, values)
     numbers = [i["invoiceNumber"] for i in await walk(api, "/api/invoices", clientId=client_id, sort="invoiceNumber")]
     assert numbers[:3] == [s["invoiceNumber"] for s in sent]
+    for sort in ("status", "-status", "issueDate", "createdAt"):
+        walked = await walk(api, "/api/invoices", clientId=client_id, limit=1, sort=sort)
+        assert len({i["id"] for i in walked}) == len(walked) == 5, sort
+    statuses = [i["status"] for i in await walk(api, "/api/invoices", clientId=client_id, limit=2, sort="-status")]
+    assert statuses == ["SENT"] * 3 + ["DRAFT"] * 2
 
 
 async def test_list_parameters_of_the_old_convention_and_bad_cursors_are_400(
