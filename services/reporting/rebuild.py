@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,6 +24,7 @@ from sqlalchemy import text
 
 from kit.clock import utcnow
 from kit.db import Database
+from kit.logging import configure_logging
 from kit.migrations import upgrade_to_head_async
 from services.reporting.config import ReportingSettings
 from services.reporting.feed import Feed, apply_with_retries, topic_partitions
@@ -81,7 +82,10 @@ def _lag(end: Mapping[TopicPartition, int], position: Mapping[TopicPartition, in
     return sum(max(0, offset - position[tp]) for tp, offset in end.items())
 
 
-async def rebuild(settings: ReportingSettings, *, say: Callable[[str], None] = print) -> RebuildResult:
+async def rebuild(settings: ReportingSettings, *, say: Callable[[str], None] = print,
+                  before_swap: Callable[[], Awaitable[None]] | None = None) -> RebuildResult:
+    """Replay, swap, then apply what the live feed put into the old tables after the rebuild's last
+    end offsets. `before_swap` lets a test publish events at the worst moment."""
     await upgrade_to_head_async(MIGRATIONS, settings.database_url)
     db = Database(settings.database_url, pool_size=2)
     started_at, started = utcnow(), time.monotonic()
@@ -91,66 +95,98 @@ async def rebuild(settings: ReportingSettings, *, say: Callable[[str], None] = p
                 raise RebuildRunning("another rebuild of these read models is running")
             try:
                 await _fresh_schema(db, settings.timezone)
-                feed = Feed(db, default_zone=settings.timezone, schema=NEW_SCHEMA, synchronous_commit=False)
-                events, records = await _replay(feed, settings, say)
-                await _swap(db, settings, started_at, events)
+                async with _Replay(db, settings, say) as replay:
+                    await replay.run()
+                    if before_swap is not None:
+                        await before_swap()
+                    await _swap(db, settings, started_at, replay.events)
+                    await replay.tail()
             finally:
                 await lock.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
                 await lock.commit()
     finally:
         await db.dispose()
-    result = RebuildResult(events=events, records=records, seconds=time.monotonic() - started)
+    result = RebuildResult(events=replay.events, records=replay.records, seconds=time.monotonic() - started)
     say(f"rebuild: done, {result.records:,} events read ({result.events:,} applied) in {result.seconds:,.1f} s, "
         f"{result.rate:,.0f} events/s; the rebuilt read models are live")
     return result
 
 
-async def _replay(feed: Feed, settings: ReportingSettings, say: Callable[[str], None]) -> tuple[int, int]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-        client_id=f"{settings.service_name}-rebuild", max_poll_records=settings.rebuild_batch_size,
-        fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        tps = await topic_partitions(settings.kafka_bootstrap, settings.topics)
-        if not tps:
-            say("rebuild: the topics have no partitions yet: nothing to replay")
-            return 0, 0
-        consumer.assign(tps)
-        beginning = await consumer.beginning_offsets(tps)
+class _Replay:
+    """One consumer (no group) over every partition, from the first offset, into a Feed."""
+
+    def __init__(self, db: Database, settings: ReportingSettings, say: Callable[[str], None]) -> None:
+        self.db, self.settings, self.say = db, settings, say
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+            client_id=f"{settings.service_name}-rebuild", max_poll_records=settings.rebuild_batch_size,
+            fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self.tps: list[TopicPartition] = []
+        self.position: dict[TopicPartition, int] = {}
+        self.events = self.records = 0
+        self.progress = _Progress(say)
+
+    async def __aenter__(self) -> _Replay:
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def run(self) -> None:
+        settings = self.settings
+        self.tps = await topic_partitions(settings.kafka_bootstrap, settings.topics)
+        if not self.tps:
+            self.say("rebuild: the topics have no partitions yet: nothing to replay")
+            return
+        self.consumer.assign(self.tps)
+        beginning = await self.consumer.beginning_offsets(self.tps)
+        feed = Feed(self.db, default_zone=settings.timezone, schema=NEW_SCHEMA, synchronous_commit=False)
         await feed.init_positions(beginning)
-        for tp in tps:
-            consumer.seek(tp, beginning[tp])
-        position = dict(beginning)
-        end = await consumer.end_offsets(tps)
-        say(f"rebuild: replaying {_lag(end, position):,} events from {len(tps)} partitions into {NEW_SCHEMA}")
-        progress = _Progress(say)
-        events = records = 0
+        for tp in self.tps:
+            self.consumer.seek(tp, beginning[tp])
+        self.position = dict(beginning)
+        end = await self.consumer.end_offsets(self.tps)
+        self.say(f"rebuild: replaying {_lag(end, self.position):,} events from {len(self.tps)} partitions "
+                 f"into {NEW_SCHEMA}")
         for round_ in range(CATCH_UP_ROUNDS + 1):
-            while _lag(end, position):
-                waiting = [tp for tp in tps if position[tp] < end[tp]]
-                batch = await consumer.getmany(*waiting, timeout_ms=1000, max_records=settings.rebuild_batch_size)
-                if not batch:
-                    continue
-                applied = await apply_with_retries(feed, batch, consumer.beginning_offsets)
-                for tp, offset in applied.seeks.items():
-                    consumer.seek(tp, offset)
-                    position[tp] = offset
-                position.update(applied.positions)
-                events += applied.events
-                records += applied.records
-                progress.tick(records, _lag(end, position))
+            await self._drain(feed, end)
             if round_ == CATCH_UP_ROUNDS:
                 break
-            end = await consumer.end_offsets(tps)  # what arrived meanwhile
-            if not _lag(end, position):
+            end = await self.consumer.end_offsets(self.tps)  # what arrived meanwhile
+            if not _lag(end, self.position):
                 break
-            say(f"rebuild: catching up with {_lag(end, position):,} events that arrived meanwhile")
-        progress.tick(records, _lag(end, position), force=True)
-        return events, records
-    finally:
-        await consumer.stop()
+            self.say(f"rebuild: catching up with {_lag(end, self.position):,} events that arrived meanwhile")
+        self.progress.tick(self.records, _lag(end, self.position), force=True)
+
+    async def tail(self) -> None:
+        """After the swap: what arrived since, into the live schema. The live feed may apply the same
+        records at the same time; the stored positions make sure each is applied once."""
+        if not self.tps:
+            return
+        end = await self.consumer.end_offsets(self.tps)
+        if _lag(end, self.position):
+            self.say(f"rebuild: applying the {_lag(end, self.position):,} events that arrived during the swap")
+            await self._drain(Feed(self.db, default_zone=self.settings.timezone, schema=SCHEMA), end)
+
+    async def _drain(self, feed: Feed, end: Mapping[TopicPartition, int]) -> None:
+        while _lag(end, self.position):
+            waiting = [tp for tp in self.tps if self.position[tp] < end[tp]]
+            batch = await self.consumer.getmany(*waiting, timeout_ms=1000,
+                                                max_records=self.settings.rebuild_batch_size)
+            if not batch:
+                continue
+            applied = await apply_with_retries(feed, batch, self.consumer.beginning_offsets)
+            for tp, records in batch.items():
+                if tp in applied.seeks:
+                    self.consumer.seek(tp, applied.seeks[tp])
+                    self.position[tp] = applied.seeks[tp]
+                elif records:  # applied now, or already (by the live feed, after the swap)
+                    self.position[tp] = max(self.position[tp], records[-1].offset + 1)
+            self.events += applied.events
+            self.records += applied.records
+            self.progress.tick(self.records, _lag(end, self.position))
 
 
 async def _swap(db: Database, settings: ReportingSettings, started_at: datetime, events: int) -> None:
@@ -165,6 +201,7 @@ async def _swap(db: Database, settings: ReportingSettings, started_at: datetime,
 
 
 def main(settings: ReportingSettings) -> int:
+    configure_logging(settings.service_name, settings.log_level, settings.log_json)
     try:
         asyncio.run(rebuild(settings))
     except RebuildRunning as exc:
