@@ -2,7 +2,9 @@
 
 It buffers the request body (kit.web's limit: more than `max_body_bytes` is a 413), then, for a POST that
 carries an `Idempotency-Key`, claims the key before the request runs and stores the response after
-(5xx answers release the key instead, so a retry runs again). A repeat gets the stored response with
+(a 5xx or no answer keeps the key with an unknown outcome: the retry is forwarded again with the same
+key, and the service — which records the key in the same transaction as its effect — replays what it
+did or does it now; so no timeout doubles an effect). A repeat gets the stored response with
 `Idempotent-Replayed: true`.
 """
 
@@ -144,7 +146,7 @@ class GatewayMiddleware:
             log.warning("idempotent_request_failed_after_disconnect", error=str(task.exception()))
 
     async def _execute(self, claim: KeyClaim, scope: Scope, app_receive: Receive) -> tuple[Message | None, bytes]:
-        """Run the request, then store its response (or release the key for a 5xx or a crash)."""
+        """Run the request, then store its response (or keep the key as "unknown" for a 5xx or a crash)."""
         start: Message | None = None
         chunks: list[bytes] = []
 
@@ -158,11 +160,11 @@ class GatewayMiddleware:
         try:
             await self.app(scope, app_receive, capture)
         except BaseException:
-            await self._release_quietly(claim)
+            await self._unknown_quietly(claim)
             raise
         body = b"".join(chunks)
         if start is None or start["status"] >= 500:
-            await self._release_quietly(claim)
+            await self._unknown_quietly(claim)
             return start, body
         resp_headers = Headers(raw=start.get("headers", []))
         stored = {name: resp_headers[name] for name in STORED_HEADERS if name in resp_headers}
@@ -172,11 +174,11 @@ class GatewayMiddleware:
             log.error("idempotency_store_failed", key=claim.key, error=str(exc))
         return start, body
 
-    async def _release_quietly(self, claim: KeyClaim) -> None:
+    async def _unknown_quietly(self, claim: KeyClaim) -> None:
         try:
-            await self.idempotency.release(claim)
-        except Exception as exc:
-            log.error("idempotency_release_failed", key=claim.key, error=str(exc))
+            await self.idempotency.mark_unknown(claim)
+        except Exception as exc:  # the claim stays in progress and is taken over once stale
+            log.error("idempotency_mark_unknown_failed", key=claim.key, error=str(exc))
 
     def _owner(self, headers: Headers) -> str | None:
         authorization = headers.get("authorization")

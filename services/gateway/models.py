@@ -24,6 +24,10 @@ ROLE_CLIENT = "client"
 
 STATE_IN_PROGRESS = "in_progress"
 STATE_COMPLETED = "completed"
+# The upstream answered 5xx or not at all: it may or may not have done the work. The key is kept;
+# a retry goes to the service again with the same key, and the service (which records the key in
+# the same transaction as the effect) replays its answer or runs it for the first time.
+STATE_UNKNOWN = "unknown"
 
 
 class Base(DeclarativeBase):
@@ -53,7 +57,7 @@ class IdempotencyKey(Base):
 
     __tablename__ = "idempotency_keys"
     __table_args__ = (
-        CheckConstraint("state IN ('in_progress', 'completed')", name="ck_idempotency_keys_state"),
+        CheckConstraint("state IN ('in_progress', 'completed', 'unknown')", name="ck_idempotency_keys_state"),
         Index("ix_idempotency_keys_created_at", "created_at"),
     )
 

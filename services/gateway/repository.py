@@ -16,6 +16,7 @@ from services.gateway.models import (
     ROLE_ADMIN,
     STATE_COMPLETED,
     STATE_IN_PROGRESS,
+    STATE_UNKNOWN,
     IdempotencyKey,
     User,
 )
@@ -130,6 +131,14 @@ class IdempotencyRepository:
             .returning(IdempotencyKey.key)
         )
         return result.first() is not None
+
+    async def mark_unknown(self, *, owner: str, key: str, lock_id: uuid.UUID) -> None:
+        await self.session.execute(
+            update(IdempotencyKey).where(
+                IdempotencyKey.owner == owner, IdempotencyKey.key == key, IdempotencyKey.lock_id == lock_id,
+                IdempotencyKey.state == STATE_IN_PROGRESS,
+            ).values(state=STATE_UNKNOWN, lock_id=None)
+        )
 
     async def release(self, *, owner: str, key: str, lock_id: uuid.UUID) -> None:
         await self.session.execute(

@@ -16,7 +16,7 @@ import structlog
 from kit.db import Database, UnitOfWork
 from kit.errors import AppError, Conflict, InvalidInput, Unauthorized
 from kit.pagination import Page, PageRequest
-from services.gateway.models import ROLE_ADMIN, STATE_IN_PROGRESS, User
+from services.gateway.models import ROLE_ADMIN, STATE_IN_PROGRESS, STATE_UNKNOWN, User
 from services.gateway.repository import IdempotencyRepository, UserRepository
 from services.gateway.schemas import CreateUserRequest, LoginResponse, UserOut
 from services.gateway.security import Passwords, TokenClaims, TokenCodec
@@ -204,6 +204,13 @@ class IdempotencyService:
                         "This Idempotency-Key was already used for a different request.",
                         details={"method": row.method, "path": row.path},
                     )
+                if row.state == STATE_UNKNOWN:
+                    # The first try's outcome is unknown (5xx, timeout): send it again with the same key.
+                    # The service replays its recorded answer if it did commit, or runs it now.
+                    log.info("idempotency_retry_after_unknown_outcome", key=key, owner=owner)
+                    await repo.restart(owner=owner, key=key, fingerprint=fingerprint, method=method,
+                                       path=path[:2048], lock_id=lock_id, keep_created_at=True)
+                    return KeyClaim(owner, key, lock_id)
                 if row.state == STATE_IN_PROGRESS:
                     if existing.stale:
                         log.warning("idempotency_abandoned_claim_taken_over", key=key, owner=owner)
@@ -229,8 +236,16 @@ class IdempotencyService:
             log.warning("idempotency_claim_lost", key=claim.key, owner=claim.owner)
 
     async def release(self, claim: KeyClaim) -> None:
+        """Forget the claim: only when the request certainly did nothing (it never reached a service)."""
         async with self._db.transaction() as uow:
             await IdempotencyRepository(uow.session).release(owner=claim.owner, key=claim.key, lock_id=claim.lock_id)
+
+    async def mark_unknown(self, claim: KeyClaim) -> None:
+        """Keep the key with an unknown outcome (5xx or no answer): never forget a key that may have
+        had an effect; its retry is forwarded again, with the key, to the service that knows."""
+        async with self._db.transaction() as uow:
+            await IdempotencyRepository(uow.session).mark_unknown(owner=claim.owner, key=claim.key,
+                                                                  lock_id=claim.lock_id)
 
     async def cleanup(self) -> int:
         async with self._db.transaction() as uow:

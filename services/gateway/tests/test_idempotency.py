@@ -120,6 +120,26 @@ async def test_5xx_is_not_stored(client: httpx.AsyncClient, admin_token: str, in
     assert len(invoice_upstream.hits_with("idempotency-key", key)) == 2
 
 
+async def test_5xx_keeps_the_key_with_an_unknown_outcome(
+    client: httpx.AsyncClient, admin_token: str, gateway: Gateway, invoice_upstream: Upstream
+) -> None:
+    """The upstream may have committed before answering 5xx (or timing out): the gateway must not
+    forget the key, and the retry reaches the service with the same key (which replays or runs)."""
+    key = _key()
+    headers = {**bearer(admin_token), "Idempotency-Key": key}
+    failed = await client.post("/api/invoices", json={"x": 1}, headers={**headers, "X-Test-Status": "504"})
+    assert failed.status_code == 504
+    conn = await asyncpg.connect(_dsn(gateway))
+    try:
+        state = await conn.fetchval("SELECT state FROM idempotency_keys WHERE key = $1", key)
+    finally:
+        await conn.close()
+    assert state == "unknown"
+    retried = await client.post("/api/invoices", json={"x": 1}, headers=headers)
+    assert retried.status_code == 201
+    assert len(invoice_upstream.hits_with("idempotency-key", key)) == 2  # both tries carried the key
+
+
 async def test_4xx_is_stored(client: httpx.AsyncClient, admin_token: str, invoice_upstream: Upstream) -> None:
     key = _key()
     headers = {**bearer(admin_token), "Idempotency-Key": key}
