@@ -21,7 +21,7 @@ from services.reporting.feed import Feed, LiveFeed
 from services.reporting.models import MIGRATIONS, SCHEMA
 from services.reporting.money import check_currency
 from services.reporting.periods import Period, as_of_day, period
-from services.reporting.reports import Reports, days_back, default_months_back, read_zone
+from services.reporting.reports import Reports, ZoneCache, days_back, default_months_back
 from services.reporting.schemas import (
     Aging,
     AgingGroup,
@@ -52,8 +52,8 @@ AsOf = Annotated[date | None, Query(alias="asOf", description="As of the end of 
 
 
 async def reports(uow: RequestUnitOfWork, request: Request) -> Reports:
-    settings: ReportingSettings = request.app.state.runtime.settings
-    return Reports(uow.session, await read_zone(uow.session, settings.timezone))
+    zones: ZoneCache = request.app.state.zones
+    return Reports(uow.session, await zones.get(uow.session))
 
 
 ReportsDep = Annotated[Reports, Depends(reports)]
@@ -194,6 +194,7 @@ def build_runtime(settings: ReportingSettings | None = None) -> tuple[ServiceRun
 
 
 def create_app(settings: ReportingSettings | None = None) -> FastAPI:
+    settings = settings or ReportingSettings()
     runtime, live = build_runtime(settings)
     app = create_service_app(
         runtime,
@@ -203,5 +204,6 @@ def create_app(settings: ReportingSettings | None = None) -> FastAPI:
         routers=[router],
     )
     app.state.feed = live
+    app.state.zones = ZoneCache(settings.timezone)
     return app
 

@@ -7,6 +7,7 @@ issued by then and not yet cancelled then. Currencies are never added together.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,22 @@ async def read_zone(session: AsyncSession, default: str) -> Zone:
     return Zone(str(value) if value else default)
 
 
+class ZoneCache:
+    """The read models' zone, read again every few seconds (it changes only with a rebuild)."""
+
+    def __init__(self, default: str, ttl: float = 2.0) -> None:
+        self.default = default
+        self.ttl = ttl
+        self._zone: Zone | None = None
+        self._until = 0.0
+
+    async def get(self, session: AsyncSession) -> Zone:
+        now = time.monotonic()
+        if self._zone is None or now >= self._until:
+            self._zone, self._until = await read_zone(session, self.default), now + self.ttl
+        return self._zone
+
+
 @dataclass(frozen=True)
 class Receivable:
     invoice_id: str
@@ -109,64 +126,52 @@ class Reports:
     # summary ----------------------------------------------------------------------------------------
 
     async def summary(self, as_of: date, currency: str | None) -> Summary:
-        month_first, year_first = as_of.replace(day=1), as_of.replace(month=1, day=1)
+        """One statement (the dashboard is the most asked-for report): four parts, each a row per
+        currency of (part, currency, a, b, c, d)."""
         only = "AND currency = :currency" if currency else ""
-        rows: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for r in await self._rows(
-            f"SELECT currency, SUM(paid - refunded) FILTER (WHERE day >= :month) AS month, "
-            f"SUM(paid - refunded) AS year FROM {SCHEMA}.cash_daily WHERE day BETWEEN :year AND :day {only} "
-            "GROUP BY currency", month=month_first, year=year_first, day=as_of, currency=currency,
-        ):
-            rows[r.currency].update(collected_this_month=r.month or 0, collected_year_to_date=r.year or 0)
-        for r in await self._rows(
-            f"SELECT currency, SUM(amount) FILTER (WHERE day >= :month) AS month, SUM(amount) AS year "
+        today = as_of == self.zone.today()
+        numbers = "::numeric, ".join(("a", "b", "c", "d")) + "::numeric"
+        parts = [
+            f"SELECT 'cash' AS part, currency, SUM(paid - refunded) FILTER (WHERE day >= :month) AS a, "
+            f"SUM(paid - refunded) AS b, NULL::numeric AS c, NULL::numeric AS d FROM {SCHEMA}.cash_daily "
+            f"WHERE day BETWEEN :year AND :day {only} GROUP BY currency",
+            f"SELECT 'invoiced', currency, SUM(amount) FILTER (WHERE day >= :month), SUM(amount), NULL::numeric, "
+            "NULL::numeric "
             f"FROM {SCHEMA}.invoiced_daily WHERE day BETWEEN :year AND :day {only} GROUP BY currency",
-            month=month_first, year=year_first, day=as_of, currency=currency,
-        ):
-            rows[r.currency].update(invoiced_this_month=r.month or 0, invoiced_year_to_date=r.year or 0)
-        if as_of == self.zone.today():
-            owed = await self._rows(
-                "SELECT currency, SUM(amount) AS outstanding, SUM(invoices) AS open, "
-                "SUM(amount) FILTER (WHERE due_date < :day) AS overdue, "
-                "SUM(invoices) FILTER (WHERE due_date < :day) AS overdue_count "
-                f"FROM {SCHEMA}.open_by_due WHERE true {only} GROUP BY currency HAVING SUM(invoices) > 0",
-                day=as_of, currency=currency,
-            )
-        else:
-            owed = await self._rows(
-                receivables_sql(only, "currency, SUM(due) AS outstanding, COUNT(*) AS open, "
-                                "SUM(due) FILTER (WHERE due_date < :day) AS overdue, "
-                                "COUNT(*) FILTER (WHERE due_date < :day) AS overdue_count")
-                + " GROUP BY currency", day=as_of, end=self.zone.end_of(as_of), currency=currency,
-            )
-        for r in owed:
-            rows[r.currency].update(outstanding=r.outstanding or 0, open_invoices=r.open or 0,
-                                    overdue=r.overdue or 0, overdue_invoices=r.overdue_count or 0)
-        for r in await self._subscriptions_as_of(as_of, currency):
-            rows[r.currency].update(mrr=whole(r.mrr), arr=whole(r.mrr * 12), active_subscriptions=r.active,
-                                    trialing_subscriptions=r.trialing)
-        fields = SummaryRow.model_fields
+            # what open invoices owe: kept per due date for today, worked out from the ledger for a past day
+            f"SELECT 'owed', currency, SUM(amount), SUM(invoices), SUM(amount) FILTER (WHERE due_date < :day), "
+            f"SUM(invoices) FILTER (WHERE due_date < :day) FROM {SCHEMA}.open_by_due WHERE true {only} "
+            "GROUP BY currency HAVING SUM(invoices) > 0" if today else
+            receivables_sql(only, "'owed', currency, SUM(due), COUNT(*), SUM(due) FILTER (WHERE due_date < :day), "
+                                  "COUNT(*) FILTER (WHERE due_date < :day)") + " GROUP BY currency",
+            f"SELECT 'subscriptions', currency, SUM(mrr), COUNT(*) FILTER (WHERE status IN {_PAYING_SQL}), "
+            "COUNT(*) FILTER (WHERE status = 'trialing'), NULL::numeric FROM "
+            + (f"{SCHEMA}.subscriptions" if today else
+               f"(SELECT DISTINCT ON (subscription_id) currency, status, mrr FROM {SCHEMA}.subscription_changes "
+               "WHERE effective_at < :end ORDER BY subscription_id, version DESC) s")
+            + f" WHERE currency IS NOT NULL {only} GROUP BY currency",
+        ]
+        sql = (f"SELECT part, currency, {numbers} FROM ("
+               + " UNION ALL ".join(f"({part})" for part in parts) + ") summary")
+        rows: dict[str, dict[str, int]] = defaultdict(dict)
+        for r in await self._rows(sql, month=as_of.replace(day=1), year=as_of.replace(month=1, day=1), day=as_of,
+                                  end=self.zone.end_of(as_of), currency=currency):
+            a, b, c, d = r.a or 0, r.b or 0, r.c or 0, r.d or 0
+            figures = rows[r.currency]
+            if r.part == "cash":
+                figures.update(collected_this_month=int(a), collected_year_to_date=int(b))
+            elif r.part == "invoiced":
+                figures.update(invoiced_this_month=int(a), invoiced_year_to_date=int(b))
+            elif r.part == "owed":
+                figures.update(outstanding=int(a), open_invoices=int(b), overdue=int(c), overdue_invoices=int(d))
+            else:
+                figures.update(mrr=whole(a), arr=whole(a * 12), active_subscriptions=int(b),
+                               trialing_subscriptions=int(c))
+        names = [name for name in SummaryRow.model_fields if name != "currency"]
         return Summary(**self.head(), as_of=as_of, currencies=[
-            SummaryRow(currency=code, **{name: values.get(name, 0) for name in fields if name != "currency"})
-            for code, values in sorted(rows.items())
+            SummaryRow(currency=code, **{name: figures.get(name, 0) for name in names})
+            for code, figures in sorted(rows.items())
         ])
-
-    async def _subscriptions_as_of(self, as_of: date, currency: str | None) -> Sequence[Any]:
-        only = "AND currency = :currency" if currency else ""
-        counts = (f"SUM(mrr) AS mrr, COUNT(*) FILTER (WHERE status IN {_PAYING_SQL}) AS active, "
-                  "COUNT(*) FILTER (WHERE status = 'trialing') AS trialing")
-        if as_of == self.zone.today():
-            return await self._rows(
-                f"SELECT currency, {counts} FROM {SCHEMA}.subscriptions WHERE currency IS NOT NULL {only} "
-                "GROUP BY currency", currency=currency,
-            )
-        return await self._rows(
-            f"SELECT currency, {counts} FROM (SELECT DISTINCT ON (subscription_id) currency, status, mrr "
-            f"FROM {SCHEMA}.subscription_changes WHERE effective_at < :end "
-            "ORDER BY subscription_id, version DESC) s "
-            f"WHERE currency IS NOT NULL {only} GROUP BY currency",
-            end=self.zone.end_of(as_of), currency=currency,
-        )
 
     # outstanding ------------------------------------------------------------------------------------
 
