@@ -73,3 +73,5 @@ class InvoiceSnapshotV1(ContractModel):
     # What caused this event, e.g. the payment id that moved it to PAID.
     cause_id: str | None = None
     reason: str | None = None
+    # The Stripe invoice (of a subscription) this invoice is our copy of; None for our own invoices.
+    stripe_invoice_id: str | None = None
