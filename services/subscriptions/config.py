@@ -76,9 +76,6 @@ class SubscriptionsSettings(ServiceSettings):
     # Customers are created on the platform's Stripe test clock (test mode only), so that
     # POST /api/test-clock/advance moves their subscriptions. Off: real time for everyone.
     test_clock_enabled: bool = True
-    # A Stripe event whose second is this close to a state we fetched ourselves cannot be ordered
-    # against it (clock skew between us and Stripe): the subscription is fetched again instead.
-    fetch_skew_seconds: int = 2
     checkout_expires_minutes: int = 24 * 60
 
     @model_validator(mode="after")

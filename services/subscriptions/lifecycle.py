@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import Enum
 from typing import Literal
 
@@ -48,27 +48,26 @@ def parse_uuid(value: str | None) -> uuid.UUID | None:
 
 # -- ordering of Stripe states -----------------------------------------------------------------
 class Freshness(Enum):
-    APPLY = "apply"  # strictly newer than what the mirror holds
+    APPLY = "apply"  # strictly newer than any Stripe event the mirror applied
     SKIP = "skip"  # older: never overwrites
-    REFETCH = "refetch"  # cannot tell (same second, or near a state we read ourselves): ask Stripe
+    TIE = "tie"  # the same second: only Stripe's current object can say which is newer
 
 
-def freshness(held_at: datetime | None, held_source: str, incoming_at: datetime, *, skew_seconds: int) -> Freshness:
-    """Order a Stripe event against the state the mirror holds.
+def freshness(held_at: datetime | None, incoming_at: datetime) -> Freshness:
+    """Order a Stripe event against the newest event the mirror has applied.
 
-    Events carry Stripe's `created` (whole seconds): strictly later applies, earlier is skipped, the
-    same second is a tie that only the current object can settle. A state we fetched ourselves is
-    stamped with our clock, which may be off Stripe's by a little: within `skew_seconds` of it the
-    order is unknown, so again ask Stripe.
+    Events carry Stripe's `created` (whole seconds, Stripe's own clock, which for a customer on a
+    test clock is that clock's time): strictly later applies, earlier is skipped, the same second is
+    a tie. Our own clock is never compared with Stripe's: a state we fetched ourselves leaves the
+    mark where the events put it, so an event that was in flight during the fetch still applies
+    (at worst it shows a state for a moment that a newer event then replaces; the newest event
+    always wins in the end).
     """
-    if held_at is None:
+    if held_at is None or incoming_at > held_at:
         return Freshness.APPLY
-    margin = timedelta(seconds=skew_seconds if held_source == "fetch" else 0)
-    if incoming_at > held_at + margin:
-        return Freshness.APPLY
-    if incoming_at < held_at - margin:
+    if incoming_at < held_at:
         return Freshness.SKIP
-    return Freshness.REFETCH
+    return Freshness.TIE
 
 
 # -- what a state means ------------------------------------------------------------------------

@@ -154,8 +154,8 @@ class Subscription(Base):
     # Stripe's current item price (differs from price_id's while a change is pending).
     stripe_price_id: Mapped[str | None] = mapped_column(String(255))
     latest_stripe_invoice_id: Mapped[str | None] = mapped_column(String(255))
-    # The Stripe time of the state the mirror holds (whole seconds), and where it came from:
-    # "event" (a webhook's `created`) or "fetch" (our own read of the object; our clock).
+    # `created` of the newest Stripe event applied (whole seconds, Stripe's clock), and where the
+    # state shown came from: "event" or "fetch" (our own read of the object, which leaves the mark).
     stripe_state_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     stripe_state_source: Mapped[str] = mapped_column(String(10), default="event")
     version: Mapped[int] = mapped_column(Integer, default=1)

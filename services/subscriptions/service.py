@@ -462,18 +462,21 @@ class SubscriptionService:
     # ==========================================================================================
     # the mirror (ST3/ST4): Stripe's state in, one event per change out
     async def sync(self, data: StripeSubscriptionV1) -> Subscription | None:
-        """Apply a Stripe subscription event: an older state never overwrites a newer one; when the
-        order cannot be told, the current object is fetched from Stripe and applied instead."""
+        """Apply a Stripe subscription event: an older state never overwrites a newer one; when two
+        events of the same second disagree, the current object is fetched from Stripe instead."""
         await advisory_lock(self.session, f"subscription:{data.subscription_id}")
         row = await self.subs.by_stripe_id(data.subscription_id, for_update=True)
         if row is not None:
-            decision = lifecycle.freshness(row.stripe_state_at, row.stripe_state_source, data.stripe_event_created,
-                                           skew_seconds=self.settings.fetch_skew_seconds)
+            decision = lifecycle.freshness(row.stripe_state_at, data.stripe_event_created)
             if decision is Freshness.SKIP:
                 log.info("stripe_state_stale_skipped", subscription=data.subscription_id,
                          stripe_event=data.stripe_event_id, held=str(row.stripe_state_at))
                 return row
-            if decision is Freshness.REFETCH:
+            if decision is Freshness.TIE:
+                incoming = await self._state_from_stripe(row, data, row.client_id,
+                                                         lifecycle.parse_status(data.status), None)
+                if incoming == self._state_of(row):
+                    return row  # the same state whichever came first: nothing to settle
                 return await self.refresh(row.stripe_subscription_id, cause=data.stripe_event_id)
         return await self._mirror(data, fetched=False, cause=data.stripe_event_id)
 
@@ -542,9 +545,8 @@ class SubscriptionService:
             log.info("subscription_not_ours", subscription=data.subscription_id, customer=data.customer_id)
             return None
         state = await self._state_from_stripe(row, data, client_id, status, hint_price)
-        stamp = data.stripe_event_created
-        if fetched and row is not None and row.stripe_state_at is not None:
-            stamp = max(stamp, row.stripe_state_at)
+        # The mark is the newest Stripe event applied; a fetched state leaves it (see lifecycle.freshness).
+        stamp = (row.stripe_state_at if row is not None else None) if fetched else data.stripe_event_created
         if row is None:
             row = Subscription(id=uuid.uuid4(), stripe_subscription_id=data.subscription_id, version=1,
                                stripe_state_at=stamp, stripe_state_source="fetch" if fetched else "event")
@@ -636,10 +638,11 @@ class SubscriptionService:
             tariff = (data.currency, None, None, None)
         currency, unit_amount, interval, interval_count = tariff
         paid_through = row.paid_through if row is not None else None
+        plan_id = shown.plan_id if shown is not None else await self._known_plan(data.plan_id)
         base = MirrorState(
             client_id=client_id,
             status=status,
-            plan_id=shown.plan_id if shown is not None else lifecycle.parse_uuid(data.plan_id),
+            plan_id=plan_id,
             price_id=shown.id if shown is not None else None,
             quantity=quantity,
             currency=(currency or data.currency or "").upper() or None,
@@ -669,6 +672,12 @@ class SubscriptionService:
             latest_stripe_invoice_id=data.latest_invoice_id,
         )
         return self._with_derived(base)
+
+    async def _known_plan(self, value: str | None) -> uuid.UUID | None:
+        """A plan id from Stripe's metadata, if it is one of ours (another environment sharing the
+        Stripe account, or a hand-edited metadata, may name anything)."""
+        plan_id = lifecycle.parse_uuid(value)
+        return plan_id if plan_id is not None and await self.plans.get(plan_id) is not None else None
 
     @staticmethod
     def _with_derived(state: MirrorState, **changes: Any) -> MirrorState:

@@ -220,7 +220,6 @@ class PriceDetails(StripeModel):
 
 class LinePricing(StripeModel):
     price_details: PriceDetails | None = None
-    unit_amount_decimal: str | None = None
 
 
 class LineParentDetails(StripeModel):

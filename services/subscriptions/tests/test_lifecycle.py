@@ -21,18 +21,11 @@ def at(seconds: int) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def test_events_order_by_stripe_second_and_a_tie_asks_stripe() -> None:
-    assert lifecycle.freshness(None, "event", at(0), skew_seconds=2) is Freshness.APPLY
-    assert lifecycle.freshness(at(10), "event", at(11), skew_seconds=2) is Freshness.APPLY
-    assert lifecycle.freshness(at(10), "event", at(9), skew_seconds=2) is Freshness.SKIP
-    assert lifecycle.freshness(at(10), "event", at(10), skew_seconds=2) is Freshness.REFETCH
-
-
-def test_near_a_state_we_fetched_ourselves_the_order_is_unknown() -> None:
-    assert lifecycle.freshness(at(10), "fetch", at(12), skew_seconds=2) is Freshness.REFETCH
-    assert lifecycle.freshness(at(10), "fetch", at(8), skew_seconds=2) is Freshness.REFETCH
-    assert lifecycle.freshness(at(10), "fetch", at(13), skew_seconds=2) is Freshness.APPLY
-    assert lifecycle.freshness(at(10), "fetch", at(7), skew_seconds=2) is Freshness.SKIP
+def test_events_order_by_stripe_second_and_a_tie_is_a_tie() -> None:
+    assert lifecycle.freshness(None, at(0)) is Freshness.APPLY
+    assert lifecycle.freshness(at(10), at(11)) is Freshness.APPLY
+    assert lifecycle.freshness(at(10), at(9)) is Freshness.SKIP
+    assert lifecycle.freshness(at(10), at(10)) is Freshness.TIE
 
 
 def test_access_follows_status() -> None:

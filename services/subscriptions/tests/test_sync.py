@@ -151,8 +151,19 @@ async def test_two_events_in_the_same_second_are_settled_by_stripe(
                            stripe_event_created=t0)
     await publish_stripe(producer, same_second, UPDATED)
     row = await wait_for_mirror(db, sub.subscription_id, lambda r: r.quantity == 5)
-    assert row.stripe_state_source == "fetch"
+    assert row.stripe_state_source == "fetch" and row.stripe_state_at == t0  # the mark stays Stripe's
     assert ("retrieve_subscription", sub.subscription_id) in scripted.calls
+
+    # a same-second event that says what the mirror shows settles nothing: no call to Stripe
+    calls = len(scripted.calls)
+    agreeing = event_of(truth, stripe_event_created=t0)
+    await publish_stripe(producer, agreeing, UPDATED)
+    await wait_consumed(db, [agreeing.stripe_event_id])
+    assert len(scripted.calls) == calls
+    # and an event after the fetch applies as usual
+    later = event_of(truth, cancel_at_period_end=True, stripe_event_created=t0 + timedelta(seconds=1))
+    await publish_stripe(producer, later, UPDATED)
+    await wait_for_mirror(db, sub.subscription_id, lambda r: r.cancel_at_period_end and r.quantity == 5)
 
 
 async def test_a_subscription_made_in_stripe_is_mirrored_when_its_customer_is_a_client(
@@ -167,6 +178,14 @@ async def test_a_subscription_made_in_stripe_is_mirrored_when_its_customer_is_a_
     await publish_stripe(producer, outside, CREATED)
     row = await wait_for_mirror(db, outside.subscription_id, lambda r: True)
     assert row.client_id == client_id and str(row.price_id) == catalog.pro["id"] and row.mrr == 3_000
+
+    # metadata naming a plan and price this service does not have (another environment, say)
+    foreign_price = {**catalog.pro, "id": str(uuid.uuid4()), "planId": str(uuid.uuid4()),
+                     "stripePriceId": f"price_{uuid.uuid4().hex[:12]}", "lookupKey": "elsewhere"}
+    foreign = stripe_sub(client_id=uuid.uuid4(), price=foreign_price, event_type=CREATED)
+    await publish_stripe(producer, foreign, CREATED)
+    mirrored = await wait_for_mirror(db, foreign.subscription_id, lambda r: True)
+    assert (mirrored.plan_id, mirrored.price_id, mirrored.unit_amount) == (None, None, 3_000)
 
     stranger = stripe_sub(client_id=None, price=catalog.pro, event_type=CREATED)  # a customer we do not know
     await publish_stripe(producer, stranger, CREATED)

@@ -1,0 +1,148 @@
+"""Whole flows against the stateful Stripe stand-in (deploy/stripe_standin): the service's real Stripe
+calls, Stripe's real lifecycle on the platform's test clock, its webhooks back into the mirror
+(republished on billing.stripe by tests/standin_bridge.py, as payments does)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import select
+
+from contracts.subscription import SubscriptionEventType
+from deploy.stripe_standin.testing import WebhookReceiver
+from services.subscriptions.app import create_app
+from services.subscriptions.clients import StaticClientDirectory
+from services.subscriptions.config import SubscriptionsSettings
+from services.subscriptions.models import Subscription
+from services.subscriptions.proration import prorate
+
+from .conftest import ADMIN, client_headers, price_body
+from .standin_bridge import StandinBridge
+
+
+@pytest.fixture(scope="module")
+async def standin_api(stripe_standin: Any, kafka: Any, database_url_factory: Callable[[str], str],
+                      directory: StaticClientDirectory) -> AsyncIterator[httpx.AsyncClient]:
+    settings = SubscriptionsSettings(
+        database_url=database_url_factory("subscriptions_standin"),
+        kafka_bootstrap=kafka.bootstrap,
+        outbox_poll_interval=0.3,
+        stripe_api_base=stripe_standin.url,
+        stripe_secret_key="sk_test_local",
+        public_url="http://gateway.test",
+        consumer_group=f"subscriptions-standin-{uuid.uuid4().hex[:8]}",
+    )
+    app = create_app(settings, clients=directory)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://subscriptions", headers=ADMIN) as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+@pytest.fixture
+async def bridge(standin_webhooks: WebhookReceiver, producer: AIOKafkaProducer) -> AsyncIterator[StandinBridge]:
+    running = StandinBridge(standin_webhooks, producer)
+    running.start()
+    yield running
+    await running.stop()
+
+
+async def mirror_for(api: httpx.AsyncClient, client_id: uuid.UUID, predicate: Callable[[Subscription], bool],
+                     timeout: float = 30) -> Subscription:
+    db = api.app.state.runtime.db  # type: ignore[attr-defined]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    row: Subscription | None = None
+    while loop.time() < deadline:
+        async with db.sessionmaker() as s:
+            row = await s.scalar(select(Subscription).where(Subscription.client_id == client_id))
+        if row is not None and predicate(row):
+            return row
+        await asyncio.sleep(0.1)
+    seen = None if row is None else (row.status, row.price_id, row.cancel_at_period_end, row.version)
+    raise AssertionError(f"the mirror of {client_id}'s subscription never matched; last seen {seen}")
+
+
+async def advance(api: httpx.AsyncClient, standin: Any, to: datetime) -> None:
+    response = await api.post("/api/test-clock/advance", json={"to": to.isoformat()})
+    assert response.status_code == 200, response.text
+    await asyncio.to_thread(standin.flush, 20.0)
+
+
+async def test_signup_trial_renewal_upgrade_and_cancel_at_period_end(
+    standin_api: httpx.AsyncClient, stripe_standin: Any, bridge: StandinBridge, subscription_events: Any,
+    standin_webhooks: WebhookReceiver,
+) -> None:
+    api = standin_api
+    tag = uuid.uuid4().hex[:6]
+    basic = (await api.post("/api/plans", json={"name": f"Basic {tag}",
+                                                "prices": [price_body(1_000, trialDays=14)]})).json()
+    pro = (await api.post("/api/plans", json={"name": f"Pro {tag}", "prices": [price_body(3_000)]})).json()
+    basic_price, pro_price = basic["prices"][0], pro["prices"][0]
+
+    # signup through Checkout: nothing is granted on the redirect, the webhook makes it trialing
+    client_id = uuid.uuid4()
+    own = client_headers(client_id)
+    checkout = await api.post("/api/subscriptions/checkout", headers=own, json={"priceId": basic_price["id"]})
+    assert checkout.status_code == 201, checkout.text
+    async with httpx.AsyncClient() as browser:
+        paid = await browser.post(f"{checkout.json()['url']}/pay")
+    assert paid.status_code == 303 and "checkout=success" in paid.headers["location"]
+    row = await mirror_for(api, client_id, lambda r: r.status == "trialing")
+    assert row.trial_end is not None and row.mrr == 0 and row.access_until == row.trial_end
+    assert str(row.price_id) == basic_price["id"]
+    sub_id = str(row.id)
+    clock = (await api.get("/api/test-clock")).json()
+    assert row.trial_end == datetime.fromisoformat(clock["frozenTime"]) + timedelta(days=14)
+
+    # past the trial: trial_will_end first, then the first invoice, paid, and the subscription active
+    await advance(api, stripe_standin, row.trial_end + timedelta(hours=1))
+    active = await mirror_for(api, client_id, lambda r: r.status == "active" and r.paid_through is not None)
+    assert active.current_period_start == row.trial_end and active.mrr == 1_000
+    assert active.access_until == active.current_period_end == active.paid_through
+    await subscription_events.wait_for(sub_id, SubscriptionEventType.RENEWED)
+    types = [e.type for e in subscription_events.matching(sub_id)]
+    assert types.index(SubscriptionEventType.TRIAL_WILL_END) < types.index(SubscriptionEventType.ACTIVATED)
+
+    # upgrade mid-period: the preview is what Stripe then charges, to the cent
+    preview = await api.get(f"/api/subscriptions/{sub_id}/change-preview", headers=own,
+                            params={"priceId": pro_price["id"]})
+    assert preview.status_code == 200, preview.text
+    body = preview.json()
+    assert (body["kind"], body["prorationBehavior"]) == ("upgrade", "always_invoice")
+    assert active.current_period_start is not None and active.current_period_end is not None
+    ours = prorate(old_unit=1_000, old_quantity=1, new_unit=3_000, new_quantity=1,
+                   period_start=active.current_period_start, period_end=active.current_period_end,
+                   proration_date=datetime.fromisoformat(body["prorationDate"]))
+    assert sorted(line["amount"] for line in body["lines"]) == sorted(line.amount for line in ours.lines)
+    assert body["amountDueNow"] == ours.total and body["nextInvoiceTotal"] == 3_000
+    changed = await api.post(f"/api/subscriptions/{sub_id}/change", headers=own,
+                             json={"priceId": pro_price["id"], "prorationDate": body["prorationDate"]})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["priceId"] == pro_price["id"] and changed.json()["mrr"] == 3_000
+    [invoice] = await asyncio.to_thread(
+        standin_webhooks.wait_for, "invoice.paid", 1, 20.0, billing_reason="subscription_update",
+        customer=active.stripe_customer_id)
+    assert invoice["data"]["object"]["amount_paid"] == body["amountDueNow"]
+    assert sorted(line["amount"] for line in invoice["data"]["object"]["lines"]["data"]) == sorted(
+        line["amount"] for line in body["lines"])
+
+    # cancel at period end: access until then, then canceled, and no further invoice
+    cancel = await api.post(f"/api/subscriptions/{sub_id}/cancel", headers=own, json={"atPeriodEnd": True})
+    assert cancel.status_code == 200 and cancel.json()["cancelAtPeriodEnd"] is True
+    assert datetime.fromisoformat(cancel.json()["accessUntil"]) == active.current_period_end
+    invoices_before = len(standin_webhooks.events("invoice.created", customer=active.stripe_customer_id))
+    await advance(api, stripe_standin, active.current_period_end + timedelta(hours=1))
+    ended = await mirror_for(api, client_id, lambda r: r.status == "canceled")
+    assert ended.ended_at == active.current_period_end and ended.access_until == active.current_period_end
+    assert ended.mrr == 0
+    assert len(standin_webhooks.events("invoice.created", customer=active.stripe_customer_id)) == invoices_before
+    await subscription_events.wait_for(sub_id, SubscriptionEventType.CANCELED)
