@@ -37,6 +37,7 @@ from kit.errors import AppError, Conflict, Forbidden, InvalidInput, NotFound
 from kit.logging import current_correlation_id
 from kit.pagination import PageRequest, PageResult
 from services.subscriptions import lifecycle
+from services.subscriptions.catalog import CatalogSync
 from services.subscriptions.clients import ClientDirectory
 from services.subscriptions.config import SubscriptionsSettings
 from services.subscriptions.lifecycle import (
@@ -116,10 +117,6 @@ class _Change:
     plan: ChangePlan
 
 
-def product_id_of(plan: Plan) -> str:
-    return f"plan_{plan.id.hex}"
-
-
 def default_lookup_key(plan_id: uuid.UUID, entry: PriceIn) -> str:
     # One per plan, currency and interval: a new amount takes the key over (Stripe's transfer_lookup_key).
     return f"plan_{plan_id.hex[:12]}_{entry.currency.lower()}_{entry.interval_count}{entry.interval.value}"
@@ -156,6 +153,7 @@ class SubscriptionService:
         self.customers = CustomerRepository(session)
         self.subs = SubscriptionRepository(session)
         self.platform = PlatformRepository(session)
+        self.catalog = CatalogSync(deps.stripe)
 
     # ==========================================================================================
     # plans and prices (SUB1)
@@ -163,7 +161,7 @@ class SubscriptionService:
         plan = Plan(id=uuid.uuid4(), name=body.name, description=body.description, features=list(body.features),
                     active=True, prices=[])
         self.plans.add(plan)
-        plan.stripe_product_id = await self._ensure_product(plan)
+        plan.stripe_product_id = await self.catalog.product(plan)
         for entry in body.prices:
             await self._add_price(plan, entry)
         await self.session.flush()
@@ -174,7 +172,7 @@ class SubscriptionService:
         if not plan.active:
             raise Conflict("An archived plan cannot be edited.", code="plan_archived")
         plan.name, plan.description, plan.features = body.name, body.description, list(body.features)
-        plan.stripe_product_id = await self._ensure_product(plan)
+        plan.stripe_product_id = await self.catalog.product(plan)
         by_id = {p.id: p for p in plan.prices}
         kept: set[uuid.UUID] = set()
         new_entries: list[PriceIn] = []
@@ -215,8 +213,7 @@ class SubscriptionService:
         for price in plan.prices:
             if price.active:
                 await self._archive_price(price)
-        if plan.stripe_product_id:
-            await self.stripe.update_product(plan.stripe_product_id, {"active": False})
+        await self.catalog.product(plan)  # inactive in Stripe too
         await self.session.flush()
         return plan
 
@@ -237,20 +234,6 @@ class SubscriptionService:
             raise NotFound(f"Plan {plan_id} not found.")
         return plan
 
-    async def _ensure_product(self, plan: Plan) -> str:
-        product_id = plan.stripe_product_id or product_id_of(plan)
-        desired: dict[str, Any] = {"name": plan.name, "metadata": {"plan_id": str(plan.id), "platform": "billing"}}
-        if plan.description:
-            desired["description"] = plan.description
-        current = await self.stripe.retrieve_product(product_id)
-        if current is None:
-            created = await self.stripe.create_product({"id": product_id, **desired})
-            return created.id
-        if current.name != plan.name or (plan.description or None) != (current.description or None) \
-                or not current.active:
-            await self.stripe.update_product(product_id, {**desired, "active": True})
-        return product_id
-
     async def _add_price(self, plan: Plan, entry: PriceIn) -> Price:
         lookup_key = entry.lookup_key or default_lookup_key(plan.id, entry)
         taken = await self.plans.active_price_by_lookup_key(lookup_key)
@@ -261,39 +244,13 @@ class SubscriptionService:
                       interval=entry.interval.value, interval_count=entry.interval_count,
                       trial_days=entry.trial_days, lookup_key=lookup_key, active=True)
         plan.prices.append(price)
-        price.stripe_price_id = await self._ensure_stripe_price(plan, price)
+        price.stripe_price_id = await self.catalog.price(plan, price)
         return price
-
-    async def _ensure_stripe_price(self, plan: Plan, price: Price) -> str:
-        """Idempotent by lookup key: an active Stripe price with our key and our terms is reused; any
-        other takes a new price, which takes the key over."""
-        product_id = plan.stripe_product_id or product_id_of(plan)
-        existing = await self.stripe.find_price(price.lookup_key)
-        if existing is not None and existing.active and existing.unit_amount == price.amount \
-                and existing.currency == price.currency and existing.product == product_id \
-                and existing.recurring is not None and existing.recurring.interval == price.interval \
-                and (existing.recurring.interval_count or 1) == price.interval_count:
-            return existing.id
-        created = await self.stripe.create_price(
-            {
-                "product": product_id,
-                "currency": price.currency.lower(),
-                "unit_amount": price.amount,
-                "recurring": {"interval": price.interval, "interval_count": price.interval_count},
-                "lookup_key": price.lookup_key,
-                "transfer_lookup_key": True,
-                "nickname": f"{plan.name} ({price.interval_count} {price.interval})"[:250],
-                "metadata": {"price_id": str(price.id), "plan_id": str(plan.id), "platform": "billing"},
-            },
-            idempotency_key=f"price:{price.id}",
-        )
-        return created.id
 
     async def _archive_price(self, price: Price) -> None:
         price.active = False
         price.archived_at = utcnow()
-        if price.stripe_price_id:
-            await self.stripe.update_price(price.stripe_price_id, {"active": False})
+        await self.catalog.archive_price(price)
 
     async def _offered_price(self, price_id: uuid.UUID) -> tuple[Price, Plan]:
         price = await self.plans.price(price_id)
