@@ -60,6 +60,8 @@ class Invoice(Base):
     __tablename__ = "invoices"
     __table_args__ = (
         UniqueConstraint("number_year", "number_seq", name="uq_invoice_number"),
+        # One invoice of ours per Stripe invoice, however often and in whatever order its events come.
+        UniqueConstraint("stripe_invoice_id", name="uq_invoices_stripe_invoice_id"),
         CheckConstraint("amount_paid >= 0", name="ck_amount_paid_non_negative"),
         Index("ix_invoices_client_created", "client_id", "created_at"),
         Index("ix_invoices_status_due", "status", "due_date"),

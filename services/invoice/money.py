@@ -127,3 +127,38 @@ def compute_totals(
         tax_amount=tax_amount,
         total=total,
     )
+
+
+# -- invoices mirrored from Stripe ----------------------------------------------------------------
+# Stripe computes a subscription invoice (periods, prorations, discounts, tax) and we copy it: its
+# amounts are taken as they are, never recomputed by the rules above. A proration credit is a line
+# with a negative amount, which only a Stripe-sourced invoice may have (our own lines stay >= 0).
+
+
+def stripe_line_price(amount: int, quantity: int | None) -> tuple[Decimal, int]:
+    """(quantity, unit price) printed for a Stripe line of `amount`: Stripe's quantity when the amount
+    divides by it exactly, else 1 × the amount (a proration's unit price can have a fraction of a
+    cent), so quantity × unit price is always the line's amount to the cent."""
+    if quantity and quantity > 0 and amount % quantity == 0:
+        return Decimal(quantity), amount // quantity
+    return Decimal(1), amount
+
+
+def stripe_totals(amounts: list[int], *, tax: int, total: int) -> Totals:
+    """Totals of a Stripe invoice from its line amounts (signed), its tax and its total. Whatever
+    Stripe took off the lines (coupons, discounts) is the discount: subtotal − discount + tax = total
+    holds exactly, as for our own invoices. AmountError when no such discount exists (Stripe's total
+    above lines + tax: an invoice we cannot represent)."""
+    subtotal = sum(amounts)
+    discount_amount = subtotal + tax - total
+    if discount_amount < 0:
+        raise AmountError(f"Stripe's total {total} is more than its lines ({subtotal}) plus tax ({tax}).")
+    if abs(total) > MAX_AMOUNT or abs(subtotal) > MAX_AMOUNT:
+        raise AmountError("The invoice total is beyond the supported range.")
+    return Totals(
+        lines=tuple(LineResult(gross=amount, discount=0, amount=amount, tax=0) for amount in amounts),
+        subtotal=subtotal,
+        discount_amount=discount_amount,
+        tax_amount=tax,
+        total=total,
+    )

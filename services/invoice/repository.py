@@ -94,6 +94,13 @@ class InvoiceRepository:
             stmt = stmt.with_for_update(of=Invoice).execution_options(populate_existing=True)
         return (await self.session.scalars(stmt)).unique().one_or_none()
 
+    async def by_stripe_id(self, stripe_invoice_id: str, *, for_update: bool = False) -> Invoice | None:
+        """Our invoice of a Stripe invoice (in_...), if there is one (unique)."""
+        stmt = select(Invoice).where(Invoice.stripe_invoice_id == stripe_invoice_id)
+        if for_update:
+            stmt = stmt.with_for_update(of=Invoice).execution_options(populate_existing=True)
+        return (await self.session.scalars(stmt)).unique().one_or_none()
+
     def _filtered(self, stmt: Select[Any], f: InvoiceFilter) -> Select[Any]:
         if f.client_id is not None:
             stmt = stmt.where(Invoice.client_id == f.client_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import structlog
 
@@ -12,6 +12,8 @@ from contracts import topics
 from contracts.envelope import CloudEvent
 from contracts.invoice import SCHEMA_V1, InvoiceEventType, InvoiceLineV1, InvoiceSnapshotV1
 from contracts.payment import PaymentEventV1
+from contracts.stripe import StripeInvoiceV1
+from contracts.subscription import CollectionMethod
 from kit.actor import Actor
 from kit.clock import utcnow
 from kit.db import UnitOfWork
@@ -19,7 +21,7 @@ from kit.errors import Conflict, InvalidInput, NotFound
 from kit.logging import current_correlation_id
 from kit.pagination import PageRequest, PageResult
 from services.invoice.models import Client, Invoice, InvoiceItem, InvoicePayment
-from services.invoice.money import AmountError, LineInput, compute_totals
+from services.invoice.money import AmountError, LineInput, compute_totals, stripe_line_price, stripe_totals
 from services.invoice.repository import ClientRepository, InvoiceFilter, InvoiceRepository, TemplateRepository
 from services.invoice.schemas import ClientCreate, InvoiceCreate, InvoiceFields, InvoiceUpdate, ItemIn
 from services.invoice.status import OPEN, InvoiceStatus, can_transition
@@ -30,6 +32,30 @@ SOURCE = "invoice"
 # The open states the overdue scan moves on (OVERDUE itself is open but already there).
 PAST_DUE_CANDIDATES = (S.SENT, S.VIEWED, S.PARTIAL)
 OVERDUE_BATCH = 500
+# Stripe invoice states that never become an invoice of ours: a draft may still change, a void one
+# was never owed.
+STRIPE_NOT_BILLED = frozenset({"draft", "void"})
+
+
+def _not_mirrored(data: StripeInvoiceV1) -> str | None:
+    """Why a Stripe invoice does not become one of ours (None: it does).
+
+    Only a subscription's invoices are ours to mirror. An invoice with nothing to pay (a trial's
+    $0 invoice at signup, a 100% coupon, a credit that Stripe keeps as customer balance) moves no
+    money: no number, no email (the issue: "no invoice during the trial")."""
+    if data.subscription_id is None:
+        return "not_a_subscription_invoice"
+    if data.status in STRIPE_NOT_BILLED:
+        return f"stripe_status_{data.status}"
+    if _stripe_total(data) <= 0:
+        return "nothing_to_pay"
+    return None
+
+
+def _stripe_total(data: StripeInvoiceV1) -> int:
+    if data.total is not None:
+        return data.total
+    return sum(line.amount for line in data.lines) + (data.tax or 0)
 
 
 def format_number(year: int, seq: int) -> str:
@@ -68,6 +94,7 @@ def snapshot(invoice: Invoice, *, cause_id: str | None = None, reason: str | Non
             )
             for item in invoice.items
         ],
+        stripe_invoice_id=invoice.stripe_invoice_id,
         cause_id=cause_id,
         reason=reason,
     )
@@ -413,6 +440,87 @@ class InvoiceService:
         await self._change(invoice, InvoiceEventType.OVERDUE, to=S.OVERDUE, cause_id=payment.payment_id,
                            reason="payment_failed")
         return invoice
+
+    # -- subscription invoices (driven by stripe.invoice.* events) -------------------------------
+
+    async def mirror_stripe_invoice(self, data: StripeInvoiceV1) -> Invoice | None:
+        """Our invoice of a subscription's finalized Stripe invoice: created from Stripe's lines and
+        totals and sent (numbered, emailed) by the first of its events to arrive (finalized, paid or
+        payment_failed: they repeat and come out of order), the same invoice for every later one.
+        None when the Stripe invoice is not one we bill (see `_not_mirrored`). Stripe's payment is
+        not applied here: payments records it (payment.succeeded) against this invoice."""
+        existing = await self.invoices.by_stripe_id(data.invoice_id, for_update=True)
+        if existing is not None:
+            return existing
+        skip = _not_mirrored(data)
+        client = None if skip else await self._stripe_client(data)
+        if client is None:
+            log.info("stripe_invoice_not_mirrored", stripe_invoice=data.invoice_id, reason=skip or "no_client",
+                     customer=data.customer_id, client_id=data.client_id, total=data.total)
+            return None
+        issued = (data.finalized_at or data.created or data.stripe_event_created).astimezone(UTC).date()
+        # Stripe charges the card on finalization: due then. Sent for payment: Stripe's due date, else
+        # the usual net days (send() fills it in).
+        if data.collection_method == CollectionMethod.SEND_INVOICE:
+            due = data.due_date.astimezone(UTC).date() if data.due_date else None
+        else:
+            due = issued
+        invoice = Invoice(
+            id=uuid.uuid4(), status=S.DRAFT, client_id=client.id, client=client, currency=data.currency.upper(),
+            project_id=None, issue_date=issued, due_date=due, amount_paid=0, version=1,
+            stripe_invoice_id=data.invoice_id, items=self._stripe_items(data),
+        )
+        try:
+            totals = stripe_totals([item.amount for item in invoice.items], tax=data.tax or 0,
+                                   total=_stripe_total(data))
+        except AmountError as exc:
+            raise InvalidInput(f"Stripe invoice {data.invoice_id}: {exc}", code="invalid_amounts") from exc
+        invoice.subtotal, invoice.tax_amount, invoice.total = totals.subtotal, totals.tax_amount, totals.total
+        invoice.discount_amount = invoice.discount_fixed = totals.discount_amount
+        if data.amount_due != invoice.total:
+            # e.g. a credit balance Stripe applied: the card pays less than the total (then PARTIAL).
+            log.warning("stripe_invoice_amount_due_differs", stripe_invoice=data.invoice_id, total=invoice.total,
+                        amount_due=data.amount_due)
+        self.invoices.add(invoice)
+        await self.uow.session.flush()  # a concurrent copy of the same Stripe invoice fails here, unique
+        self._emit(invoice, InvoiceEventType.CREATED, cause_id=data.stripe_event_id)
+        log.info("stripe_invoice_mirrored", stripe_invoice=data.invoice_id, invoice_id=str(invoice.id),
+                 total=invoice.total, lines=len(invoice.items))
+        return await self.send(invoice.id)
+
+    async def stripe_payment_failed(self, data: StripeInvoiceV1) -> Invoice | None:
+        """Stripe could not charge a subscription invoice: ours (mirrored first if this is the first
+        event of it) becomes OVERDUE while it is still open; a later payment makes it PAID."""
+        invoice = await self.mirror_stripe_invoice(data)
+        if invoice is None or invoice.status not in PAST_DUE_CANDIDATES:
+            return invoice
+        await self._change(invoice, InvoiceEventType.OVERDUE, to=S.OVERDUE, cause_id=data.stripe_event_id,
+                           reason="payment_failed")
+        return invoice
+
+    async def _stripe_client(self, data: StripeInvoiceV1) -> Client | None:
+        try:
+            client_id = uuid.UUID(data.client_id or "")
+        except ValueError:
+            return None
+        return await self.clients.get(client_id)
+
+    def _stripe_items(self, data: StripeInvoiceV1) -> list[InvoiceItem]:
+        """Stripe's lines as they are, proration credits (negative) included. A webhook lists at most
+        the first lines of a long invoice: the rest of Stripe's subtotal is one line of its own, so
+        the lines always add up to Stripe's subtotal."""
+        lines = [(line.description or "Subscription", line.amount, line.quantity) for line in data.lines]
+        listed = sum(amount for _, amount, _ in lines)
+        if data.subtotal is not None and data.subtotal != listed:
+            lines.append((f"Further items of Stripe invoice {data.number or data.invoice_id}",
+                          data.subtotal - listed, None))
+        items = []
+        for position, (description, amount, stripe_quantity) in enumerate(lines):
+            quantity, unit_price = stripe_line_price(amount, stripe_quantity)
+            items.append(InvoiceItem(id=uuid.uuid4(), position=position, description=description,
+                                     quantity=quantity, unit_price=unit_price, discount=0, amount=amount,
+                                     tax_amount=0))
+        return items
 
     async def _payment_target(self, payment: PaymentEventV1) -> Invoice | None:
         try:
