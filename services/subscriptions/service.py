@@ -402,9 +402,8 @@ class SubscriptionService:
         }
         if body.collection_method == CollectionMethod.SEND_INVOICE:
             params["days_until_due"] = body.days_until_due or 30
-        else:
-            # No card on file yet: the first invoice waits for one instead of failing the create.
-            params["payment_behavior"] = "default_incomplete"
+        # charge_automatically: Stripe charges the customer's saved card at once (allow_incomplete, its
+        # default); without one the subscription stays incomplete until its first invoice is paid.
         if trial_days > 0:
             params["trial_period_days"] = trial_days
             params["trial_settings"] = {"end_behavior": {"missing_payment_method": self.settings.trial_end_behavior}}

@@ -146,3 +146,83 @@ async def test_signup_trial_renewal_upgrade_and_cancel_at_period_end(
     assert ended.mrr == 0
     assert len(standin_webhooks.events("invoice.created", customer=active.stripe_customer_id)) == invoices_before
     await subscription_events.wait_for(sub_id, SubscriptionEventType.CANCELED)
+
+
+async def test_downgrade_at_period_end_failed_renewal_and_recovery_with_shuffled_duplicate_deliveries(
+    standin_api: httpx.AsyncClient, stripe_standin: Any, bridge: StandinBridge, subscription_events: Any,
+    standin_webhooks: WebhookReceiver,
+) -> None:
+    api = standin_api
+    stripe_standin.configure(duplicate_deliveries=True, shuffle=True)
+    tag = uuid.uuid4().hex[:6]
+    pro = (await api.post("/api/plans", json={"name": f"Pro {tag}", "prices": [price_body(3_000)]})).json()
+    basic = (await api.post("/api/plans", json={"name": f"Basic {tag}", "prices": [price_body(1_000)]})).json()
+    pro_price, basic_price = pro["prices"][0], basic["prices"][0]
+    client_id = uuid.uuid4()
+    created = await api.post("/api/subscriptions", json={"clientId": str(client_id), "priceId": pro_price["id"],
+                                                         "quantity": 1})
+    assert created.status_code == 201, created.text
+    sub_id = created.json()["id"]
+    active = await mirror_for(api, client_id, lambda r: r.status == "active" and r.paid_through is not None)
+    assert active.current_period_end is not None and active.mrr == 3_000
+    period_end = active.current_period_end
+
+    settings = api.app.state.deps.settings  # type: ignore[attr-defined]
+    settings.downgrade_behavior = "at_period_end"
+    try:
+        body = (await api.get(f"/api/subscriptions/{sub_id}/change-preview",
+                              params={"priceId": basic_price["id"]})).json()
+        assert (body["effective"], body["amountDueNow"], body["nextInvoiceTotal"]) == ("period_end", 0, 1_000)
+        changed = await api.post(f"/api/subscriptions/{sub_id}/change",
+                                 json={"priceId": basic_price["id"], "prorationDate": body["prorationDate"]})
+    finally:
+        settings.downgrade_behavior = "create_prorations"
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["priceId"] == pro_price["id"]
+    assert changed.json()["pendingChange"]["priceId"] == basic_price["id"]
+    await asyncio.to_thread(stripe_standin.flush, 20.0)
+    pending = await mirror_for(api, client_id, lambda r: r.pending_price_id is not None)
+    assert str(pending.price_id) == pro_price["id"] and pending.mrr == 3_000  # still pro until the renewal
+
+    # the renewal bills the new price, and the card is declined: past_due, access as paid
+    assert active.stripe_customer_id is not None
+    await asyncio.to_thread(stripe_standin.set_card, active.stripe_customer_id, "decline")
+    await advance(api, stripe_standin, period_end + timedelta(hours=1))
+    past_due = await mirror_for(api, client_id, lambda r: r.status == "past_due")
+    failed = standin_webhooks.events("invoice.payment_failed", customer=active.stripe_customer_id)
+    assert failed and failed[0]["data"]["object"]["amount_due"] == 1_000
+    assert str(past_due.price_id) == basic_price["id"] and past_due.pending_price_id is None
+    assert past_due.access_until == period_end and past_due.mrr == 1_000
+
+    # a later payment recovers it
+    await asyncio.to_thread(stripe_standin.set_card, active.stripe_customer_id, "succeed")
+    await advance(api, stripe_standin, period_end + timedelta(days=2))
+    recovered = await mirror_for(api, client_id, lambda r: r.status == "active" and r.paid_through is not None
+                                 and r.paid_through > period_end)
+    assert recovered.access_until == recovered.current_period_end
+    assert recovered.current_period_start == period_end
+    await subscription_events.wait_for(sub_id, SubscriptionEventType.ACTIVATED)
+    types = [e.type for e in subscription_events.matching(sub_id)]
+    # the first invoice (subscription_create) only records what was paid; the renewal paid late is `renewed`
+    assert types.count(SubscriptionEventType.PAST_DUE) == 1 and types.count(SubscriptionEventType.RENEWED) == 1
+    assert types.index(SubscriptionEventType.PAST_DUE) < types.index(SubscriptionEventType.RENEWED)
+    assert standin_webhooks.events("invoice.paid", customer=active.stripe_customer_id)  # delivered (twice each)
+
+
+async def test_an_invoiced_retainer_waits_for_its_invoice(
+    standin_api: httpx.AsyncClient, stripe_standin: Any, bridge: StandinBridge, standin_webhooks: WebhookReceiver,
+) -> None:
+    api = standin_api
+    plan = (await api.post("/api/plans", json={"name": f"Retainer {uuid.uuid4().hex[:6]}",
+                                               "prices": [price_body(50_000)]})).json()
+    client_id = uuid.uuid4()
+    created = await api.post("/api/subscriptions", json={
+        "clientId": str(client_id), "priceId": plan["prices"][0]["id"], "quantity": 2,
+        "collectionMethod": "send_invoice", "daysUntilDue": 14})
+    assert created.status_code == 201, created.text
+    assert created.json()["collectionMethod"] == "send_invoice" and created.json()["quantity"] == 2
+    row = await mirror_for(api, client_id, lambda r: r.status == "active")
+    assert row.mrr == 100_000 and row.paid_through is None
+    [invoice] = await asyncio.to_thread(standin_webhooks.wait_for, "invoice.finalized", 1, 20.0,
+                                        customer=row.stripe_customer_id)
+    assert invoice["data"]["object"]["amount_due"] == 100_000 and invoice["data"]["object"]["due_date"]
