@@ -27,6 +27,9 @@ class StripeEventType(StrEnum):
     SUBSCRIPTION_UPDATED = "stripe.customer.subscription.updated"
     SUBSCRIPTION_DELETED = "stripe.customer.subscription.deleted"
     SUBSCRIPTION_TRIAL_WILL_END = "stripe.customer.subscription.trial_will_end"
+    # Optional additions: a trial that ends without a payment method may pause the subscription.
+    SUBSCRIPTION_PAUSED = "stripe.customer.subscription.paused"
+    SUBSCRIPTION_RESUMED = "stripe.customer.subscription.resumed"
     INVOICE_PAID = "stripe.invoice.paid"
     INVOICE_PAYMENT_FAILED = "stripe.invoice.payment_failed"
 
@@ -37,6 +40,8 @@ SUBSCRIPTION_EVENT_TYPES = frozenset(
         StripeEventType.SUBSCRIPTION_UPDATED,
         StripeEventType.SUBSCRIPTION_DELETED,
         StripeEventType.SUBSCRIPTION_TRIAL_WILL_END,
+        StripeEventType.SUBSCRIPTION_PAUSED,
+        StripeEventType.SUBSCRIPTION_RESUMED,
     }
 )
 INVOICE_EVENT_TYPES = frozenset({StripeEventType.INVOICE_PAID, StripeEventType.INVOICE_PAYMENT_FAILED})

@@ -43,6 +43,8 @@ def handlers(service: ServiceFactory) -> dict[str, EventHandler]:
         StripeEventType.SUBSCRIPTION_CREATED: on_subscription,
         StripeEventType.SUBSCRIPTION_UPDATED: on_subscription,
         StripeEventType.SUBSCRIPTION_DELETED: on_subscription,
+        StripeEventType.SUBSCRIPTION_PAUSED: on_subscription,
+        StripeEventType.SUBSCRIPTION_RESUMED: on_subscription,
         StripeEventType.SUBSCRIPTION_TRIAL_WILL_END: on_trial_will_end,
         StripeEventType.INVOICE_PAID: on_invoice_paid,
         StripeEventType.INVOICE_PAYMENT_FAILED: on_invoice_payment_failed,
