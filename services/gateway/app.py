@@ -20,7 +20,7 @@ from kit.errors import Forbidden, NotFound, Unauthorized
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.web import BodyLimit, RequestUnitOfWork, StrictQuery
-from services.gateway import portal
+from services.gateway import admin, portal
 from services.gateway import routes as route_table
 from services.gateway.config import GatewaySettings
 from services.gateway.middleware import GatewayMiddleware
@@ -205,7 +205,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         description="Invoices, payments, subscriptions, reminders and reports. Authenticate with "
         "`POST /api/auth/login` and send `Authorization: Bearer <accessToken>`.",
         # The portal's own pages before the catch-all proxy (its /portal/checkout goes to payments).
-        routers=[api, portal.router],
+        routers=[api, portal.router, admin.router],  # /admin: the admin pages (services/gateway/admin)
         max_body=settings.max_body_bytes,
     )
     # Last: the catch-all proxy.
@@ -215,6 +215,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         settings=settings, tokens=tokens, passwords=passwords, idempotency=idempotency, upstreams=upstreams,
         openapi=aggregator,
     )
+    admin.configure(app, secret=secret, tokens=tokens, upstreams=upstreams,
+                    cookie_secure=settings.admin_cookie_secure)
     _serve_merged_openapi(app, aggregator)
     # Inside the correlation-id middleware (replayed and refused requests carry the id too) and
     # ahead of kit's BodyLimit (same limit): the gateway reads every body itself, for idempotency

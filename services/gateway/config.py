@@ -43,6 +43,9 @@ class GatewaySettings(ServiceSettings):
         validation_alias=AliasChoices("BILLING_ADMIN_PASSWORD"),
     )
 
+    # Admin pages (/admin): the session cookie is Secure when served over HTTPS (set this behind TLS).
+    admin_cookie_secure: bool = False
+
     # Requests.
     max_body_bytes: int = 5 * 1024 * 1024
     idempotency_ttl_seconds: int = 24 * 3600

@@ -1,0 +1,62 @@
+"""Helpers the admin pages share: the API as the signed-in admin, client look-ups, form text."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.datastructures import FormData
+from starlette.requests import Request
+
+from services.gateway.admin.api import Api, ApiError
+from services.gateway.admin.models import Client, Page
+from services.gateway.admin.web import Session, config
+
+CLIENT_PICKER_LIMIT = 100
+
+
+def api(request: Request, session: Session) -> Api:
+    return Api(config(request).upstreams, session.actor)
+
+
+def text(form: FormData, name: str) -> str:
+    value = form.get(name)
+    return value if isinstance(value, str) else ""
+
+
+async def recent_clients(client_api: Api) -> list[Client]:
+    """The newest clients, for a picker (the client list page pages through all of them)."""
+    page = await client_api.get(Page[Client], "/api/clients", {"limit": CLIENT_PICKER_LIMIT})
+    return page.items
+
+
+async def clients_by_id(client_api: Api, ids: Iterable[str], known: Iterable[Client] = ()) -> dict[str, Client]:
+    """Clients by id for the rows of a page: the ones not already known are asked for at once."""
+    out = {c.id: c for c in known}
+    missing = sorted({i for i in ids if i and i not in out})
+
+    async def one(client_id: str) -> Client | None:
+        try:
+            return await client_api.get(Client, f"/api/clients/{client_id}")
+        except ApiError:
+            return None
+
+    for found in await asyncio.gather(*(one(i) for i in missing)):
+        if found is not None:
+            out[found.id] = found
+    return out
+
+
+def query_pairs(request: Request, *, drop: Iterable[str] = ()) -> list[tuple[str, str]]:
+    dropped = set(drop)
+    return [(k, v) for k, v in request.query_params.multi_items() if v != "" and k not in dropped]
+
+
+def first_error(exc: ApiError) -> str:
+    """A service's refusal in one sentence for a person."""
+    return exc.message if exc.message else "The request was refused."
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

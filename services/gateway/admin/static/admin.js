@@ -1,0 +1,28 @@
+// The admin pages' only script of their own besides the charts: it hands htmx the CSRF token. Pages
+// work without it (every form also carries the token as a hidden field); it never builds HTML.
+"use strict";
+
+document.addEventListener("htmx:configRequest", (event) => {
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  if (meta && meta.content) event.detail.headers["X-CSRF-Token"] = meta.content;
+});
+
+// A request htmx could not complete (the server is down, a 5xx): say so instead of doing nothing.
+document.addEventListener("htmx:responseError", (event) => {
+  const status = event.detail.xhr ? event.detail.xhr.status : 0;
+  showProblem(status === 403 ? "This page has expired: reload it and try again." :
+    "The server could not do that just now. Try again in a moment.");
+});
+document.addEventListener("htmx:sendError", () => showProblem("The server cannot be reached. Check your connection."));
+
+function showProblem(text) {
+  let box = document.getElementById("request-problem");
+  if (!box) {
+    box = document.createElement("p");
+    box.id = "request-problem";
+    box.className = "alert alert-error floating";
+    box.setAttribute("role", "alert");
+    document.body.appendChild(box);
+  }
+  box.textContent = text;
+}
