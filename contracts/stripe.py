@@ -6,14 +6,21 @@ never parse Stripe payloads (whose shape depends on the Stripe API version). A S
 belongs to no subscription is keyed by its own id (in_...).
 
 Deliveries older than one already republished for the same Stripe object are dropped before they get
-here. Two events of one object with the same `stripeEventCreated` (Stripe has one-second resolution)
-may still arrive in either order: consumers compare `stripeEventCreated` and keep the newest, and treat
-a `deleted` subscription as final.
+here; so is a Stripe invoice event of the same second that would move the invoice back (a `created`
+draft after its `finalized` or `paid`). Two events of one object with the same `stripeEventCreated`
+(Stripe has one-second resolution) may still arrive in either order: consumers compare
+`stripeEventCreated` and keep the newest, and treat a `deleted` subscription and a `paid` or `void`
+invoice as final.
+
+A subscription's Stripe invoice goes `stripe.invoice.created` (a draft: no number yet) ->
+`stripe.invoice.finalized` (open, numbered, `hostedInvoiceUrl` set) -> `stripe.invoice.paid` or
+`stripe.invoice.payment_failed` (then retried). Every one carries the whole invoice and its lines.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 
 from contracts.base import ContractModel
@@ -30,6 +37,8 @@ class StripeEventType(StrEnum):
     # Optional additions: a trial that ends without a payment method may pause the subscription.
     SUBSCRIPTION_PAUSED = "stripe.customer.subscription.paused"
     SUBSCRIPTION_RESUMED = "stripe.customer.subscription.resumed"
+    INVOICE_CREATED = "stripe.invoice.created"
+    INVOICE_FINALIZED = "stripe.invoice.finalized"
     INVOICE_PAID = "stripe.invoice.paid"
     INVOICE_PAYMENT_FAILED = "stripe.invoice.payment_failed"
 
@@ -44,7 +53,14 @@ SUBSCRIPTION_EVENT_TYPES = frozenset(
         StripeEventType.SUBSCRIPTION_RESUMED,
     }
 )
-INVOICE_EVENT_TYPES = frozenset({StripeEventType.INVOICE_PAID, StripeEventType.INVOICE_PAYMENT_FAILED})
+INVOICE_EVENT_TYPES = frozenset(
+    {
+        StripeEventType.INVOICE_CREATED,
+        StripeEventType.INVOICE_FINALIZED,
+        StripeEventType.INVOICE_PAID,
+        StripeEventType.INVOICE_PAYMENT_FAILED,
+    }
+)
 
 
 class StripeEventMeta(ContractModel):
@@ -110,10 +126,14 @@ class StripeInvoiceLineV1(ContractModel):
     proration: bool = False
     period_start: datetime | None = None
     period_end: datetime | None = None
+    # Optional additions (older producers leave them unset). The unit price in minor units, exactly as
+    # Stripe states it (a proration's may have a fraction of a cent), and rounded half up.
+    unit_amount_decimal: Decimal | None = None
+    unit_amount: int | None = None
 
 
 class StripeInvoiceV1(StripeEventMeta):
-    """A Stripe invoice (subscription billing) as of invoice.paid / invoice.payment_failed."""
+    """A Stripe invoice (subscription billing) as of invoice.created / .finalized / .paid / .payment_failed."""
 
     invoice_id: str  # Stripe's in_...
     subscription_id: str | None = None
@@ -139,3 +159,10 @@ class StripeInvoiceV1(StripeEventMeta):
     invoice_pdf: str | None = None
     lines: list[StripeInvoiceLineV1] = []
     metadata: dict[str, str] = {}
+    # Optional additions (older producers leave them unset).
+    price_id: str | None = None  # the Stripe price of the subscription's item (its line for the period)
+    subscription_metadata: dict[str, str] = {}  # ours: client_id, plan_id, price_id (our price)
+    collection_method: str | None = None  # charge_automatically, send_invoice
+    created: datetime | None = None
+    finalized_at: datetime | None = None
+    due_date: datetime | None = None  # send_invoice only

@@ -1,10 +1,14 @@
 """Run the whole billing platform locally: ``make run`` (or ``python -m deploy.run``).
 
 Starts, as local processes listening on 127.0.0.1 only:
-  PostgreSQL   127.0.0.1:55432   data in .run/pg (kept between runs), one database per service
-  Kafka 4      127.0.0.1:9092    (controller 9093) KRaft single node, data in .run/kafka
-  stripe-mock  127.0.0.1:12111   Stripe API mock
-  mail sink    127.0.0.1:1025    SMTP; every message lands as an .eml file in .run/mail/
+  PostgreSQL      127.0.0.1:55432   data in .run/pg (kept between runs), one database per service
+  Kafka 4         127.0.0.1:9092    (controller 9093) KRaft single node, data in .run/kafka
+  stripe-mock     127.0.0.1:12111   Stripe API mock (stateless)
+  Stripe stand-in 127.0.0.1:12113   stateful Stripe in front of stripe-mock (deploy/stripe_standin): the
+                                    SDK's STRIPE_API_BASE for every service, hosts the checkout, invoice
+                                    and portal pages, delivers signed events to payments' /webhooks/stripe;
+                                    state in .run/stripe-standin/state.json (kept with .run/pg)
+  mail sink       127.0.0.1:1025    SMTP; every message lands as an .eml file in .run/mail/
 then every service in deploy/services.py that has a __main__.py (invoice 8001, payments 8002,
 subscriptions 8003, notifications 8004, reporting 8005, gateway 8000), runs ``python -m deploy.seed``
 if it exists, prints the URLs and the demo login, and waits. Ctrl-C (or SIGTERM) stops the services,
@@ -12,6 +16,9 @@ then the infrastructure, in reverse order, and exits 0. Logs: .run/logs/.
 
 Environment: BILLING_ADMIN_PASSWORD (default admin-password), STRIPE_WEBHOOK_SECRET (default
 whsec_local), STRIPE_SECRET_KEY (default sk_test_local). A fresh BILLING_INTERNAL_TOKEN is made per run.
+With a key Stripe issued (STRIPE_SECRET_KEY=sk_test_...) neither stripe-mock nor the stand-in is
+started and the services talk to Stripe's test mode (forward its webhooks yourself, e.g. ``stripe
+listen --forward-to http://127.0.0.1:8000/webhooks/stripe``, with STRIPE_WEBHOOK_SECRET set to its secret).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from deploy.infra import (
     PostgresServer,
     ServiceProcess,
     StripeMock,
+    StripeStandin,
     ensure_kafka_jars,
     port_is_free,
 )
@@ -46,7 +54,9 @@ POSTGRES_PORT = 55432
 KAFKA_PORT = 9092
 KAFKA_CONTROLLER_PORT = 9093
 STRIPE_MOCK_PORT = 12111
+STRIPE_STANDIN_PORT = 12113
 SMTP_PORT = 1025
+STANDIN_STATE = RUN_DIR / "stripe-standin" / "state.json"
 
 
 @dataclass
@@ -112,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 "kafka": KAFKA_PORT,
                 "kafka controller": KAFKA_CONTROLLER_PORT,
                 "stripe-mock": STRIPE_MOCK_PORT,
+                "stripe stand-in": STRIPE_STANDIN_PORT,
                 "smtp": SMTP_PORT,
             }
             | {spec.name: spec.port for spec in specs if spec.runnable}
         )
 
         postgres = PostgresServer(RUN_DIR / "pg", POSTGRES_PORT)
+        fresh_databases = not (postgres.data_dir / "PG_VERSION").exists()
         postgres.ensure_installed()
         postgres.start()
         running.append(_Running("postgres", postgres.stop))
@@ -129,22 +141,40 @@ def main(argv: list[str] | None = None) -> int:
         kafka.start()
         running.append(_Running("kafka", kafka.stop))
 
-        stripe_mock = StripeMock(STRIPE_MOCK_PORT, bin_dir=RUN_DIR / "bin", log_path=log_dir / "stripe-mock.log")
-        stripe_mock.start()
-        running.append(_Running("stripe-mock", stripe_mock.stop))
-
         mail = MailSink(RUN_DIR / "mail", SMTP_PORT, log_path=log_dir / "mailsink.log")
         mail.start()
         running.append(_Running("mail sink", mail.stop))
 
+        standin_url = f"http://127.0.0.1:{STRIPE_STANDIN_PORT}"
         infra = InfraEndpoints(
             kafka_bootstrap=kafka.bootstrap,
             database_urls=database_urls,
-            stripe_api_base=stripe_mock.url,
+            stripe_api_base=standin_url,
             smtp_host=mail.host,
             smtp_port=mail.port,
             mail_dir=mail.directory,
         )
+        stripe_mock_url: str | None = None
+        if not infra.uses_real_stripe:
+            stripe_mock = StripeMock(STRIPE_MOCK_PORT, bin_dir=RUN_DIR / "bin", log_path=log_dir / "stripe-mock.log")
+            stripe_mock.start()
+            running.append(_Running("stripe-mock", stripe_mock.stop))
+            stripe_mock_url = stripe_mock.url
+            if fresh_databases and STANDIN_STATE.exists():
+                # New databases know none of the Stripe objects a previous run left in the stand-in.
+                STANDIN_STATE.unlink()
+            STANDIN_STATE.parent.mkdir(parents=True, exist_ok=True)
+            standin = StripeStandin(
+                STRIPE_STANDIN_PORT,
+                stripe_mock.url,
+                webhook_urls=[infra.stripe_webhook_url],
+                webhook_secret=infra.stripe_webhook_secret,
+                public_url=standin_url,
+                state_file=STANDIN_STATE,
+                log_path=log_dir / "stripe-standin.log",
+            )
+            standin.start()
+            running.append(_Running("stripe stand-in", standin.stop))
         failed: list[str] = []
         skipped: list[str] = []
         for spec in specs:
@@ -170,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed_env.update(build_service_env(spec, infra))
             _seed(seed_env, log_dir)
 
-        _banner(infra, mail.directory, log_dir, postgres, [s.name for s in services], skipped, failed, args)
+        _banner(infra, stripe_mock_url, mail.directory, log_dir, postgres, [s.name for s in services], skipped,
+                failed, args)
         reported: set[str] = set()
         while True:
             time.sleep(1)
@@ -201,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _banner(
     infra: InfraEndpoints,
+    stripe_mock_url: str | None,
     mail_dir: Path,
     log_dir: Path,
     postgres: PostgresServer,
@@ -229,7 +261,15 @@ def _banner(
         "",
         f"  Kafka          {infra.kafka_bootstrap}",
         f"  PostgreSQL     {postgres.dsn('<service>')}  (databases: {', '.join(infra.database_urls)})",
-        f"  stripe-mock    {infra.stripe_api_base}",
+        *(
+            [f"  Stripe         test mode: forward its webhooks to {infra.url_of(GATEWAY)}/webhooks/stripe"]
+            if stripe_mock_url is None
+            else [
+                f"  Stripe stand-in {infra.stripe_api_base}  (STRIPE_API_BASE; checkout, invoice and portal pages;"
+                f" events -> {infra.stripe_webhook_url})",
+                f"  stripe-mock    {stripe_mock_url}",
+            ]
+        ),
         f"  SMTP sink      smtp://{infra.smtp_host}:{infra.smtp_port}  ->  {mail_dir}/*.eml",
         f"  Logs           {log_dir}",
         "",

@@ -10,6 +10,11 @@ Per service (prefix e.g. ``INVOICE_``):
 The gateway also gets ``GATEWAY_<NAME>_URL`` for every other service (GATEWAY_INVOICE_URL, ...).
 Every service gets: BILLING_INTERNAL_TOKEN, STRIPE_WEBHOOK_SECRET, STRIPE_API_BASE, STRIPE_SECRET_KEY,
 SMTP_HOST, SMTP_PORT, BILLING_ADMIN_PASSWORD, BILLING_MAIL_DIR.
+
+Stripe: locally ``STRIPE_API_BASE`` is the Stripe stand-in (deploy/stripe_standin, in front of
+stripe-mock), which delivers its signed events to ``InfraEndpoints.stripe_webhook_url`` (payments'
+``/webhooks/stripe``). That is the only difference from Stripe's test mode: with a key Stripe issued
+(``STRIPE_SECRET_KEY=sk_test_...``) no ``STRIPE_API_BASE`` is set and the SDK talks to Stripe.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class InfraEndpoints:
 
     kafka_bootstrap: str
     database_urls: Mapping[str, str]  # service name -> SQLAlchemy URL
-    stripe_api_base: str
+    stripe_api_base: str  # the Stripe stand-in (unused with a real test key)
     smtp_host: str
     smtp_port: int
     mail_dir: Path | None = None
@@ -111,6 +116,16 @@ class InfraEndpoints:
     def url_of(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port_of(service_by_name(name))}"
 
+    @property
+    def stripe_webhook_url(self) -> str:
+        """Where the Stripe stand-in delivers its events: the payments service's webhook endpoint."""
+        return f"{self.url_of('payments')}/webhooks/stripe"
+
+    @property
+    def uses_real_stripe(self) -> bool:
+        """A key Stripe issued is set: Stripe's test mode, nothing local (no stand-in, no stripe-mock)."""
+        return looks_like_real_test_key(self.stripe_secret_key)
+
     def global_env(self) -> dict[str, str]:
         env = {
             "BILLING_INTERNAL_TOKEN": self.internal_token,
@@ -122,8 +137,8 @@ class InfraEndpoints:
             "BILLING_ADMIN_PASSWORD": self.admin_password,
             "BILLING_GATEWAY_URL": self.url_of(GATEWAY),
         }
-        # With a key Stripe issued, the SDK talks to Stripe's test mode, never to stripe-mock.
-        if not looks_like_real_test_key(self.stripe_secret_key):
+        # With a key Stripe issued, the SDK talks to Stripe's test mode, never to the stand-in.
+        if not self.uses_real_stripe:
             env["STRIPE_API_BASE"] = self.stripe_api_base
         if self.mail_dir is not None:
             env["BILLING_MAIL_DIR"] = str(self.mail_dir)

@@ -14,6 +14,8 @@ unless noted):
   standin_webhooks      (function scope) the receiver, cleared and subscribed to the stand-in
   mail_sink             deploy.infra.MailSink (``messages()``, ``clear()``, ``fail_next(n)``, ...)
   fresh_mail_sink       (function scope) the same sink, cleared before the test
+  services_standin      deploy.infra.StripeStandin of its own for the services of infra_endpoints: their
+                        STRIPE_API_BASE, delivering to payments' /webhooks/stripe (knobs as above)
   infra_endpoints       deploy.services.InfraEndpoints: a fresh database per service, free service
                         ports, for starting services with deploy.services.make_service_process
 
@@ -253,28 +255,54 @@ def standin_webhooks(stripe_standin: StripeStandin, stripe_webhook_receiver: Web
 
 
 @pytest.fixture(scope="session")
+def service_ports() -> dict[str, int]:
+    """A free HTTP port per service (infra_endpoints' ports; services_standin delivers to payments')."""
+    return dict(zip([s.name for s in SERVICES], free_ports(len(SERVICES)), strict=True))
+
+
+@pytest.fixture(scope="session")
+def services_standin(
+    infra_dir: Path, stripe_mock: StripeMock, service_ports: dict[str, int]
+) -> Iterator[StripeStandin]:
+    """The Stripe stand-in the services of infra_endpoints talk to (STRIPE_API_BASE), delivering its events
+    to payments' /webhooks/stripe. Its own process: `standin_webhooks` re-points `stripe_standin`, never it."""
+    webhook_url = f"http://127.0.0.1:{service_ports['payments']}/webhooks/stripe"
+
+    def make() -> StripeStandin:
+        port = free_port()
+        return StripeStandin(port, stripe_mock.url, webhook_urls=[webhook_url], webhook_secret=STANDIN_WEBHOOK_SECRET,
+                             log_path=infra_dir / "logs" / f"stripe-standin-services-{port}.log")
+
+    server = _start_on_free_ports(make, lambda s: s.start())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def infra_endpoints(
     infra_dir: Path,
     kafka: KafkaServer,
     database_url_factory: DatabaseUrlFactory,
-    stripe_mock: StripeMock,
+    services_standin: StripeStandin,
     mail_sink: MailSink,
+    service_ports: dict[str, int],
 ) -> InfraEndpoints:
     """Everything a service needs, for deploy.services.build_service_env / make_service_process:
-    a fresh database per service and a free HTTP port per service."""
-    ports = dict(zip([s.name for s in SERVICES], free_ports(len(SERVICES)), strict=True))
-    return InfraEndpoints(
+    a fresh database per service, a free HTTP port per service, the Stripe stand-in as STRIPE_API_BASE."""
+    infra = InfraEndpoints(
         kafka_bootstrap=kafka.bootstrap,
         database_urls={spec.name: database_url_factory(spec.database_name) for spec in SERVICES},
-        stripe_api_base=stripe_mock.url,
+        stripe_api_base=services_standin.url,
         smtp_host=mail_sink.host,
         smtp_port=mail_sink.port,
         mail_dir=mail_sink.directory,
-        stripe_webhook_secret="whsec_test",
+        stripe_webhook_secret=STANDIN_WEBHOOK_SECRET,
         stripe_secret_key="sk_test_local",
         admin_password="admin-password",
-        ports=ports,
+        ports=service_ports,
     )
+    assert infra.stripe_webhook_url in services_standin.webhook_urls
+    return infra
 
 
 class KafkaEventLog:

@@ -1,6 +1,6 @@
-"""Issue 3 end to end, through the gateway on real Kafka, Postgres and stripe-mock: Pay Now with the
-local stand-in checkout, Stripe-signed webhooks (repeated, out of order, failed) moving the invoice,
-and the payment history."""
+"""Issue 3 end to end, through the gateway on real Kafka, Postgres and the Stripe stand-in (in front of
+stripe-mock): Pay Now on the stand-in's hosted checkout page, whose signed webhook reaches payments,
+Stripe-signed webhooks (repeated, out of order, failed) moving the invoice, and the payment history."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from deploy.infra import ServiceProcess
+from deploy.infra import ServiceProcess, StripeStandin
 from deploy.services import GATEWAY, InfraEndpoints
 from services.payments.stripe import testing as stripe_events
 from tests.conftest import TopicWatcher, login, wait_until
@@ -36,8 +36,9 @@ async def _client_login(admin: httpx.AsyncClient, gateway_url: str, client_id: s
     return await login(gateway_url, email, "pay-pass-123")
 
 
-async def test_pay_now_with_the_local_checkout_turns_the_invoice_paid(
-    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], kafka_events: TopicWatcher
+async def test_pay_now_on_the_standin_checkout_turns_the_invoice_paid(
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], kafka_events: TopicWatcher,
+    services_standin: StripeStandin,
 ) -> None:
     client, invoice = await _sent_invoice(admin)
     me = await _client_login(admin, stack[GATEWAY].url, client["id"])
@@ -47,14 +48,16 @@ async def test_pay_now_with_the_local_checkout_turns_the_invoice_paid(
         assert first.status_code == 200, first.text
         checkout = first.json()
         assert second.json()["sessionId"] == checkout["sessionId"]
-        assert checkout["url"] == f"{stack[GATEWAY].url}/portal/checkout/{checkout['sessionId']}"
+        # Stripe's hosted page: the stand-in's, the only thing that differs from Stripe's test mode
+        assert checkout["url"] == f"{services_standin.url}/checkout/{checkout['sessionId']}"
 
         async with httpx.AsyncClient(timeout=20) as browser:  # no login: the page is public
             page = await browser.get(checkout["url"])
-            assert page.status_code == 200 and "250.00 EUR" in page.text
+            assert page.status_code == 200 and "€250.00" in page.text
             paid = await browser.post(f"{checkout['url']}/pay")
             assert paid.status_code == 303
-            assert f"checkout=success&session_id={checkout['sessionId']}" in paid.headers["location"]
+            assert paid.headers["location"] == (f"{stack[GATEWAY].url}/portal/invoices/{invoice['id']}"
+                                                f"?checkout=success&session_id={checkout['sessionId']}")
 
         status = await wait_until(me, f"/api/payments/checkout-sessions/{checkout['sessionId']}",
                                   lambda b: b["paymentStatus"] == "paid")

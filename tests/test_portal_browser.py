@@ -1,8 +1,9 @@
 """The client portal in a real browser against the whole stack (issue #3: Pay Now, CUI1-CUI6).
 
 Headless Chromium (Debian's `chromium`, driven by Python Playwright with its bundled driver; no
-browser download) logs in as a client, lists and opens an invoice, downloads its PDF, pays it through
-the local stand-in checkout page, and watches the invoice turn PAID only once the webhook confirmed.
+browser download) logs in as a client, lists and opens an invoice, downloads its PDF, pays it on the
+Stripe stand-in's hosted checkout page (deploy/stripe_standin: what Stripe's Checkout is in test mode),
+and watches the invoice turn PAID only once the stand-in's signed webhook reached payments.
 
 Missing browser pieces fail the tests with what to install; they never skip silently.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.infra import ServiceProcess
+from deploy.infra import ServiceProcess, StripeStandin
 from deploy.services import GATEWAY, InfraEndpoints
 from services.payments.stripe import testing as stripe_events
 from tests.conftest import wait_until
@@ -39,6 +40,7 @@ CHROMIUM_ARGS = [
 ]
 PASSWORD = "portal-pass-123"
 TIMEOUT_MS = 30_000
+CHECKOUT_PAGE = re.compile(r"^http://127\.0\.0\.1:\d+/checkout/cs_[^/?]+$")  # the stand-in's hosted Checkout
 
 # Records every text the checkout-status box shows, with the status badge at that moment; set up
 # before any page script runs (init scripts are not subject to the page's CSP).
@@ -145,7 +147,8 @@ async def _log_in(tab: Tab, email: str, password: str = PASSWORD) -> None:
 
 
 async def test_client_logs_in_opens_an_invoice_and_pays_it(
-    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], tab: Tab, tmp_path: Path
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], tab: Tab, tmp_path: Path,
+    services_standin: StripeStandin,
 ) -> None:
     client, email = await _client_login(admin)
     hostile = 'Design <b>work</b> & <img src=x onerror="window.__xss=1">'
@@ -215,12 +218,13 @@ async def test_client_logs_in_opens_an_invoice_and_pays_it(
     page.on("request", lambda r: checkout_calls.append(r) if r.url.endswith("/checkout") and r.method == "POST"
             else None)
     await page.get_by_test_id("pay-now").evaluate("button => { button.click(); button.click(); }")
-    await page.wait_for_url(re.compile(r"/portal/checkout/[^/?]+$"))
+    await page.wait_for_url(CHECKOUT_PAGE)
     assert len(checkout_calls) == 1
     assert re.fullmatch(r"[0-9a-f-]{36}", checkout_calls[0].headers.get("idempotency-key", ""))
     checkout_url = page.url
     session_id = checkout_url.rsplit("/", 1)[1]
-    await expect(page.get_by_test_id("amount")).to_have_text("250.00 EUR")
+    assert checkout_url == f"{services_standin.url}/checkout/{session_id}"
+    await expect(page.get_by_test_id("amount")).to_have_text("€250.00")
 
     # Cancel on the checkout page: back to the invoice with a note, still payable.
     await page.get_by_test_id("cancel").click()
@@ -238,7 +242,8 @@ async def test_client_logs_in_opens_an_invoice_and_pays_it(
     await tab.snap("4-processing")
     assert (await admin.get(f"/api/invoices/{invoice_id}")).json()["status"] == "VIEWED"
 
-    # -- pay on the stand-in checkout page; back on the portal: processing, then received, PAID ------
+    # -- pay on the stand-in's checkout page (its webhook goes to payments); back on the portal: -----
+    # -- processing, then received, PAID --------------------------------------------------------------
     await page.goto(checkout_url)
     await page.get_by_test_id("pay").click()
     await page.wait_for_url(re.compile(rf"/portal/invoices/{invoice_id}\?checkout=success&session_id={session_id}$"))
@@ -268,11 +273,11 @@ async def test_client_logs_in_opens_an_invoice_and_pays_it(
 
 
 async def _open_checkout(tab: Tab, invoice_id: str) -> str:
-    """Click Pay now on the invoice page; the checkout session id of the stand-in page it lands on."""
+    """Click Pay now on the invoice page; the checkout session id of the stand-in's page it lands on."""
     page = tab.page
     await page.goto(f"/portal/invoices/{invoice_id}")
     await page.get_by_test_id("pay-now").click()
-    await page.wait_for_url(re.compile(r"/portal/checkout/[^/?]+$"))
+    await page.wait_for_url(CHECKOUT_PAGE)
     return page.url.rsplit("/", 1)[1]
 
 

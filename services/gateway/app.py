@@ -204,7 +204,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         title="Billing platform API",
         description="Invoices, payments, subscriptions, reminders and reports. Authenticate with "
         "`POST /api/auth/login` and send `Authorization: Bearer <accessToken>`.",
-        # The portal's own pages before the catch-all proxy (its /portal/checkout goes to payments).
+        # The portal's own pages before the catch-all proxy.
         routers=[api, portal.router, admin.router],  # /admin: the admin pages (services/gateway/admin)
         max_body=settings.max_body_bytes,
     )

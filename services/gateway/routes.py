@@ -1,6 +1,6 @@
 """The route table: which public path goes to which upstream service, and how it is guarded.
 
-A plain list of `Route`s that other features extend (e.g. a public `/portal/checkout/...`).
+A plain list of `Route`s that other features extend (e.g. a public `/portal/...` page of a service).
 Patterns match whole path segments; `{name}` matches any one segment. Among the patterns that are a
 prefix of the request path, the longest wins (ties: more literal segments). Methods do not matter.
 """
@@ -47,8 +47,6 @@ ROUTES: list[Route] = [
     Route("/api/payments", "payments"),
     # Stripe signs the raw body: no auth, no gateway idempotency (Stripe event ids dedupe).
     Route("/webhooks/stripe", "payments", auth=Auth.PUBLIC, idempotency=False),
-    # The stand-in checkout page the payments service serves in local (stripe-mock) mode.
-    Route("/portal/checkout", "payments", auth=Auth.PUBLIC),
     # invoice
     Route("/api/invoices", "invoice"),
     Route("/api/clients", "invoice"),

@@ -1,5 +1,6 @@
 """HTTP API of the payments service (behind the gateway, which authenticates the caller), plus the
-Stripe webhook endpoint (stripe/intake.py) and, in local mode only, the stand-in checkout page.
+Stripe webhook endpoint (stripe/intake.py). No fake Stripe page lives here: locally the Stripe stand-in
+(deploy/stripe_standin) hosts the checkout and invoice pages, as Stripe does.
 
 One commit rule: a route's changes are committed by its unit of work (`RequestUnitOfWork`) after the
 route returns; routes and the service never commit."""
@@ -19,7 +20,6 @@ from kit.db import Database
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork
-from services.payments import standin
 from services.payments.config import PaymentsSettings
 from services.payments.consumers import register_consumers
 from services.payments.invoice_client import HttpInvoiceReader, InvoiceReader
@@ -96,10 +96,11 @@ payments = APIRouter(prefix="/api/payments", tags=["payments"])
 
 @invoices.post("/{invoice_id}/checkout", response_model=CheckoutOut)
 async def create_checkout(invoice_id: uuid.UUID, svc: Service, actor: CurrentActor) -> CheckoutOut:
-    """Pay Now: a Stripe Checkout Session for the amount due. A repeat while it is open returns it."""
-    session, reused = await svc.checkout(str(invoice_id), actor)
-    return CheckoutOut(url=session.url, session_id=session.id, expires_at=session.expires_at,
-                       amount=session.amount, currency=session.currency, reused=reused)
+    """Pay Now: a Stripe Checkout Session for the amount due (a repeat while it is open returns it); for
+    a subscription's invoice, the Stripe invoice's own hosted page (`stripeInvoiceId`, no session)."""
+    link = await svc.checkout(str(invoice_id), actor)
+    return CheckoutOut(url=link.url, session_id=link.session_id, stripe_invoice_id=link.stripe_invoice_id,
+                       expires_at=link.expires_at, amount=link.amount, currency=link.currency, reused=link.reused)
 
 
 @invoices.post("/{invoice_id}/mark-paid", status_code=status.HTTP_201_CREATED, response_model=PaymentOut)
@@ -163,7 +164,7 @@ def build_runtime(
     register_consumers(broker, db, group_id=settings.consumer_group)
     reader = invoice_reader or HttpInvoiceReader(settings.invoice_url, settings.internal_token)
     gateway = stripe_gateway or StripeSdkGateway.from_settings(settings)
-    worker = WebhookWorker(db, settings, reader)
+    worker = WebhookWorker(db, settings, reader, gateway)
     intake = WebhookIntake(db, settings, worker.wake)
     ctx = PaymentsContext(settings=settings, db=db, stripe=gateway, invoices=reader, intake=intake, worker=worker)
 
@@ -189,14 +190,11 @@ def create_app(
     invoice_reader: InvoiceReader | None = None,
 ) -> FastAPI:
     runtime, ctx = build_runtime(settings, stripe_gateway=stripe_gateway, invoice_reader=invoice_reader)
-    routers = [invoices, payments]
-    if ctx.settings.stand_in_checkout:
-        routers.append(standin.router)
     app = create_service_app(
         runtime,
         title="Payments service",
         description="Stripe Checkout, Stripe webhooks, manual payments and payment history.",
-        routers=routers,
+        routers=[invoices, payments],
     )
     app.state.payments = ctx
     stripe_intake.install(app, ctx.intake, max_body=ctx.settings.webhook_max_body)

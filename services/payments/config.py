@@ -65,7 +65,7 @@ class PaymentsSettings(ServiceSettings):
     consumer_group: str = "payments"
     # The invoice service, for reading an invoice this service has not yet seen in an event.
     invoice_url: str = "http://127.0.0.1:8001"
-    # Where browsers reach this service's public pages (the local stand-in checkout): the gateway.
+    # Where the outside world reaches this service: the gateway (webhook URL, portal pages).
     public_url: str = Field(
         default="http://127.0.0.1:8000", validation_alias=AliasChoices("PAYMENTS_PUBLIC_URL", "BILLING_GATEWAY_URL")
     )
@@ -91,8 +91,6 @@ class PaymentsSettings(ServiceSettings):
     checkout_expires_minutes: int = 24 * 60
     stripe_timeout: float = 20.0
     stripe_max_network_retries: int = 2
-    # Local stand-in checkout page: "auto" = only in local mode (see `stand_in_checkout`), "off" = never.
-    stand_in: str = "auto"
 
     # Webhook worker: processes stored Stripe events after the 200 went out.
     webhook_worker_enabled: bool = True
@@ -122,13 +120,6 @@ class PaymentsSettings(ServiceSettings):
             raise ValueError(f"unknown Stripe payment method(s): {', '.join(unknown)}")
         return value
 
-    @field_validator("stand_in")
-    @classmethod
-    def _stand_in_mode(cls, value: str) -> str:
-        if value not in ("auto", "off"):
-            raise ValueError("PAYMENTS_STAND_IN must be 'auto' or 'off'")
-        return value
-
     @model_validator(mode="after")
     def _refuse_live_keys(self) -> PaymentsSettings:
         check_stripe_key(self.stripe_secret_key)
@@ -138,17 +129,5 @@ class PaymentsSettings(ServiceSettings):
 
     @property
     def local_stripe(self) -> bool:
-        """The SDK talks to a stripe-mock on this machine, not to Stripe."""
+        """The SDK talks to something on this machine (the Stripe stand-in, stripe-mock), not to Stripe."""
         return is_loopback_url(self.stripe_api_base)
-
-    @property
-    def stand_in_checkout(self) -> bool:
-        """The local stand-in checkout page exists only when all of these hold:
-
-        * STRIPE_API_BASE points to a loopback address (a local stripe-mock), and
-        * STRIPE_SECRET_KEY is not a key Stripe issued (placeholders like sk_test_local), and
-        * PAYMENTS_STAND_IN is not "off".
-
-        With a real sk_test_ key it never exists, wherever STRIPE_API_BASE points.
-        """
-        return self.stand_in == "auto" and self.local_stripe and not looks_like_real_test_key(self.stripe_secret_key)

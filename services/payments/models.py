@@ -60,6 +60,8 @@ class InvoiceCopy(Base):
     client_name: Mapped[str | None] = mapped_column(String(300))
     client_email: Mapped[str | None] = mapped_column(String(320))
     version: Mapped[int] = mapped_column(Integer)
+    # The Stripe invoice this invoice is our copy of (a subscription's invoice); None for our own invoices.
+    stripe_invoice_id: Mapped[str | None] = mapped_column(String(255), index=True)
     # "event" (from Kafka) or "http" (read from the invoice service before any event arrived).
     source: Mapped[str] = mapped_column(String(10), default="event")
     updated_at: Mapped[datetime] = mapped_column(
@@ -69,7 +71,8 @@ class InvoiceCopy(Base):
 
 class Payment(Base):
     """One payment for one invoice: a Stripe payment (one per PaymentIntent, else per Checkout
-    Session) or a manual one. `applied_at` is set when an invoice snapshot names it as its cause."""
+    Session, or per Stripe invoice for a subscription's invoice) or a manual one. `applied_at` is set
+    when an invoice snapshot names it as its cause."""
 
     __tablename__ = "payments"
     __table_args__ = (
@@ -99,6 +102,8 @@ class Payment(Base):
     held: Mapped[bool] = mapped_column(Boolean, default=False)
     stripe_checkout_session_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # The Stripe invoice (of a subscription) this payment collected: at most one payment per Stripe invoice.
+    stripe_invoice_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     stripe_charge_id: Mapped[str | None] = mapped_column(String(255))
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
     last_stripe_event_id: Mapped[str | None] = mapped_column(String(255))
@@ -153,9 +158,34 @@ class CheckoutSession(Base):
     invoice_version: Mapped[int] = mapped_column(Integer)
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
     stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255), index=True)
-    stand_in: Mapped[bool] = mapped_column(Boolean, default=False)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_event_created: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class StripeInvoiceCharge(Base):
+    """What Stripe last reported about collecting one of its subscription invoices (invoice.paid or
+    invoice.payment_failed), kept until our invoice of it exists (the invoice service makes it from the
+    normalized stripe.invoice.* events): then it becomes, once, a payment of ours against that invoice.
+    Whichever arrives second, the charge or our copy, records the payment."""
+
+    __tablename__ = "stripe_invoice_charges"
+
+    stripe_invoice_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    subscription_id: Mapped[str | None] = mapped_column(String(255))
+    customer_id: Mapped[str | None] = mapped_column(String(255))
+    client_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20))  # succeeded (final) | failed
+    amount: Mapped[int] = mapped_column(BigInteger)  # paid: amount_paid; failed: what the attempt asked for
+    currency: Mapped[str] = mapped_column(String(3))
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failure_code: Mapped[str | None] = mapped_column(String(100))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    stripe_event_id: Mapped[str] = mapped_column(String(255))
+    stripe_event_created: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

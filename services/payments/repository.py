@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +21,7 @@ from services.payments.models import (
     Refund,
     StripeCustomer,
     StripeEvent,
+    StripeInvoiceCharge,
     StripeObjectState,
 )
 
@@ -78,9 +79,27 @@ class Repository:
             "client_name": snap.client_name,
             "client_email": snap.client_email,
             "version": snap.version,
+            "stripe_invoice_id": snap.stripe_invoice_id,
             "source": source,
         }
         return await upsert_if_newer(self.session, InvoiceCopy, values)
+
+    async def invoice_of_stripe_invoice(
+        self, stripe_invoice_id: str, *, for_update: bool = False
+    ) -> InvoiceCopy | None:
+        """Our invoice that copies this Stripe invoice (the invoice service keeps one per Stripe invoice)."""
+        stmt = (select(InvoiceCopy).where(InvoiceCopy.stripe_invoice_id == stripe_invoice_id)
+                .order_by(InvoiceCopy.id).limit(1))
+        if for_update:
+            stmt = stmt.with_for_update().execution_options(populate_existing=True)
+        return (await self.session.scalars(stmt)).first()
+
+    async def lock_stripe_invoice(self, stripe_invoice_id: str) -> None:
+        """Serialize the two sides that meet on a Stripe invoice (its charge from the webhook worker, our
+        copy from the invoice.* consumer), so the second always sees the first. Taken before either row."""
+        await self.session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": f"stripe-invoice:{stripe_invoice_id}"}
+        )
 
     async def mark_applied(self, cause_id: str | None, *, refund: bool) -> int:
         """The invoice service reports (via a snapshot's cause_id) that it applied this payment/refund."""
@@ -135,6 +154,12 @@ class Repository:
         if not conds:
             return None
         stmt = select(Payment).where(or_(*conds)).order_by(Payment.created_at).limit(1)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.scalars(stmt)).first()
+
+    async def payment_of_stripe_invoice(self, stripe_invoice_id: str, *, for_update: bool = False) -> Payment | None:
+        stmt = select(Payment).where(Payment.stripe_invoice_id == stripe_invoice_id)
         if for_update:
             stmt = stmt.with_for_update()
         return (await self.session.scalars(stmt)).first()
@@ -212,9 +237,21 @@ class Repository:
         stmt = select(CheckoutSession).where(CheckoutSession.stripe_payment_intent_id == payment_intent).limit(1)
         return (await self.session.scalars(stmt)).first()
 
+    # -- Stripe invoice charges -------------------------------------------------------------------
+    async def get_invoice_charge(self, stripe_invoice_id: str) -> StripeInvoiceCharge | None:
+        stmt = (select(StripeInvoiceCharge).where(StripeInvoiceCharge.stripe_invoice_id == stripe_invoice_id)
+                .with_for_update().execution_options(populate_existing=True))
+        return (await self.session.scalars(stmt)).first()
+
     # -- customers -------------------------------------------------------------------------------
     async def get_customer(self, client_id: str) -> StripeCustomer | None:
         return await self.session.get(StripeCustomer, client_id)
+
+    async def client_of_customer(self, stripe_customer_id: str) -> str | None:
+        """Our client of a Stripe customer this service created."""
+        return await self.session.scalar(
+            select(StripeCustomer.client_id).where(StripeCustomer.stripe_customer_id == stripe_customer_id)
+        )
 
     async def add_customer(self, client_id: str, stripe_customer_id: str, email: str | None) -> StripeCustomer:
         await self.session.execute(
@@ -241,13 +278,17 @@ class Repository:
         return list((await self.session.scalars(stmt)).all())
 
     async def advance_object(
-        self, object_id: str, object_type: str, created: int, event_id: str, state: dict[str, Any] | None = None
+        self, object_id: str, object_type: str, created: int, event_id: str, state: dict[str, Any] | None = None,
+        *, rank: int = 0,
     ) -> bool:
-        """Record `created` as the newest event of a Stripe object; False if a newer one was applied."""
+        """Record `created` as the newest event of a Stripe object; False if a newer one was applied, or one
+        of the same second with a higher `rank` (how far along the object's life it is: Stripe's
+        timestamps have one-second resolution, a draft and its payment often share one)."""
         stmt = insert(StripeObjectState).values(
             object_id=object_id, object_type=object_type, last_event_created=created,
-            last_event_id=event_id, state=state,
+            last_event_id=event_id, state={**(state or {}), "rank": rank},
         )
+        stored_rank = func.coalesce(StripeObjectState.state["rank"].as_integer(), 0)
         stmt = stmt.on_conflict_do_update(
             index_elements=[StripeObjectState.object_id],
             set_={
@@ -256,6 +297,9 @@ class Repository:
                 "state": stmt.excluded.state,
                 "updated_at": func.now(),
             },
-            where=StripeObjectState.last_event_created <= stmt.excluded.last_event_created,
+            where=or_(
+                StripeObjectState.last_event_created < stmt.excluded.last_event_created,
+                and_(StripeObjectState.last_event_created == stmt.excluded.last_event_created, stored_rank <= rank),
+            ),
         ).returning(StripeObjectState.object_id)
         return (await self.session.execute(stmt)).first() is not None

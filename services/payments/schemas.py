@@ -79,9 +79,13 @@ class PaymentOut(ApiModel):
 
 
 class CheckoutOut(ApiModel):
+    """Where to send the client to pay: `sessionId` of a Checkout Session, or for a subscription's
+    invoice `stripeInvoiceId` (its page at Stripe; no session, no expiry)."""
+
     url: str
-    session_id: str
-    expires_at: datetime
+    session_id: str | None = None
+    stripe_invoice_id: str | None = None
+    expires_at: datetime | None = None
     amount: int
     currency: str
     reused: bool = False

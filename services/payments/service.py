@@ -3,8 +3,9 @@ payments, checkout sessions and refunds. No HTTP and no Stripe JSON here: Stripe
 typed values from services/payments/stripe/handlers.py.
 
 Money rules:
-* A payment is one row per Stripe PaymentIntent (else per Checkout Session), or one per manual
-  record. A Stripe payment that reaches `succeeded` never goes back; a later failure for it is stale.
+* A payment is one row per Stripe PaymentIntent (else per Checkout Session, or per Stripe invoice for
+  a subscription's invoice), or one per manual record. A Stripe payment that reaches `succeeded`
+  never goes back; a later failure for it is stale.
 * What is still due = invoice total − the invoice's amountPaid − what this service recorded that the
   invoice service has not applied yet (it tells us through the snapshot's causeId).
 * Amounts are recorded exactly as Stripe reports them, never rounded: an underpayment is a partial
@@ -19,7 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import structlog
@@ -38,7 +39,7 @@ from kit.logging import current_correlation_id
 from kit.pagination import PageRequest, PageResult
 from services.payments.config import PaymentsSettings
 from services.payments.invoice_client import InvoiceReader, InvoiceServiceUnavailable
-from services.payments.models import CheckoutSession, InvoiceCopy, Payment, Refund
+from services.payments.models import CheckoutSession, InvoiceCopy, Payment, Refund, StripeInvoiceCharge
 from services.payments.repository import SETTLED, PaymentFilter, Repository
 from services.payments.schemas import MarkPaidRequest
 from services.payments.stripe.gateway import StripeGateway, StripeUnavailable
@@ -71,6 +72,22 @@ def processed(detail: str) -> Outcome:
 
 def ignored(detail: str) -> Outcome:
     return Outcome("ignored", detail)
+
+
+def combined(*outcomes: Outcome) -> Outcome:
+    """One event with several effects: processed when any of them did something."""
+    status = "processed" if any(o.status == "processed" for o in outcomes) else "ignored"
+    return Outcome(status, "; ".join(o.detail for o in outcomes))
+
+
+# How far along its life a Stripe invoice is, per event type: of two events of one second (Stripe's
+# resolution), the one that would move the invoice back (its draft after its payment) is stale.
+INVOICE_STAGES: dict[str, int] = {
+    "invoice.created": 0,
+    "invoice.finalized": 1,
+    "invoice.payment_failed": 2,
+    "invoice.paid": 3,
+}
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,34 @@ class StripeRefund:
     charge_id: str | None
     refund_id: str | None
     for_our_invoice: bool  # metadata.invoice_id is set: the payment will come, retry until it does
+
+
+@dataclass(frozen=True)
+class StripeInvoiceCollection:
+    """Stripe collecting one of its invoices, as invoice.paid / invoice.payment_failed tell it."""
+
+    stripe_invoice_id: str
+    subscription_id: str | None  # None: not a subscription's invoice, nothing of ours
+    customer: str | None
+    client_id: str | None
+    currency: str  # ISO 4217, upper case
+    amount_paid: int
+    amount_due: int
+    paid_at: datetime | None
+    attempt_count: int | None = None
+
+
+@dataclass(frozen=True)
+class PayLink:
+    """Where Pay Now sends the client: a Checkout Session of ours, or the Stripe invoice's own page."""
+
+    url: str
+    amount: int
+    currency: str
+    session_id: str | None = None
+    stripe_invoice_id: str | None = None
+    expires_at: datetime | None = None
+    reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,18 +256,165 @@ class InvoiceCopies:
         return locked
 
     async def outstanding(self, copy: InvoiceCopy) -> int:
-        return copy.total - copy.amount_paid - await self.repo.unapplied_net(copy.id)
+        return await outstanding(self.repo, copy)
+
+
+async def outstanding(repo: Repository, copy: InvoiceCopy) -> int:
+    """What is still due on the invoice: its total − its amountPaid − what we recorded it has not applied."""
+    return copy.total - copy.amount_paid - await repo.unapplied_net(copy.id)
+
+
+async def assess(
+    repo: Repository, copy: InvoiceCopy | None, amount: int, currency: str, session_row: CheckoutSession | None
+) -> Assessment:
+    """What a human may want to know about a Stripe payment of this amount (flags), and whether it is held."""
+    flags: list[str] = []
+    if session_row is not None and (amount != session_row.amount or currency != session_row.currency):
+        flags.append("amount_differs_from_checkout")
+    if copy is None:
+        return Assessment(flags=[*flags, "unknown_invoice"], held=False, amount_due=None)
+    if currency != copy.currency:
+        return Assessment(flags=[*flags, "currency_mismatch"], held=True, amount_due=None)
+    due = await outstanding(repo, copy)
+    if copy.status == InvoiceStatus.CANCELLED:
+        flags.append("invoice_cancelled")
+    elif copy.status == InvoiceStatus.PAID or due <= 0:
+        flags.append("invoice_already_paid")
+    if amount < due:
+        flags.append("underpayment")
+    elif amount > due:
+        flags.append("overpayment")
+    return Assessment(flags=flags, held=False, amount_due=due)
+
+
+class StripeInvoicePayments:
+    """A subscription's Stripe invoice collected (or not) by Stripe, as a payment of our invoice of it.
+
+    Two sides meet here, in either order: the charge (the webhook worker, from invoice.paid /
+    invoice.payment_failed) and our copy of the invoice (the invoice.* consumer, once the invoice
+    service made our invoice from the normalized stripe.invoice.* events and its snapshot names the
+    Stripe invoice). Each side takes the Stripe invoice's lock, stores its half and calls `collect`:
+    whichever comes second records the payment, once per Stripe invoice (the unique
+    payments.stripe_invoice_id). Nothing waits: the normalized events go out at once either way.
+    """
+
+    def __init__(self, uow: UnitOfWork) -> None:
+        self.uow = uow
+        self.repo = Repository(uow.session)
+
+    async def charged(self, ref: StripeEventRef, collection: StripeInvoiceCollection) -> Outcome:
+        """invoice.paid: Stripe collected `amount_paid` (final: a later failure never undoes it)."""
+        stripe_id = collection.stripe_invoice_id
+        if collection.subscription_id is None:
+            return ignored(f"Stripe invoice {stripe_id} belongs to no subscription: no invoice of ours")
+        if collection.amount_paid <= 0:
+            return ignored(f"Stripe invoice {stripe_id} paid without a charge (nothing was collected)")
+        await self.repo.lock_stripe_invoice(stripe_id)
+        row = await self.repo.get_invoice_charge(stripe_id)
+        if row is not None and row.status == "succeeded":
+            return ignored(f"duplicate: Stripe invoice {stripe_id} already paid")
+        row = self._store(row, ref, collection, status="succeeded", amount=collection.amount_paid)
+        row.paid_at = collection.paid_at or from_unix(ref.created)
+        row.failure_code = row.failure_message = None
+        return processed(await self.collect(stripe_id))
+
+    async def failed(self, ref: StripeEventRef, collection: StripeInvoiceCollection) -> Outcome:
+        """invoice.payment_failed: a failed attempt (the invoice service and notifications act on the
+        normalized event; here it is only recorded, no payment.failed and so no second email)."""
+        stripe_id = collection.stripe_invoice_id
+        if collection.subscription_id is None:
+            return ignored(f"Stripe invoice {stripe_id} belongs to no subscription: no invoice of ours")
+        await self.repo.lock_stripe_invoice(stripe_id)
+        row = await self.repo.get_invoice_charge(stripe_id)
+        if row is not None and (row.status == "succeeded" or row.stripe_event_created > ref.created):
+            return ignored(f"stale: Stripe invoice {stripe_id} already {row.status} as of a newer event")
+        row = self._store(row, ref, collection, status="failed", amount=collection.amount_due)
+        attempt = f" (attempt {collection.attempt_count})" if collection.attempt_count else ""
+        row.failure_code = "invoice_payment_failed"
+        row.failure_message = f"Stripe could not collect invoice {stripe_id}{attempt}."
+        return processed(await self.collect(stripe_id))
+
+    def _store(self, row: StripeInvoiceCharge | None, ref: StripeEventRef, collection: StripeInvoiceCollection,
+               *, status: str, amount: int) -> StripeInvoiceCharge:
+        if row is None:
+            row = StripeInvoiceCharge(stripe_invoice_id=collection.stripe_invoice_id)
+            self.uow.session.add(row)
+        row.subscription_id = collection.subscription_id
+        row.customer_id = collection.customer
+        row.client_id = collection.client_id
+        row.status = status
+        row.amount = amount
+        row.currency = collection.currency
+        row.stripe_event_id = ref.event_id
+        row.stripe_event_created = ref.created
+        return row
+
+    async def collect(self, stripe_invoice_id: str) -> str:
+        """The charge applied to our invoice of the Stripe invoice, when both exist. The caller holds the
+        Stripe invoice's lock (`Repository.lock_stripe_invoice`)."""
+        await self.uow.session.flush()
+        charge = await self.repo.get_invoice_charge(stripe_invoice_id)
+        if charge is None:
+            return f"no charge of Stripe invoice {stripe_invoice_id} yet"
+        copy = await self.repo.invoice_of_stripe_invoice(stripe_invoice_id, for_update=True)
+        if copy is None:
+            return (f"Stripe invoice {stripe_invoice_id} {charge.status}: the payment is recorded when our "
+                    "invoice of it arrives")
+        payment = await self.repo.payment_of_stripe_invoice(stripe_invoice_id, for_update=True)
+        if payment is not None and payment.status in SETTLED:
+            return f"duplicate: payment {payment.id} of Stripe invoice {stripe_invoice_id} already {payment.status}"
+        if payment is None:
+            payment = Payment(id=uuid.uuid4(), invoice_id=copy.id, source="stripe", method="card", amount_refunded=0,
+                              flags=[], held=False, stripe_invoice_id=stripe_invoice_id,
+                              reference=stripe_invoice_id)
+            self.uow.session.add(payment)
+        payment.client_id = charge.client_id or copy.client_id
+        payment.amount = charge.amount
+        payment.currency = charge.currency
+        payment.stripe_customer_id = charge.customer_id
+        payment.last_stripe_event_id = charge.stripe_event_id
+        payment.last_stripe_event_created = charge.stripe_event_created
+        if charge.status == "failed":
+            payment.status = "failed"
+            payment.failure_code, payment.failure_message = charge.failure_code, charge.failure_message
+            await self.uow.session.flush()
+            return f"failed attempt of Stripe invoice {stripe_invoice_id} recorded on invoice {copy.id}"
+        verdict = await assess(self.repo, copy, charge.amount, charge.currency, None)
+        payment.status = "succeeded"
+        payment.paid_at = charge.paid_at or utcnow()
+        payment.failure_code = payment.failure_message = None
+        payment.flags, payment.held = verdict.flags, verdict.held
+        await self.uow.session.flush()
+        if verdict.held:
+            log.warning("stripe_invoice_payment_held", payment_id=str(payment.id), invoice_id=copy.id,
+                        flags=verdict.flags)
+            return f"payment {payment.id} of Stripe invoice {stripe_invoice_id} HELD: {', '.join(verdict.flags)}"
+        self.uow.publish(
+            payment_event(payment, PaymentEventType.SUCCEEDED, stripe_event_id=charge.stripe_event_id),
+            topic=topics.PAYMENT, key=copy.id,
+        )
+        extra = f" (flags: {', '.join(verdict.flags)})" if verdict.flags else ""
+        return (f"payment {payment.id} of Stripe invoice {stripe_invoice_id} succeeded for invoice {copy.id}: "
+                f"{charge.amount} {charge.currency}{extra}")
 
 
 async def apply_invoice_snapshot(uow: UnitOfWork, event_type: str, snap: InvoiceSnapshotV1) -> bool:
-    """invoice.* consumer: keep the newest snapshot; note which of our payments it reports applied."""
+    """invoice.* consumer: keep the newest snapshot; note which of our payments it reports applied; our
+    copy of a Stripe invoice meets the charge Stripe reported for it (StripeInvoicePayments)."""
     repo = Repository(uow.session)
+    if snap.stripe_invoice_id:
+        await repo.lock_stripe_invoice(snap.stripe_invoice_id)  # before the copy's row: the worker's order
     stored = await repo.upsert_invoice(snap)
     if snap.cause_id:
         if event_type in (InvoiceEventType.PAID, InvoiceEventType.PARTIALLY_PAID):
             await repo.mark_applied(snap.cause_id, refund=False)
         elif event_type == InvoiceEventType.UPDATED and snap.reason == "refunded":
             await repo.mark_applied(snap.cause_id, refund=True)
+    if snap.stripe_invoice_id:
+        # Even when this version was stored before (read over HTTP): the charge may have come meanwhile.
+        detail = await StripeInvoicePayments(uow).collect(snap.stripe_invoice_id)
+        log.info("stripe_invoice_copy_seen", invoice_id=snap.id, stripe_invoice_id=snap.stripe_invoice_id,
+                 outcome=detail)
     return stored
 
 
@@ -246,8 +438,9 @@ class PaymentsService:
         return await self.copies.refresh(copy) if await doubt(copy) else copy
 
     # -- Pay Now ---------------------------------------------------------------------------------
-    async def checkout(self, invoice_id: str, actor: Actor) -> tuple[CheckoutSession, bool]:
-        """A Checkout Session for what is due; (session, reused). A repeat while one is open gets it back."""
+    async def checkout(self, invoice_id: str, actor: Actor) -> PayLink:
+        """Where to pay what is due: a Checkout Session (a repeat while one is open gets it back), or for
+        our copy of a subscription's Stripe invoice, that invoice's page at Stripe."""
         # The invoice service first (HTTP, no lock held yet), then the lock.
         copy = await self.copies.get(invoice_id)
         if copy is None or not actor.can_see_client(copy.client_id):
@@ -270,10 +463,12 @@ class PaymentsService:
                 code="nothing_due",
                 details={"amountDue": max(due, 0)},
             )
+        if copy.stripe_invoice_id:
+            return await self._stripe_invoice_page(copy, copy.stripe_invoice_id)
         now = utcnow()
         reusable = await self.repo.reusable_session(invoice_id, due, copy.currency, now + timedelta(minutes=10))
         if reusable is not None:
-            return reusable, True
+            return self._link(reusable, reused=True)
 
         customer_id = await self._customer(copy)
         attempt = await self.repo.count_sessions(invoice_id)
@@ -312,13 +507,9 @@ class PaymentsService:
         session = await self.stripe.create_checkout_session(params, idempotency_key=idempotency_key)
         if not session.id:
             raise StripeUnavailable("Stripe returned a checkout session without an id.")
-        stand_in = self.settings.stand_in_checkout
-        if stand_in:
-            url = f"{self.settings.public_url.rstrip('/')}/portal/checkout/{session.id}"
-        else:
-            url = session.url or ""
-            if not url:
-                raise StripeUnavailable("Stripe returned a checkout session without a URL.")
+        url = session.url or ""  # Stripe's hosted page (locally the Stripe stand-in's)
+        if not url:
+            raise StripeUnavailable("Stripe returned a checkout session without a URL.")
         returned_expiry = session.expires_at
         row = await self.repo.add_session(
             {
@@ -335,13 +526,44 @@ class PaymentsService:
                 "idempotency_key": idempotency_key,
                 "invoice_version": copy.version,
                 "stripe_customer_id": customer_id,
-                "stand_in": stand_in,
                 "expires_at": returned_expiry if returned_expiry and returned_expiry > now else expires_at,
             }
         )
         log.info("checkout_session_created", invoice_id=invoice_id, session_id=session.id, amount=due,
-                 currency=copy.currency, stand_in=stand_in)
-        return row, False
+                 currency=copy.currency)
+        return self._link(row, reused=False)
+
+    @staticmethod
+    def _link(row: CheckoutSession, *, reused: bool) -> PayLink:
+        return PayLink(url=row.url, amount=row.amount, currency=row.currency, session_id=row.id,
+                       expires_at=row.expires_at, reused=reused)
+
+    async def _stripe_invoice_page(self, copy: InvoiceCopy, stripe_invoice_id: str) -> PayLink:
+        """Stripe's hosted page of the Stripe invoice our invoice copies. Never a Checkout Session: that
+        would take the money a second way and leave Stripe's invoice open (and Stripe retrying it)."""
+        invoice = await self.stripe.retrieve_invoice(stripe_invoice_id)
+        if invoice is None:
+            raise StripeUnavailable(f"Stripe has no invoice {stripe_invoice_id}.")
+        if invoice.status == "paid":
+            raise Conflict(
+                "Stripe already collected this invoice; the payment is being recorded.",
+                code="nothing_due",
+                details={"amountDue": 0},
+            )
+        if invoice.status != "open" or not invoice.hosted_invoice_url:
+            raise Conflict(
+                f"Invoice {copy.invoice_number or copy.id} cannot be paid online: "
+                f"Stripe's invoice is {invoice.status}.",
+                code="invoice_not_payable",
+                details={"status": copy.status, "stripeStatus": invoice.status},
+            )
+        remaining = invoice.amount_remaining
+        return PayLink(
+            url=invoice.hosted_invoice_url,
+            amount=remaining if remaining is not None else invoice.amount_due - invoice.amount_paid,
+            currency=invoice.currency or copy.currency,
+            stripe_invoice_id=invoice.id,
+        )
 
     async def _nothing_to_pay(self, copy: InvoiceCopy) -> bool:
         return copy.status in NOT_PAYABLE or await self.copies.outstanding(copy) <= 0
@@ -470,10 +692,12 @@ class StripePayments:
     events for other services. Runs in the webhook worker's transaction; each method returns the
     outcome stored on the event row, or raises RetryLater."""
 
-    def __init__(self, uow: UnitOfWork, invoices: InvoiceReader) -> None:
+    def __init__(self, uow: UnitOfWork, invoices: InvoiceReader, stripe: StripeGateway) -> None:
         self.uow = uow
         self.repo = Repository(uow.session)
         self.copies = InvoiceCopies(self.repo, invoices)
+        self.stripe = stripe
+        self.stripe_invoices = StripeInvoicePayments(uow)
 
     # -- Checkout ----------------------------------------------------------------------------------
     async def checkout_completed(
@@ -594,23 +818,7 @@ class StripePayments:
     async def _assess(
         self, copy: InvoiceCopy | None, amount: int, currency: str, session_row: CheckoutSession | None
     ) -> Assessment:
-        flags: list[str] = []
-        if session_row is not None and (amount != session_row.amount or currency != session_row.currency):
-            flags.append("amount_differs_from_checkout")
-        if copy is None:
-            return Assessment(flags=[*flags, "unknown_invoice"], held=False, amount_due=None)
-        if currency != copy.currency:
-            return Assessment(flags=[*flags, "currency_mismatch"], held=True, amount_due=None)
-        due = await self.copies.outstanding(copy)
-        if copy.status == InvoiceStatus.CANCELLED:
-            flags.append("invoice_cancelled")
-        elif copy.status == InvoiceStatus.PAID or due <= 0:
-            flags.append("invoice_already_paid")
-        if amount < due:
-            flags.append("underpayment")
-        elif amount > due:
-            flags.append("overpayment")
-        return Assessment(flags=flags, held=False, amount_due=due)
+        return await assess(self.repo, copy, amount, currency, session_row)
 
     # -- failures ----------------------------------------------------------------------------------
     async def invoice_of_payment_intent(self, payment_intent: str) -> str | None:
@@ -690,6 +898,24 @@ class StripePayments:
         )
         return processed(f"refund {row.id} of {delta} {row.currency} for payment {payment.id}")
 
+    # -- a subscription's Stripe invoice, collected by Stripe: a card payment of our invoice --------
+    async def stripe_invoice_paid(self, ref: StripeEventRef, collection: StripeInvoiceCollection) -> Outcome:
+        return await self.stripe_invoices.charged(ref, collection)
+
+    async def stripe_invoice_failed(self, ref: StripeEventRef, collection: StripeInvoiceCollection) -> Outcome:
+        return await self.stripe_invoices.failed(ref, collection)
+
+    async def client_of_customer(self, customer_id: str) -> str | None:
+        """Our client of a Stripe customer: one this service created, else the customer's metadata.client_id
+        (a customer the subscriptions service made, or one made in Stripe's dashboard with it)."""
+        client_id = await self.repo.client_of_customer(customer_id)
+        if client_id is not None:
+            return client_id
+        customer = await self.stripe.retrieve_customer(customer_id)
+        if customer is None or customer.deleted:
+            return None
+        return customer.metadata.client_id
+
     # -- subscriptions and Stripe invoices: normalized for the subscriptions service ---------------
     async def republish_subscription(
         self, ref: StripeEventRef, data: StripeSubscriptionV1, *, ordered: bool
@@ -708,8 +934,10 @@ class StripePayments:
         return processed(f"republished stripe.{ref.type} for {key} ({data.status})")
 
     async def republish_invoice(self, ref: StripeEventRef, data: StripeInvoiceV1) -> Outcome:
+        """Older than the last one published, or of the same second and earlier in the invoice's life
+        (its draft after its payment): stale."""
         if not await self.repo.advance_object(data.invoice_id, "invoice", ref.created, ref.event_id,
-                                              {"status": data.status}):
+                                              {"status": data.status}, rank=INVOICE_STAGES.get(ref.type, 0)):
             return ignored(f"stale: a newer event of {data.invoice_id} was already published")
         key = data.subscription_id or data.invoice_id
         self.uow.publish(

@@ -2,8 +2,8 @@
 
 The pages are public; the JS logs in with `POST /api/auth/login`, keeps the bearer token in
 sessionStorage and calls the gateway's API with it, so every authorization decision stays with the
-API. `/portal/checkout/...` is not ours: the route table sends it to the payments service (its local
-stand-in checkout page), so this router only claims the exact paths below.
+API. Paying happens on Stripe's hosted pages (locally the Stripe stand-in's, deploy/stripe_standin);
+this router only claims the exact paths below.
 """
 
 from __future__ import annotations

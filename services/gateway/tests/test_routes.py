@@ -32,7 +32,6 @@ from services.gateway.routes import ROUTES, Auth, Route, resolve
         ("/api/reports/revenue", "reporting"),
         ("/webhooks/stripe", "payments"),
         ("/t/o/abc.gif", "notifications"),
-        ("/portal/checkout/cs_test_1/pay", "payments"),
     ],
 )
 def test_resolve(path: str, upstream: str) -> None:
@@ -50,7 +49,7 @@ def test_unrouted(path: str) -> None:
 
 def test_public_routes_are_only_the_webhook_and_tracking() -> None:
     public = {r.prefix for r in ROUTES if r.auth is Auth.PUBLIC}
-    assert public == {"/webhooks/stripe", "/t", "/portal/checkout"}
+    assert public == {"/webhooks/stripe", "/t"}
     assert [r.prefix for r in ROUTES if not r.idempotency] == ["/webhooks/stripe"]
 
 

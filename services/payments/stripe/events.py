@@ -12,6 +12,7 @@ periods on the subscription before, on its items after; `plan` before `price`).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictInt, ValidationError
@@ -81,6 +82,7 @@ class ObjectMetadata(BaseModel):
     invoice_id: str | None = None
     client_id: str | None = None
     plan_id: str | None = None
+    price_id: str | None = None  # our price (a subscription's), not Stripe's
 
     def as_dict(self) -> dict[str, str]:
         return {key: str(value) for key, value in self.model_dump().items() if value is not None}
@@ -129,6 +131,8 @@ class CheckoutSession(StripeModel):
 
 class Customer(StripeModel):
     id: str | None = None
+    metadata: Metadata = ObjectMetadata()
+    deleted: bool = False
 
 
 # -- PaymentIntent and Charge ------------------------------------------------------------------------
@@ -249,6 +253,7 @@ class InvoiceParent(StripeModel):
 
 
 class StatusTransitions(StripeModel):
+    finalized_at: Timestamp = None
     paid_at: Timestamp = None
 
 
@@ -263,6 +268,7 @@ class PriceDetails(StripeModel):
 
 class LinePricing(StripeModel):
     price_details: PriceDetails | None = None
+    unit_amount_decimal: Decimal | None = None  # minor units; a proration's may have a fraction
 
 
 class ProrationDetails(StripeModel):
@@ -280,7 +286,8 @@ class InvoiceLine(StripeModel):
     amount: Annotated[int, BeforeValidator(lambda v: v or 0)] = 0
     currency: Currency = None
     quantity: int | None = None
-    price: Ref = None
+    price: Annotated[Price | None, BeforeValidator(_price)] = None  # API versions before 2025-03-31
+    unit_amount_excluding_tax: Decimal | None = None  # idem
     pricing: LinePricing | None = None
     proration: bool | None = None
     parent: LineParent | None = None
@@ -288,10 +295,21 @@ class InvoiceLine(StripeModel):
 
     @property
     def price_id(self) -> str | None:
-        if self.price:
-            return self.price
+        if self.price and self.price.id:
+            return self.price.id
         details = self.pricing.price_details if self.pricing else None
         return details.price if details else None
+
+    @property
+    def unit_amount_decimal(self) -> Decimal | None:
+        """The unit price in minor units, as Stripe states it (current API first, then older ones)."""
+        if self.pricing and self.pricing.unit_amount_decimal is not None:
+            return self.pricing.unit_amount_decimal
+        if self.unit_amount_excluding_tax is not None:
+            return self.unit_amount_excluding_tax
+        if self.price and self.price.unit_amount is not None:
+            return Decimal(self.price.unit_amount)
+        return None
 
     @property
     def is_proration(self) -> bool:
@@ -315,6 +333,9 @@ class Invoice(StripeModel):
     status: str | None = None
     number: str | None = None
     currency: Currency = None
+    collection_method: str | None = None
+    created: Timestamp = None
+    due_date: Timestamp = None
     subtotal: int | None = None
     tax: int | None = None
     total: int | None = None
@@ -337,6 +358,14 @@ class Invoice(StripeModel):
             return self.subscription
         details = self.parent.subscription_details if self.parent else None
         return details.subscription if details else None
+
+    @property
+    def price_id(self) -> str | None:
+        """The Stripe price the subscription bills: its line for the period (not a proration), else any."""
+        priced = [line for line in self.lines if line.price_id]
+        regular = [line for line in priced if not line.is_proration]
+        chosen = (regular or priced)[:1]
+        return chosen[0].price_id if chosen else None
 
     @property
     def subscription_metadata(self) -> ObjectMetadata:

@@ -1,8 +1,9 @@
 """The only place that talks to Stripe: a thin async adapter over the official SDK (`StripeClient`).
 
-What the domain reads comes back parsed (`events.CheckoutSession`, `events.Customer`); the setup
-command, which compares whole objects with what it wants, gets plain dicts
-(`StripeObject.to_dict()`). Offline, `api_base` points at stripe-mock.
+What the domain reads comes back parsed (`events.CheckoutSession`, `events.Customer`,
+`events.Invoice`); the setup command, which compares whole objects with what it wants, gets plain
+dicts (`StripeObject.to_dict()`). Offline, `api_base` points at the Stripe stand-in
+(deploy/stripe_standin, in front of stripe-mock).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from kit.errors import AppError
 from services.payments.config import PaymentsSettings, check_stripe_key
-from services.payments.stripe.events import CheckoutSession, Customer
+from services.payments.stripe.events import CheckoutSession, Customer, Invoice
 
 log = structlog.get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -38,6 +39,10 @@ class StripeGateway(Protocol):
     async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> Customer: ...
 
     async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> CheckoutSession: ...
+
+    async def retrieve_customer(self, customer_id: str) -> Customer | None: ...
+
+    async def retrieve_invoice(self, invoice_id: str) -> Invoice | None: ...
 
 
 class StripeSetupApi(Protocol):
@@ -69,6 +74,10 @@ def _parsed(model: type[M], obj: Any, what: str) -> M:
     except ValidationError as exc:
         log.warning("stripe_unreadable_answer", object=what, error=str(exc)[:300])
         raise StripeUnavailable(f"Stripe returned an unreadable {what}.") from None
+
+
+def _missing(exc: stripe.StripeError) -> bool:
+    return getattr(exc, "http_status", None) == 404 or getattr(exc, "code", None) == "resource_missing"
 
 
 def _error(action: str, exc: stripe.StripeError) -> StripeUnavailable:
@@ -133,6 +142,26 @@ class StripeSdkGateway:
             raise _error("create the checkout session", exc) from exc
         return _parsed(CheckoutSession, session, "checkout session")
 
+    async def retrieve_customer(self, customer_id: str) -> Customer | None:
+        """The customer (a deleted one comes back with `deleted`), None when Stripe has no such id."""
+        try:
+            customer = await self.client.v1.customers.retrieve_async(customer_id)
+        except stripe.StripeError as exc:
+            if _missing(exc):
+                return None
+            raise _error("read the customer", exc) from exc
+        return _parsed(Customer, customer, "customer")
+
+    async def retrieve_invoice(self, invoice_id: str) -> Invoice | None:
+        """A Stripe invoice (a subscription's), None when Stripe has no such id."""
+        try:
+            invoice = await self.client.v1.invoices.retrieve_async(invoice_id)
+        except stripe.StripeError as exc:
+            if _missing(exc):
+                return None
+            raise _error("read the invoice", exc) from exc
+        return _parsed(Invoice, invoice, "invoice")
+
     # -- setup -----------------------------------------------------------------------------------
     async def list_webhook_endpoints(self) -> list[dict[str, Any]]:
         page = await self.client.v1.webhook_endpoints.list_async(params={"limit": 100})
@@ -148,7 +177,7 @@ class StripeSdkGateway:
         try:
             return _dict(await self.client.v1.products.retrieve_async(product_id))
         except stripe.InvalidRequestError as exc:
-            if exc.http_status == 404 or getattr(exc, "code", None) == "resource_missing":
+            if _missing(exc):
                 return None
             raise
 

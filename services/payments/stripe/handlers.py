@@ -13,12 +13,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic
 
+from contracts.stripe import StripeInvoiceV1
 from services.payments.service import (
     Outcome,
     StripeCharge,
     StripeEventRef,
+    StripeInvoiceCollection,
     StripePayments,
     StripeRefund,
+    combined,
     ignored,
 )
 from services.payments.stripe import normalize
@@ -122,9 +125,40 @@ async def subscription_notice(payments: StripePayments, event: Event[Subscriptio
     return await payments.republish_subscription(_ref(event), normalize.subscription(event), ordered=False)
 
 
+async def _normalized_invoice(payments: StripePayments, event: Event[Invoice]) -> StripeInvoiceV1:
+    """The invoice for billing.stripe; its client from the customer when the subscription names none."""
+    inv = event.object
+    customer_client_id = None
+    if not (inv.metadata.client_id or inv.subscription_metadata.client_id) and inv.customer:
+        customer_client_id = await payments.client_of_customer(inv.customer)
+    return normalize.invoice(event, customer_client_id=customer_client_id)
+
+
+def _collection(data: StripeInvoiceV1) -> StripeInvoiceCollection:
+    return StripeInvoiceCollection(
+        stripe_invoice_id=data.invoice_id, subscription_id=data.subscription_id, customer=data.customer_id,
+        client_id=data.client_id, currency=data.currency, amount_paid=data.amount_paid, amount_due=data.amount_due,
+        paid_at=data.paid_at, attempt_count=data.attempt_count,
+    )
+
+
 async def stripe_invoice(payments: StripePayments, event: Event[Invoice]) -> Outcome:
     """A subscription's Stripe invoice, republished normalized on billing.stripe (stale ones dropped)."""
-    return await payments.republish_invoice(_ref(event), normalize.invoice(event))
+    return await payments.republish_invoice(_ref(event), await _normalized_invoice(payments, event))
+
+
+async def stripe_invoice_paid(payments: StripePayments, event: Event[Invoice]) -> Outcome:
+    """Republished normalized; Stripe's charge becomes a card payment of our invoice of it (payment.succeeded)."""
+    data = await _normalized_invoice(payments, event)
+    paid = await payments.stripe_invoice_paid(_ref(event), _collection(data))
+    return combined(paid, await payments.republish_invoice(_ref(event), data))
+
+
+async def stripe_invoice_failed(payments: StripePayments, event: Event[Invoice]) -> Outcome:
+    """Republished normalized; the failed attempt is recorded on our invoice of it (no payment.failed)."""
+    data = await _normalized_invoice(payments, event)
+    failed = await payments.stripe_invoice_failed(_ref(event), _collection(data))
+    return combined(failed, await payments.republish_invoice(_ref(event), data))
 
 
 @dataclass(frozen=True)
@@ -153,9 +187,13 @@ HANDLERS: dict[str, Handler[Any]] = {
     "customer.subscription.created": Handler(Subscription, subscription_changed),
     "customer.subscription.updated": Handler(Subscription, subscription_changed),
     "customer.subscription.deleted": Handler(Subscription, subscription_changed),
+    "customer.subscription.paused": Handler(Subscription, subscription_changed),
+    "customer.subscription.resumed": Handler(Subscription, subscription_changed),
     "customer.subscription.trial_will_end": Handler(Subscription, subscription_notice),
-    "invoice.paid": Handler(Invoice, stripe_invoice),
-    "invoice.payment_failed": Handler(Invoice, stripe_invoice),
+    "invoice.created": Handler(Invoice, stripe_invoice),
+    "invoice.finalized": Handler(Invoice, stripe_invoice),
+    "invoice.paid": Handler(Invoice, stripe_invoice_paid),
+    "invoice.payment_failed": Handler(Invoice, stripe_invoice_failed),
 }
 
 

@@ -7,6 +7,8 @@ the versions we accept are resolved in `events.py`, and this module only picks t
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP, Decimal
+
 from contracts.stripe import (
     StripeInvoiceLineV1,
     StripeInvoiceV1,
@@ -70,7 +72,12 @@ def subscription(event: Event[Subscription]) -> StripeSubscriptionV1:
     )
 
 
+def _whole(amount: Decimal | None) -> int | None:
+    return None if amount is None else int(amount.to_integral_value(rounding=ROUND_HALF_UP))
+
+
 def _invoice_line(line: InvoiceLine, currency: str) -> StripeInvoiceLineV1:
+    unit = line.unit_amount_decimal
     return StripeInvoiceLineV1(
         id=line.id,
         description=line.description,
@@ -81,10 +88,14 @@ def _invoice_line(line: InvoiceLine, currency: str) -> StripeInvoiceLineV1:
         proration=line.is_proration,
         period_start=line.period.start,
         period_end=line.period.end,
+        unit_amount_decimal=unit,
+        unit_amount=_whole(unit),
     )
 
 
-def invoice(event: Event[Invoice]) -> StripeInvoiceV1:
+def invoice(event: Event[Invoice], *, customer_client_id: str | None = None) -> StripeInvoiceV1:
+    """`customer_client_id`: our client of the invoice's customer (its metadata), for an invoice whose
+    subscription carries none (one made in Stripe's dashboard); the handler looks it up."""
     inv = event.object
     currency = inv.currency or UNKNOWN_CURRENCY
     sub_meta = inv.subscription_metadata
@@ -96,7 +107,7 @@ def invoice(event: Event[Invoice]) -> StripeInvoiceV1:
         invoice_id=inv.id,
         subscription_id=inv.subscription_id,
         customer_id=inv.customer,
-        client_id=inv.metadata.client_id or sub_meta.client_id,
+        client_id=inv.metadata.client_id or sub_meta.client_id or customer_client_id,
         plan_id=inv.metadata.plan_id or sub_meta.plan_id,
         status=inv.status,
         number=inv.number,
@@ -117,4 +128,10 @@ def invoice(event: Event[Invoice]) -> StripeInvoiceV1:
         invoice_pdf=inv.invoice_pdf,
         lines=[_invoice_line(line, currency) for line in inv.lines],
         metadata=inv.metadata.as_dict(),
+        price_id=inv.price_id,
+        subscription_metadata=sub_meta.as_dict(),
+        collection_method=inv.collection_method,
+        created=inv.created,
+        finalized_at=inv.status_transitions.finalized_at,
+        due_date=inv.due_date,
     )

@@ -26,6 +26,7 @@ from services.payments.invoice_client import InvoiceReader, InvoiceServiceUnavai
 from services.payments.models import StripeEvent
 from services.payments.repository import Repository
 from services.payments.service import Outcome, RetryLater, StripePayments, ignored
+from services.payments.stripe.gateway import StripeGateway
 from services.payments.stripe.handlers import HANDLERS
 from services.payments.stripe.intake import WEBHOOK_CHANNEL
 
@@ -46,7 +47,8 @@ class WebhookWorker(PollingWorker):
 
     name = "stripe-webhook-worker"
 
-    def __init__(self, db: Database, settings: PaymentsSettings, invoices: InvoiceReader) -> None:
+    def __init__(self, db: Database, settings: PaymentsSettings, invoices: InvoiceReader,
+                 stripe: StripeGateway) -> None:
         super().__init__(
             database_url=db.url,
             channel=WEBHOOK_CHANNEL,
@@ -58,6 +60,7 @@ class WebhookWorker(PollingWorker):
         self.db = db
         self.settings = settings
         self.invoices = invoices
+        self.stripe = stripe  # a customer's metadata, for a Stripe invoice that names no client of ours
 
     async def start(self) -> None:
         if not self.settings.webhook_worker_enabled:
@@ -76,7 +79,7 @@ class WebhookWorker(PollingWorker):
             rows = await Repository(uow.session).claim_events(self.batch_size)
             if not rows:
                 return 0
-            payments = StripePayments(uow, self.invoices)
+            payments = StripePayments(uow, self.invoices, self.stripe)
             ready: list[tuple[StripeEvent, Apply]] = []
             for row in rows:
                 try:

@@ -1,24 +1,30 @@
-"""Payments service fixtures: the real app (in process) on a real PostgreSQL, a real Kafka and a real
-stripe-mock (session fixtures of deploy/testing.py), plus helpers to sign Stripe webhooks."""
+"""Payments service fixtures: the real app (in process) on a real PostgreSQL, a real Kafka and the real
+Stripe stand-in in front of stripe-mock (session fixtures of deploy/testing.py), plus helpers to sign
+Stripe webhooks. The app also listens on a real port (`payments_url`) so the stand-in delivers its
+webhooks to it exactly as Stripe would (`standin` points the stand-in there)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import select
 
 from contracts import topics
 from contracts.envelope import CloudEvent
 from contracts.invoice import InvoiceEventType, InvoiceSnapshotV1
+from deploy.infra import StripeStandin, free_port
+from deploy.testing import STANDIN_WEBHOOK_SECRET
 from deploy.testing import KafkaEventLog as EventLog
 from services.payments.app import create_app
 from services.payments.config import PaymentsSettings
@@ -35,7 +41,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in item.path.parents:
             item.add_marker(mark)
-WEBHOOK_SECRET = "whsec_test_payments"
+WEBHOOK_SECRET = STANDIN_WEBHOOK_SECRET  # the stand-in signs its deliveries with it
 
 
 def client_headers(client_id: str) -> dict[str, str]:
@@ -71,12 +77,14 @@ def invoice_reader() -> FakeInvoiceReader:
 
 
 @pytest.fixture(scope="session")
-def payments_settings(kafka: Any, database_url_factory: Callable[[str], str], stripe_mock: Any) -> PaymentsSettings:
+def payments_settings(
+    kafka: Any, database_url_factory: Callable[[str], str], stripe_standin: StripeStandin
+) -> PaymentsSettings:
     return PaymentsSettings(
         database_url=database_url_factory("payments"),
         kafka_bootstrap=kafka.bootstrap,
         outbox_poll_interval=0.3,
-        stripe_api_base=stripe_mock.url,
+        stripe_api_base=stripe_standin.url,
         stripe_secret_key="sk_test_local",
         stripe_webhook_secret=WEBHOOK_SECRET,
         webhook_worker_poll_interval=0.2,
@@ -96,6 +104,37 @@ async def api(
         async with httpx.AsyncClient(transport=transport, base_url="http://payments", headers=ADMIN) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+class _TestServer(uvicorn.Server):
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # Ctrl-C stays pytest's
+        return contextlib.nullcontext()
+
+
+@pytest.fixture(scope="session")
+async def payments_url(api: httpx.AsyncClient) -> AsyncIterator[str]:
+    """The same in-process app on a real port (its lifespan runs in `api`): where Stripe's deliveries go."""
+    port = free_port()
+    server = _TestServer(uvicorn.Config(api.app, host="127.0.0.1", port=port,  # type: ignore[attr-defined]
+                                        lifespan="off", log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+def standin(stripe_standin: StripeStandin, payments_url: str) -> Iterator[StripeStandin]:
+    """The Stripe stand-in delivering to this app only, in order and once (knobs reset around the test)."""
+    stripe_standin.configure(webhook_urls=[f"{payments_url}/webhooks/stripe"], duplicate_deliveries=False,
+                             shuffle=False)
+    yield stripe_standin
+    stripe_standin.flush(10)
+    stripe_standin.configure(duplicate_deliveries=False, shuffle=False)
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +170,7 @@ def snapshot(
     version: int = 2,
     cause_id: str | None = None,
     number: str | None = "2026-0001",
+    stripe_invoice_id: str | None = None,
 ) -> InvoiceSnapshotV1:
     return InvoiceSnapshotV1(
         id=invoice_id or str(uuid.uuid4()),
@@ -150,6 +190,7 @@ def snapshot(
         due_date=date.today() + timedelta(days=30),
         version=version,
         cause_id=cause_id,
+        stripe_invoice_id=stripe_invoice_id,
     )
 
 

@@ -1,5 +1,5 @@
-"""HTTP API of the payments service on real PostgreSQL, Kafka and stripe-mock: Pay Now, the local
-stand-in checkout page, manual payments, payment history."""
+"""HTTP API of the payments service on real PostgreSQL, Kafka and the Stripe stand-in: Pay Now (paid on
+the stand-in's hosted checkout page, confirmed by its signed webhook), manual payments, payment history."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from contracts.invoice import InvoiceEventType
 from contracts.payment import PaymentEventType, PaymentEventV1
+from deploy.infra import StripeStandin
 from services.payments.models import CheckoutSession, StripeCustomer
 from services.payments.tests.conftest import (
     ADMIN,
@@ -28,20 +29,21 @@ from services.payments.tests.conftest import (
 # -- Pay Now --------------------------------------------------------------------------------------
 
 
-async def test_checkout_creates_a_stripe_session_through_stripe_mock(
-    api: httpx.AsyncClient, db: Any, sent_invoice: Any
+async def test_checkout_creates_a_stripe_session_through_the_stripe_standin(
+    api: httpx.AsyncClient, db: Any, sent_invoice: Any, stripe_standin: StripeStandin
 ) -> None:
     response = await api.post(f"/api/invoices/{sent_invoice.id}/checkout",
                               headers=client_headers(sent_invoice.client_id))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["sessionId"].startswith("cs_")  # minted by stripe-mock
+    assert body["sessionId"].startswith("cs_")  # minted by the stand-in
     assert body["amount"] == 12_000 and body["currency"] == "EUR" and body["reused"] is False
-    # local mode: the stand-in page (stripe-mock's URL is a placeholder nobody can pay on)
-    assert body["url"] == f"http://gateway.test/portal/checkout/{body['sessionId']}"
+    # the session's own URL, as Stripe answers it: here the stand-in's hosted page
+    assert body["url"] == f"{stripe_standin.url}/checkout/{body['sessionId']}"
+    assert body["stripeInvoiceId"] is None
     async with db.sessionmaker() as s:
         row = await s.get(CheckoutSession, body["sessionId"])
-        assert row is not None and row.invoice_id == sent_invoice.id and row.stand_in
+        assert row is not None and row.invoice_id == sent_invoice.id and row.url == body["url"]
         assert row.success_url == (f"http://gateway.test/portal/invoices/{sent_invoice.id}"
                                    f"?checkout=success&session_id={body['sessionId']}")
         customer = await s.get(StripeCustomer, sent_invoice.client_id)
@@ -128,47 +130,61 @@ async def test_checkout_of_an_invoice_only_the_invoice_service_knows(
     assert response.status_code == 200, response.text
 
 
-async def test_stand_in_checkout_pays_through_the_signed_webhook_path(
-    api: httpx.AsyncClient, db: Any, sent_invoice: Any, payment_events: EventLog
+async def test_the_standin_checkout_page_pays_through_its_signed_webhook(
+    api: httpx.AsyncClient, db: Any, sent_invoice: Any, payment_events: EventLog, standin: StripeStandin
 ) -> None:
     checkout = (await api.post(f"/api/invoices/{sent_invoice.id}/checkout")).json()
-    page = await api.get(f"/portal/checkout/{checkout['sessionId']}", headers={})
-    assert page.status_code == 200 and "120.00 EUR" in page.text and 'data-testid="pay"' in page.text
+    async with httpx.AsyncClient(timeout=20) as browser:  # a person on the hosted page: no login
+        page = await browser.get(checkout["url"])
+        assert page.status_code == 200 and "€120.00" in page.text and 'data-testid="pay"' in page.text
 
-    pay_url = f"/portal/checkout/{checkout['sessionId']}/pay"
-    first, second = await asyncio.gather(api.post(pay_url, headers={}), api.post(pay_url, headers={}))
-    for response in (first, second):
-        assert response.status_code == 303
-        assert response.headers["location"].endswith(f"?checkout=success&session_id={checkout['sessionId']}")
-    [event] = await payment_events.wait_for(sent_invoice.id, PaymentEventType.SUCCEEDED)
-    assert event.data_as(PaymentEventV1).stripe_checkout_session_id == checkout["sessionId"]
+        pay_url = f"{checkout['url']}/pay"
+        first, second = await asyncio.gather(browser.post(pay_url), browser.post(pay_url))  # double click
+        for response in (first, second):
+            assert response.status_code == 303
+            assert response.headers["location"] == (f"http://gateway.test/portal/invoices/{sent_invoice.id}"
+                                                    f"?checkout=success&session_id={checkout['sessionId']}")
+        # the stand-in's delivery, signed as Stripe signs, reached /webhooks/stripe: one payment
+        [event] = await payment_events.wait_for(sent_invoice.id, PaymentEventType.SUCCEEDED)
+        data = event.data_as(PaymentEventV1)
+        assert data.stripe_checkout_session_id == checkout["sessionId"] and data.amount == 12_000
+        assert data.method == "card" and data.stripe_payment_intent_id
 
-    status = await api.get(f"/api/payments/checkout-sessions/{checkout['sessionId']}",
-                           headers=client_headers(sent_invoice.client_id))
-    assert status.status_code == 200 and status.json()["paymentStatus"] == "paid"
-    await payment_events.settle()
-    assert len(payment_events.matching(sent_invoice.id, PaymentEventType.SUCCEEDED)) == 1
-    closed = await api.get(f"/portal/checkout/{checkout['sessionId']}", headers={})
-    assert 'data-testid="closed"' in closed.text
+        status = await api.get(f"/api/payments/checkout-sessions/{checkout['sessionId']}",
+                               headers=client_headers(sent_invoice.client_id))
+        assert status.status_code == 200 and status.json()["paymentStatus"] == "paid"
+        assert standin.flush(10)
+        await payment_events.settle()
+        assert len(payment_events.matching(sent_invoice.id, PaymentEventType.SUCCEEDED)) == 1
+        closed = await browser.get(checkout["url"])
+        assert 'data-testid="closed"' in closed.text
+    [completed] = standin.events("checkout.session.completed", checkout["sessionId"])
+    assert [d["status"] for d in completed["deliveries"]] == ["delivered"]
 
 
-async def test_stand_in_decline_publishes_payment_failed(
-    api: httpx.AsyncClient, sent_invoice: Any, payment_events: EventLog
+async def test_the_standin_decline_publishes_payment_failed(
+    api: httpx.AsyncClient, sent_invoice: Any, payment_events: EventLog, standin: StripeStandin
 ) -> None:
     checkout = (await api.post(f"/api/invoices/{sent_invoice.id}/checkout")).json()
     status = await api.get(f"/api/payments/checkout-sessions/{checkout['sessionId']}")
     assert status.json()["paymentStatus"] == "processing"
-    response = await api.post(f"/portal/checkout/{checkout['sessionId']}/decline", headers={})
-    assert response.status_code == 303 and response.headers["location"] == checkout["url"]
-    [failed] = await payment_events.wait_for(sent_invoice.id, PaymentEventType.FAILED)
-    assert failed.data_as(PaymentEventV1).invoice_id == sent_invoice.id
-    cancel = await api.post(f"/portal/checkout/{checkout['sessionId']}/cancel", headers={})
-    assert cancel.status_code == 303 and cancel.headers["location"].endswith("?checkout=cancelled")
+    async with httpx.AsyncClient(timeout=20) as browser:
+        response = await browser.post(f"{checkout['url']}/decline")
+        assert response.status_code == 303 and response.headers["location"] == f"{checkout['url']}?declined=1"
+        [failed] = await payment_events.wait_for(sent_invoice.id, PaymentEventType.FAILED)
+        assert failed.data_as(PaymentEventV1).invoice_id == sent_invoice.id
+        cancel = await browser.post(f"{checkout['url']}/cancel")
+        assert cancel.status_code == 303 and cancel.headers["location"].endswith("?checkout=cancelled")
 
 
-async def test_stand_in_page_unknown_session_is_404(api: httpx.AsyncClient) -> None:
+async def test_no_checkout_page_lives_in_the_payments_service(
+    api: httpx.AsyncClient, stripe_standin: StripeStandin
+) -> None:
     assert (await api.get("/portal/checkout/cs_test_nope", headers={})).status_code == 404
     assert (await api.post("/portal/checkout/cs_test_nope/pay", headers={})).status_code == 404
+    async with httpx.AsyncClient(timeout=20) as browser:  # the stand-in's page for a session it never made
+        assert (await browser.get(f"{stripe_standin.url}/checkout/cs_test_nope")).status_code == 404
+        assert (await browser.post(f"{stripe_standin.url}/checkout/cs_test_nope/pay")).status_code == 404
 
 
 # -- manual payments ------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ async def live_api(
         consumer_group="payments-live-test",
         webhook_worker_poll_interval=0.2,
     )
-    assert not settings.stand_in_checkout
+    assert not settings.local_stripe
     app = create_app(settings, invoice_reader=FakeInvoiceReader())
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(

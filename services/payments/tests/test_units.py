@@ -44,23 +44,22 @@ def test_live_key_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(
-    ("api_base", "key", "stand_in", "expected"),
+    ("api_base", "expected"),
     [
-        ("http://127.0.0.1:12111", "sk_test_local", "auto", True),
-        ("http://localhost:12111", "sk_test_123", "auto", True),
-        ("http://[::1]:12111", "sk_test_local", "auto", True),
-        ("http://127.0.0.1:12111", "sk_test_local", "off", False),
-        ("http://127.0.0.1:12111", REAL_LOOKING, "auto", False),  # a real key: never
-        (None, "sk_test_local", "auto", False),  # talking to api.stripe.com
-        (None, REAL_LOOKING, "auto", False),
-        ("https://api.stripe.com", "sk_test_local", "auto", False),
-        ("http://10.0.0.5:12111", "sk_test_local", "auto", False),  # not this machine
-        ("http://127.0.0.1.evil.example:12111", "sk_test_local", "auto", False),
+        ("http://127.0.0.1:12113", True),  # the Stripe stand-in
+        ("http://localhost:12111", True),
+        ("http://[::1]:12111", True),
+        (None, False),  # talking to api.stripe.com
+        ("https://api.stripe.com", False),
+        ("http://10.0.0.5:12111", False),  # not this machine
+        ("http://127.0.0.1.evil.example:12111", False),
     ],
 )
-def test_stand_in_checkout_rule(api_base: str | None, key: str, stand_in: str, expected: bool) -> None:
-    s = PaymentsSettings(stripe_api_base=api_base, stripe_secret_key=key, stand_in=stand_in)
-    assert s.stand_in_checkout is expected
+def test_local_stripe_rule(api_base: str | None, expected: bool) -> None:
+    """Only STRIPE_API_BASE says where Stripe is; no setting switches on a fake page in the service."""
+    s = PaymentsSettings(stripe_api_base=api_base, stripe_secret_key="sk_test_local")
+    assert s.local_stripe is expected
+    assert not hasattr(s, "stand_in_checkout")
 
 
 def test_real_key_shape() -> None:
