@@ -9,7 +9,9 @@ On its own PostgreSQL (fsync on) and Kafka, loopback only, in one run:
      partially_paid snapshot), day by day over two years, so invoices interleave as in real life;
   2. `python -m services.reporting rebuild` from the first offset: events/s (target >= 5,000/s);
   3. starts the reporting service and, at concurrency 16, the summary and the monthly revenue against
-     a bare FastAPI endpoint served the same way: req/s, p50/p99 (target p99 < 50 ms);
+     a bare FastAPI endpoint served the same way: req/s, p50/p99 (target p99 < 50 ms), each computed
+     for every request (Cache-Control: no-cache) and as served by default (identical requests within
+     a second share one computation, see services/reporting/cache.py);
   4. streams the outstanding invoices as xlsx (every invoice is left partly paid, so all of them:
      200,000 rows) and a tenth of them, timing each and sampling the service's resident memory
      (target: flat, under 200 MB).
@@ -28,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as clock
@@ -255,15 +257,20 @@ async def measure(stack: Stack, service: ServiceProcess, bare_url: str, concurre
         async def bare(_: int) -> None:
             (await bare_http.get("/healthz")).raise_for_status()
 
-        async def get_summary(_: int) -> None:
-            (await http.get("/api/reports/summary")).raise_for_status()
+        def getter(path: str, *, fresh: bool) -> Callable[[int], Awaitable[None]]:
+            extra = {"Cache-Control": "no-cache"} if fresh else {}
 
-        async def get_monthly(_: int) -> None:
-            (await http.get("/api/reports/revenue/monthly")).raise_for_status()
+            async def get(_: int) -> None:
+                (await http.get(path, headers=extra)).raise_for_status()
+
+            return get
 
         results: list[LoadResult] = []
-        for label, operation in (("bare FastAPI endpoint (GET)", bare), ("GET /api/reports/summary", get_summary),
-                                 ("GET /api/reports/revenue/monthly", get_monthly)):
+        phases: list[tuple[str, Callable[[int], Awaitable[None]]]] = [("bare FastAPI endpoint (GET)", bare)]
+        for name, path in (("summary", "/api/reports/summary"), ("monthly revenue", "/api/reports/revenue/monthly")):
+            phases.append((f"{name}, computed every time", getter(path, fresh=True)))
+            phases.append((f"{name}, default (1 s shared)", getter(path, fresh=False)))
+        for label, operation in phases:
             results.append(await run_load(label, operation, concurrency=concurrency, duration=duration))
 
         pid = service.pid or 0

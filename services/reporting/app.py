@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from kit.actor import AdminActor
@@ -15,8 +17,9 @@ from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork, request_database
 from services.reporting import tables
+from services.reporting.cache import ReportCache
 from services.reporting.config import ReportingSettings
-from services.reporting.exports import CSV_TYPE, XLSX_TYPE, export
+from services.reporting.exports import CSV_TYPE, XLSX_TYPE, Table, export
 from services.reporting.feed import Feed, LiveFeed
 from services.reporting.models import MIGRATIONS, SCHEMA
 from services.reporting.money import check_currency
@@ -58,16 +61,35 @@ async def reports(uow: RequestUnitOfWork, request: Request) -> Reports:
 
 ReportsDep = Annotated[Reports, Depends(reports)]
 router = APIRouter(prefix="/api/reports", tags=["reports"])
+R = TypeVar("R", bound=BaseModel)
+
+
+async def respond(request: Request, reports: Reports, fmt: ExportFormat, compute: Callable[[], Awaitable[R]],
+                  table: Callable[[R], Table]) -> Response:
+    """An aggregate report: its JSON (serialised once and shared by identical requests for a moment,
+    see cache.py), or its export."""
+    if fmt != ExportFormat.JSON:
+        return export(table(await compute()), fmt)
+
+    async def body() -> bytes:
+        return (await compute()).model_dump_json(by_alias=True).encode()
+
+    cache: ReportCache = request.app.state.report_cache
+    key = (request.url.path, tuple(sorted(request.query_params.multi_items())), reports.zone.name,
+           reports.zone.today())
+    fresh = "no-cache" in request.headers.get("cache-control", "")
+    return Response(await cache.get(key, body, fresh=fresh), media_type="application/json")
 
 
 @router.get("/summary", response_model=Summary, responses=EXPORTS)
-async def summary(_: AdminActor, reports: ReportsDep, as_of: AsOf = None, currency: CurrencyFilter = None,
-                  format: Format = ExportFormat.JSON) -> Summary | Response:
+async def summary(_: AdminActor, reports: ReportsDep, request: Request, as_of: AsOf = None,
+                  currency: CurrencyFilter = None, format: Format = ExportFormat.JSON) -> Response:
     """The dashboard (REP1), per currency: collected this month and year to date, invoiced, outstanding,
     overdue, MRR, ARR, active subscriptions."""
     code = check_currency(currency)
-    report = await reports.summary(as_of_day(as_of, reports.zone.today()), code)
-    return report if format == ExportFormat.JSON else export(tables.summary(report, code), format)
+    day = as_of_day(as_of, reports.zone.today())
+    return await respond(request, reports, format, lambda: reports.summary(day, code),
+                         lambda report: tables.summary(report, code))
 
 
 @router.get("/outstanding", response_model=Page[OutstandingInvoice], responses=EXPORTS)
@@ -96,14 +118,15 @@ async def outstanding(_: AdminActor, reports: ReportsDep, request: Request, page
 
 
 @router.get("/ar-aging", response_model=Aging, responses=EXPORTS)
-async def ar_aging(_: AdminActor, reports: ReportsDep, as_of: AsOf = None,
+async def ar_aging(_: AdminActor, reports: ReportsDep, request: Request, as_of: AsOf = None,
                    group_by: Annotated[AgingGroup, Query(alias="groupBy")] = AgingGroup.CURRENCY,
-                   currency: CurrencyFilter = None, format: Format = ExportFormat.JSON) -> Aging | Response:
+                   currency: CurrencyFilter = None, format: Format = ExportFormat.JSON) -> Response:
     """What is owed as of a day by days past due: current, 1–30, 31–60, 61–90, over 90 (REP2), per
     currency or per client and currency."""
     code = check_currency(currency)
-    report = await reports.aging(as_of_day(as_of, reports.zone.today()), group_by, code)
-    return report if format == ExportFormat.JSON else export(tables.aging(report, code), format)
+    day = as_of_day(as_of, reports.zone.today())
+    return await respond(request, reports, format, lambda: reports.aging(day, group_by, code),
+                         lambda report: tables.aging(report, code))
 
 
 def _months(reports: Reports, start: date | None, end: date | None) -> Period:
@@ -112,51 +135,55 @@ def _months(reports: Reports, start: date | None, end: date | None) -> Period:
 
 
 @router.get("/revenue/monthly", response_model=MonthlyRevenue, responses=EXPORTS)
-async def revenue_monthly(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None,
+async def revenue_monthly(_: AdminActor, reports: ReportsDep, request: Request, from_: From = None, to: To = None,
                           basis: Basis = Basis.CASH, currency: CurrencyFilter = None,
-                          format: Format = ExportFormat.JSON) -> MonthlyRevenue | Response:
+                          format: Format = ExportFormat.JSON) -> Response:
     """One row per month of the range (whole months; twelve to this month by default), months without
     revenue as zero (REP3). Cash: received less refunded, on the day the money moved. Invoiced: invoices
     issued that month and not cancelled."""
     code = check_currency(currency)
-    report = await reports.monthly_revenue(_months(reports, from_, to), basis, code)
-    return report if format == ExportFormat.JSON else export(tables.monthly_revenue(report, code), format)
+    span = _months(reports, from_, to)
+    return await respond(request, reports, format, lambda: reports.monthly_revenue(span, basis, code),
+                         lambda report: tables.monthly_revenue(report, code))
 
 
 @router.get("/payment-methods", response_model=PaymentMethods, responses=EXPORTS)
-async def payment_methods(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None,
+async def payment_methods(_: AdminActor, reports: ReportsDep, request: Request, from_: From = None, to: To = None,
                           currency: CurrencyFilter = None,
-                          format: Format = ExportFormat.JSON) -> PaymentMethods | Response:
+                          format: Format = ExportFormat.JSON) -> Response:
     """Payments per method (card, bank transfer, cash, cheque, other) with refunds netted (REP4); this
     year by default."""
     code = check_currency(currency)
     today = reports.zone.today()
-    report = await reports.payment_methods(
-        period(from_, to, default_start=today.replace(month=1, day=1), default_end=today), code)
-    return report if format == ExportFormat.JSON else export(tables.payment_methods(report, code), format)
+    span = period(from_, to, default_start=today.replace(month=1, day=1), default_end=today)
+    return await respond(request, reports, format, lambda: reports.payment_methods(span, code),
+                         lambda report: tables.payment_methods(report, code))
 
 
 @router.get("/mrr", response_model=Mrr, responses=EXPORTS)
-async def mrr(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None, currency: CurrencyFilter = None,
-              format: Format = ExportFormat.JSON) -> Mrr | Response:
+async def mrr(_: AdminActor, reports: ReportsDep, request: Request, from_: From = None, to: To = None,
+              currency: CurrencyFilter = None,
+              format: Format = ExportFormat.JSON) -> Response:
     """MRR at the end of each month and its movements (new, expansion, contraction, churn, reactivation;
     net new), as Stripe Billing defines them; whole months, twelve to this month by default."""
     code = check_currency(currency)
-    report = await reports.mrr(_months(reports, from_, to), code)
-    return report if format == ExportFormat.JSON else export(tables.mrr(report, code), format)
+    span = _months(reports, from_, to)
+    return await respond(request, reports, format, lambda: reports.mrr(span, code),
+                         lambda report: tables.mrr(report, code))
 
 
 @router.get("/dso", response_model=Dso, responses=EXPORTS)
-async def dso(_: AdminActor, reports: ReportsDep, from_: From = None, to: To = None, currency: CurrencyFilter = None,
-              format: Format = ExportFormat.JSON) -> Dso | Response:
+async def dso(_: AdminActor, reports: ReportsDep, request: Request, from_: From = None, to: To = None,
+              currency: CurrencyFilter = None,
+              format: Format = ExportFormat.JSON) -> Response:
     """Days sales outstanding = receivables at the end of the period ÷ sales invoiced in it × its days
     (the last 90 days by default)."""
     code = check_currency(currency)
     today = reports.zone.today()
     span = period(from_, to, default_start=days_back(today, 90), default_end=today)
     as_of_day(span.end, today)  # receivables of a day that has not ended do not exist yet
-    report = await reports.dso(span, code)
-    return report if format == ExportFormat.JSON else export(tables.dso(report, code), format)
+    return await respond(request, reports, format, lambda: reports.dso(span, code),
+                         lambda report: tables.dso(report, code))
 
 
 @router.get("/reconciliation", response_model=Reconciliation, responses=EXPORTS)
@@ -205,5 +232,7 @@ def create_app(settings: ReportingSettings | None = None) -> FastAPI:
     )
     app.state.feed = live
     app.state.zones = ZoneCache(settings.timezone)
+    app.state.report_cache = ReportCache(settings.report_cache_seconds,
+                                         (lambda: live.generation) if live is not None else (lambda: 0))
     return app
 

@@ -25,6 +25,8 @@ class ReportingSettings(ServiceSettings):
     # Events applied per database transaction, live and during a rebuild.
     feed_batch_size: int = 2000
     rebuild_batch_size: int = 5000
+    # Identical report requests within this many seconds share one computation (0: off); see cache.py.
+    report_cache_seconds: float = 1.0
     # The topics read. Only a test (or a staging copy of the platform's log) points them elsewhere.
     invoice_topic: str = topics.INVOICE
     payment_topic: str = topics.PAYMENT

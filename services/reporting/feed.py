@@ -178,10 +178,11 @@ class Feed:
             unique.setdefault(event.id, event.type)
         if not unique:
             return set()
+        ids = sorted(unique)  # one order for every writer: concurrent batches never deadlock on the index
         rows = await writer.execute(
             "INSERT INTO {s}.inbox (event_id, event_type) SELECT * FROM unnest(CAST(:ids AS text[]), "
             "CAST(:types AS text[])) ON CONFLICT DO NOTHING RETURNING event_id",
-            {"ids": list(unique), "types": list(unique.values())},
+            {"ids": ids, "types": [unique[i] for i in ids]},
         )
         return {row.event_id for row in rows}
 
@@ -324,6 +325,7 @@ class LiveFeed:
         self.feed = feed
         self.settings = settings
         self.applied = 0
+        self.generation = 0  # batches that changed the read models (report caches key on it)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -367,6 +369,8 @@ class LiveFeed:
                     with contextlib.suppress(Exception):  # revoked meanwhile: its new owner seeks itself
                         consumer.seek(tp, offset)
                 self.applied += applied.events
+                if applied.events or applied.rejected:
+                    self.generation += 1
                 if applied.events:
                     log.info("feed_applied", events=applied.events, records=applied.records)
         finally:

@@ -108,3 +108,32 @@ def test_a_plan_switch_at_one_instant_is_one_move() -> None:
     jan, feb = walk.months(["EUR"])
     assert (jan.new, jan.mrr) == (1000, 1000)
     assert (feb.expansion, feb.churn, feb.new, feb.mrr, feb.net_new) == (500, 0, 0, 1500, 500)
+
+
+async def test_identical_requests_share_one_computation() -> None:
+    import asyncio
+
+    from services.reporting.cache import ReportCache
+
+    generation, calls = [0], []
+
+    async def compute() -> int:
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return len(calls)
+
+    cache = ReportCache(60.0, lambda: generation[0])
+    assert await asyncio.gather(*(cache.get("k", compute) for _ in range(10))) == [1] * 10  # one in flight
+    assert await cache.get("k", compute) == 1 and len(calls) == 1  # kept
+    assert await cache.get("k", compute, fresh=True) == 2  # Cache-Control: no-cache
+    generation[0] += 1  # the feed applied a batch
+    assert await cache.get("k", compute) == 3
+    assert await cache.get("other", compute) == 4
+    assert await ReportCache(0, lambda: 0).get("k", compute) == 5  # off
+
+    async def fail() -> int:
+        raise RuntimeError("database down")
+
+    with pytest.raises(RuntimeError):
+        await cache.get("broken", fail)
+    assert await cache.get("broken", compute) == 6  # a failure is not kept
