@@ -363,11 +363,10 @@ class StripeInvoicePayments:
         payment = await self.repo.payment_of_stripe_invoice(stripe_invoice_id, for_update=True)
         if payment is not None and payment.status in SETTLED:
             return f"duplicate: payment {payment.id} of Stripe invoice {stripe_invoice_id} already {payment.status}"
-        if payment is None:
+        if payment is None:  # added once complete (a query below would flush it half-filled)
             payment = Payment(id=uuid.uuid4(), invoice_id=copy.id, source="stripe", method="card", amount_refunded=0,
                               flags=[], held=False, stripe_invoice_id=stripe_invoice_id,
                               reference=stripe_invoice_id)
-            self.uow.session.add(payment)
         payment.client_id = charge.client_id or copy.client_id
         payment.amount = charge.amount
         payment.currency = charge.currency
@@ -377,6 +376,7 @@ class StripeInvoicePayments:
         if charge.status == "failed":
             payment.status = "failed"
             payment.failure_code, payment.failure_message = charge.failure_code, charge.failure_message
+            self.uow.session.add(payment)
             await self.uow.session.flush()
             return f"failed attempt of Stripe invoice {stripe_invoice_id} recorded on invoice {copy.id}"
         verdict = await assess(self.repo, copy, charge.amount, charge.currency, None)
@@ -384,6 +384,7 @@ class StripeInvoicePayments:
         payment.paid_at = charge.paid_at or utcnow()
         payment.failure_code = payment.failure_message = None
         payment.flags, payment.held = verdict.flags, verdict.held
+        self.uow.session.add(payment)
         await self.uow.session.flush()
         if verdict.held:
             log.warning("stripe_invoice_payment_held", payment_id=str(payment.id), invoice_id=copy.id,

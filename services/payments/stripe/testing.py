@@ -1,6 +1,7 @@
 """Build and sign Stripe webhook events exactly as Stripe does.
 
-Used by the local stand-in checkout page, the tests and the bench. A request made with these helpers
+Used by the tests and the bench (the Stripe stand-in, deploy/stripe_standin, signs its own deliveries
+the same way). A request made with these helpers
 goes through the same verification (`stripe.WebhookSignature`) as one from Stripe:
 
     body, headers = signed_request(build_event("checkout.session.completed", session), secret)
@@ -268,41 +269,46 @@ def stripe_invoice(
     client_id: str | None = None,
     invoice_id: str | None = None,
     billing_reason: str = "subscription_cycle",
+    price_id: str = "price_maintenance_monthly",
+    collection_method: str = "charge_automatically",
+    created: int | None = None,
+    lines: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    now = int(time.time())
+    """A subscription's Stripe invoice in the current API shape (subscription at
+    `parent.subscription_details`, lines with `pricing` and `parent.subscription_item_details`).
+    `lines` replaces the one line for the period (see `stripe_invoice_line`)."""
+    now = int(time.time()) if created is None else created
     paid = amount_due if amount_paid is None else amount_paid
+    if status in ("draft", "open"):
+        paid = 0 if amount_paid is None else amount_paid
     sub_meta = {"client_id": client_id} if client_id else {}
+    finalized = status != "draft"
     return {
         "id": invoice_id or stripe_id("in"),
         "object": "invoice",
         "amount_due": amount_due,
         "amount_paid": paid,
         "amount_remaining": amount_due - paid,
-        "attempt_count": 1,
+        "attempt_count": 1 if finalized else 0,
         "billing_reason": billing_reason,
+        "collection_method": collection_method,
         "created": now,
         "currency": currency,
         "customer": customer or stripe_id("cus"),
-        "hosted_invoice_url": None,
+        "due_date": now + 30 * 86400 if collection_method == "send_invoice" else None,
+        "hosted_invoice_url": f"https://invoice.stripe.com/i/acct_test/{_rand(12)}" if finalized else None,
         "invoice_pdf": None,
         "lines": {
             "object": "list",
-            "data": [
-                {
-                    "id": stripe_id("il"),
-                    "object": "line_item",
-                    "amount": amount_due,
-                    "currency": currency,
-                    "description": "1 × Maintenance (at €49.00 / month)",
-                    "period": {"start": now, "end": now + 30 * 86400},
-                    "quantity": 1,
-                }
+            "data": lines if lines is not None else [
+                stripe_invoice_line(amount_due, currency=currency, price_id=price_id,
+                                    subscription_id=subscription_id, start=now, end=now + 30 * 86400),
             ],
         },
         "livemode": False,
         "metadata": {},
         "next_payment_attempt": None,
-        "number": f"ABC-{_rand(4).upper()}",
+        "number": f"ABC-{_rand(4).upper()}" if finalized else None,
         "parent": {
             "type": "subscription_details",
             "subscription_details": {"metadata": sub_meta, "subscription": subscription_id},
@@ -310,7 +316,41 @@ def stripe_invoice(
         "period_end": now,
         "period_start": now - 30 * 86400,
         "status": status,
-        "status_transitions": {"paid_at": now if status == "paid" else None},
+        "status_transitions": {"finalized_at": now if finalized else None,
+                               "paid_at": now if status == "paid" else None},
         "subtotal": amount_due,
         "total": amount_due,
+    }
+
+
+def stripe_invoice_line(
+    amount: int,
+    *,
+    currency: str = "eur",
+    quantity: int = 1,
+    unit_amount_decimal: str | None = None,
+    price_id: str = "price_maintenance_monthly",
+    subscription_id: str | None = None,
+    proration: bool = False,
+    description: str = "1 × Maintenance (at €49.00 / month)",
+    start: int | None = None,
+    end: int | None = None,
+) -> dict[str, Any]:
+    """One line of a subscription invoice (current API shape)."""
+    now = int(time.time())
+    return {
+        "id": stripe_id("il"),
+        "object": "line_item",
+        "amount": amount,
+        "currency": currency,
+        "description": description,
+        "parent": {
+            "type": "subscription_item_details",
+            "subscription_item_details": {"proration": proration, "subscription": subscription_id,
+                                          "subscription_item": stripe_id("si"), "invoice_item": None},
+        },
+        "period": {"start": now if start is None else start, "end": now + 30 * 86400 if end is None else end},
+        "pricing": {"type": "price_details", "price_details": {"price": price_id, "product": "prod_maintenance"},
+                    "unit_amount_decimal": unit_amount_decimal or str(amount // max(quantity, 1))},
+        "quantity": quantity,
     }

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -128,13 +128,15 @@ async def payments_url(api: httpx.AsyncClient) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def standin(stripe_standin: StripeStandin, payments_url: str) -> Iterator[StripeStandin]:
-    """The Stripe stand-in delivering to this app only, in order and once (knobs reset around the test)."""
-    stripe_standin.configure(webhook_urls=[f"{payments_url}/webhooks/stripe"], duplicate_deliveries=False,
-                             shuffle=False)
+async def standin(stripe_standin: StripeStandin, payments_url: str) -> AsyncIterator[StripeStandin]:
+    """The Stripe stand-in delivering to this app only, in order and once (knobs reset around the test).
+    Its knobs are blocking HTTP calls: call them in a thread (`await asyncio.to_thread(standin.flush)`),
+    as the app that must answer the deliveries runs on this event loop."""
+    await asyncio.to_thread(stripe_standin.configure, webhook_urls=[f"{payments_url}/webhooks/stripe"],
+                            duplicate_deliveries=False, shuffle=False)
     yield stripe_standin
-    stripe_standin.flush(10)
-    stripe_standin.configure(duplicate_deliveries=False, shuffle=False)
+    await asyncio.to_thread(stripe_standin.flush, 20)
+    await asyncio.to_thread(stripe_standin.configure, duplicate_deliveries=False, shuffle=False)
 
 
 @pytest.fixture(scope="session")

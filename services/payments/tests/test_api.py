@@ -153,12 +153,12 @@ async def test_the_standin_checkout_page_pays_through_its_signed_webhook(
         status = await api.get(f"/api/payments/checkout-sessions/{checkout['sessionId']}",
                                headers=client_headers(sent_invoice.client_id))
         assert status.status_code == 200 and status.json()["paymentStatus"] == "paid"
-        assert standin.flush(10)
+        assert await asyncio.to_thread(standin.flush, 10)
         await payment_events.settle()
         assert len(payment_events.matching(sent_invoice.id, PaymentEventType.SUCCEEDED)) == 1
         closed = await browser.get(checkout["url"])
         assert 'data-testid="closed"' in closed.text
-    [completed] = standin.events("checkout.session.completed", checkout["sessionId"])
+    [completed] = await asyncio.to_thread(standin.events, "checkout.session.completed", checkout["sessionId"])
     assert [d["status"] for d in completed["deliveries"]] == ["delivered"]
 
 
