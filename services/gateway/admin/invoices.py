@@ -455,12 +455,16 @@ async def record_payment(request: Request, session: AdminSession, invoice_id: st
     if values["date"]:
         try:
             paid_day = date.fromisoformat(values["date"])
-            # Midday UTC: the day typed stays that day in every time zone the reports may use.
-            paid_at = datetime.combine(paid_day, time(12), tzinfo=UTC)
-            if paid_day > datetime.now(UTC).date():
-                errors["date"] = "The date is in the future."
         except ValueError:
             errors["date"] = "Enter a date (YYYY-MM-DD)."
+        else:
+            today = datetime.now(UTC).date()
+            if paid_day > today:
+                errors["date"] = "The date is in the future."
+            elif paid_day < today:
+                # Midday UTC: the day typed stays that day in every time zone the reports may use.
+                paid_at = datetime.combine(paid_day, time(12), tzinfo=UTC)
+            # today: no paidAt, the payments service records the moment it is recorded
     reference = values["reference"].strip()
     if len(reference) > 200:
         errors["reference"] = "Keep the reference under 200 characters."

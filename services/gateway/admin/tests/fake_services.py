@@ -60,7 +60,8 @@ class FakeServices:
             "paidAt": None, "clientId": client["id"], "projectId": body.get("projectId"),
             "items": [{"id": str(uuid.uuid4()), "description": i["description"], "quantity": i.get("quantity", "1"),
                        "unitPrice": i["unitPrice"], "discount": i.get("discount", 0), "discountPercent": None,
-                       "taxRate": i.get("taxRate"), "amount": r.amount} for i, r in zip(items, totals.lines, strict=True)],
+                       "taxRate": i.get("taxRate"), "amount": r.amount}
+                      for i, r in zip(items, totals.lines, strict=True)],
             "notes": body.get("notes"), "stripeInvoiceId": None, "stripeCheckoutSessionId": None, "version": 1,
             "createdAt": _now(), "updatedAt": _now(),
         }

@@ -21,7 +21,7 @@ from kit.web import request_unit_of_work
 from services.gateway.admin import auth, static
 from services.gateway.admin.formatting import MoneyInputError, money, parse_major
 from services.gateway.admin.tests.fake_services import FakeServices, build_fake_services
-from services.gateway.admin.web import CSRF_COOKIE, SESSION_COOKIE
+from services.gateway.admin.web import SESSION_COOKIE
 from services.gateway.app import create_app
 from services.gateway.schemas import LoginResponse, UserOut
 from services.gateway.tests.conftest import make_settings, serve
