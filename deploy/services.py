@@ -163,8 +163,8 @@ def build_service_env(
     env[f"{prefix}KAFKA_BOOTSTRAP"] = infra.kafka_bootstrap
     env[f"{prefix}PORT"] = str(infra.port_of(spec))
     env[f"{prefix}HOST"] = "127.0.0.1"
-    if spec.name in ("payments", "notifications"):
-        # They read invoices (amounts due, PDFs) from the invoice service over HTTP.
+    if spec.name in ("payments", "notifications", "subscriptions"):
+        # They read invoices (amounts due, PDFs) or clients from the invoice service over HTTP.
         env[f"{prefix}INVOICE_URL"] = infra.url_of("invoice")
     if spec.name == GATEWAY:
         for other in SERVICES:
