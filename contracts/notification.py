@@ -29,6 +29,8 @@ class NotificationKind(StrEnum):
     REMINDER_BEFORE_DUE = "reminder_before_due"  # R2/R3: N days before the due date
     REMINDER_OVERDUE = "reminder_overdue"  # R4: the day after the due date, then every N days
     SUBSCRIPTION = "subscription"  # subscription.* notices
+    TRIAL_WILL_END = "trial_will_end"  # subscription.trial_will_end: "your trial ends on <date>"
+    CARD_UPDATE = "card_update"  # a failed renewal charge: "update your card", once per Stripe invoice
 
 
 class NotificationEventV1(ContractModel):

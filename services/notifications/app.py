@@ -69,6 +69,7 @@ class Notifications:
             self.service,
             SmtpMailer(settings),
             PdfFetcher(settings.invoice_url, settings.internal_token, timeout=settings.pdf_timeout),
+            clients=self.invoices,
         )
 
     def wake(self) -> None:

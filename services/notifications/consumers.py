@@ -1,4 +1,5 @@
-"""Kafka consumers of the notifications service: invoice.*, payment.*, subscription.* become emails.
+"""Kafka consumers of the notifications service: invoice.*, payment.*, subscription.* and a
+subscription's Stripe invoice events (billing.stripe: a failed renewal charge, then paid) become emails.
 
 One consumer group ("notifications") across replicas: each partition is read by one replica. Each
 event is applied once (kit inbox) in the transaction that queues its email; the delivery worker is
@@ -47,7 +48,8 @@ def register_consumers(
 ) -> NotificationConsumer:
     consumer = NotificationConsumer(db, CONSUMER_NAME, service.handlers(), after_commit=after_commit)
     group_id = service.settings.consumer_group or GROUP_ID
-    consumer.subscribe(broker, topics.INVOICE, topics.PAYMENT, topics.SUBSCRIPTION, group_id=group_id)
+    consumer.subscribe(broker, topics.INVOICE, topics.PAYMENT, topics.SUBSCRIPTION, topics.STRIPE,
+                       group_id=group_id)
     # Declared for the AsyncAPI document: what this service publishes (through its outbox).
     broker.publisher(
         topics.NOTIFICATION, title="notification.sent and notification.failed", schema=NotificationEventV1,

@@ -24,16 +24,19 @@ from sqlalchemy import func
 
 from contracts import topics
 from contracts.envelope import CloudEvent
+from contracts.invoice import InvoiceStatus
 from contracts.notification import SCHEMA_V1, NotificationEventType, NotificationEventV1, NotificationKind
 from kit.clock import utcnow
 from kit.db import Database, UnitOfWork
+from kit.errors import ServiceUnavailable
 from kit.worker import PollingWorker, backoff_delay
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
+from services.notifications.invoices import ClientDirectory
 from services.notifications.mailer import Attachment, SmtpMailer, SmtpSendError, build_message
 from services.notifications.models import Notification
 from services.notifications.pdf import PdfFetcher, PdfUnavailable
-from services.notifications.service import SOURCE, NotificationService
+from services.notifications.service import SOURCE, SUBSCRIPTION_KINDS, NotificationService
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +55,7 @@ class DeliveryWorker(PollingWorker):
         mailer: SmtpMailer,
         pdf: PdfFetcher | None,
         settings: NotificationsSettings | None = None,
+        clients: ClientDirectory | None = None,
     ) -> None:
         settings = settings or service.settings
         # One loop claims a batch; its messages go out `delivery_concurrency` at a time (the slots).
@@ -61,6 +65,8 @@ class DeliveryWorker(PollingWorker):
         self.settings = settings
         self.mailer = mailer
         self.pdf = pdf
+        # Asked for the address of a subscription email that has none (None: such an email fails).
+        self.clients = clients
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -152,12 +158,40 @@ class DeliveryWorker(PollingWorker):
             return await self._finish(n, token, "skipped", why, status="skipped", claim_token=None, last_error=why)
 
         context = n.context or {}
+        if n.kind == NotificationKind.CARD_UPDATE.value:
+            stripe_invoice_id = (context.get("card") or {}).get("stripe_invoice_id")
+            if stripe_invoice_id:
+                async with self.db.transaction() as uow:
+                    paid = await repo.stripe_invoice_paid(uow.session, stripe_invoice_id)
+                    invoice = invoice or await repo.invoice_info_of_stripe(uow.session, stripe_invoice_id)
+                if paid:  # paid since it was queued (a retry went through): never "update your card"
+                    return await self._finish(n, token, "skipped", "invoice paid", status="skipped",
+                                              claim_token=None, last_error="invoice paid")
         if n.kind in _FROM_EVENT_SNAPSHOT and context.get("invoice"):
-            snapshot: dict[str, Any] | None = context["invoice"]
+            announced: dict[str, Any] = context["invoice"]
+            snapshot: dict[str, Any] | None = announced
+            if (n.kind == NotificationKind.INVOICE_SENT.value and invoice is not None
+                    and invoice.status == InvoiceStatus.PAID
+                    and int(invoice.snapshot.get("version") or 0) > int(announced.get("version") or 0)):
+                # Paid before its email went out (a card charged right away): a receipt, not "please pay".
+                snapshot = invoice.snapshot
         else:
             snapshot = invoice.snapshot if invoice is not None else context.get("invoice")
         recipient = n.recipient or (invoice.client_email if invoice else None)
         recipient_name = n.recipient_name or (invoice.client_name if invoice else None)
+        if not recipient and n.kind in SUBSCRIPTION_KINDS and n.client_id and self.clients is not None:
+            try:
+                contact = await self.clients.client_contact(n.client_id)
+            except ServiceUnavailable as exc:
+                if n.defer_count < s.recipient_wait_attempts:
+                    delay = self.retry_delay(n.defer_count + 1, s.retry_base_delay)
+                    return await self._finish(
+                        n, token, "deferred", f"waiting for the client's address: {exc.message}",
+                        status="pending", defer_count=n.defer_count + 1, next_attempt_at=func.now() + delay,
+                    )
+                contact = None
+            if contact is not None:
+                recipient, recipient_name = contact.email, recipient_name or contact.name
 
         if not recipient or (n.invoice_id and snapshot is None):
             # A payment event can overtake its invoice's events: wait for the invoice copy a while.

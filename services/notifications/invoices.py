@@ -1,9 +1,12 @@
 """The invoice service, asked over HTTP as the system (internal token, no actor): it alone says when an
-invoice is OVERDUE.
+invoice is OVERDUE, and it owns the clients (name and email).
 
 The reminder scan asks it to mark what is past due as of the scan's day before any overdue notice is
 queued, so an overdue email and the invoice's status never disagree (an email "your invoice is
 overdue" for an invoice the portal still shows as SENT).
+
+A subscription email whose event carried no address (a client in a trial has no invoice yet, so no
+invoice copy here knows it) asks it for the client at delivery.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kit.errors import ServiceUnavailable
 log = structlog.get_logger(__name__)
 
 MARK_OVERDUE_PATH = "/api/invoices/mark-overdue"
+CLIENT_PATH = "/api/clients/{client_id}"
 
 
 class InvoiceServiceUnavailable(ServiceUnavailable):
@@ -37,6 +41,23 @@ class OverdueAuthority(Protocol):
 
         Raises `ServiceUnavailable` when that cannot be had (then no overdue notice may go out).
         """
+        ...
+
+
+class ClientContact(ContractModel):
+    """`GET /api/clients/{id}`'s answer, the fields we use."""
+
+    id: uuid.UUID
+    name: str
+    email: str
+
+
+class ClientDirectory(Protocol):
+    """Who a client is: the invoice service (a stand-in in tests)."""
+
+    async def client_contact(self, client_id: str) -> ClientContact | None:
+        """The client, or None when there is no such client. Raises `ServiceUnavailable` when that
+        cannot be had right now (then ask again later)."""
         ...
 
 
@@ -91,6 +112,31 @@ class InvoiceServiceClient:
                 "The invoice service gave an answer that is not a mark-overdue result; no overdue notice was sent.",
                 details={"service": "invoice"},
             ) from exc
+
+    async def client_contact(self, client_id: str) -> ClientContact | None:
+        try:
+            client_uuid = uuid.UUID(client_id)
+        except ValueError:
+            return None
+        try:
+            response = await self._client.get(CLIENT_PATH.format(client_id=client_uuid))
+        except httpx.HTTPError as exc:
+            raise InvoiceServiceUnavailable(
+                "The invoice service cannot be reached for the client's address.",
+                details={"service": "invoice", "error": type(exc).__name__},
+            ) from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise InvoiceServiceUnavailable(
+                f"The invoice service answered {response.status_code} for client {client_id}.",
+                details={"service": "invoice", "status": response.status_code},
+            )
+        try:
+            return ClientContact.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise InvoiceServiceUnavailable("The invoice service answered with something that is not a client.",
+                                            details={"service": "invoice"}) from exc
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -64,6 +64,7 @@ class InvoiceCopy(Base):
         # The reminder scan reads a due-date range of open invoices only: a partial index keeps
         # paid/cancelled/draft invoices out of it entirely.
         Index("ix_invoices_open_due", "due_date", postgresql_where=text(_OPEN_SQL)),
+        Index("ix_invoices_stripe_invoice", "stripe_invoice_id"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -84,12 +85,25 @@ class InvoiceCopy(Base):
     issue_date: Mapped[date | None] = mapped_column(Date)
     due_date: Mapped[date | None] = mapped_column(Date)
     paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The Stripe invoice a subscription invoice mirrors (its "update your card" email is about it).
+    stripe_invoice_id: Mapped[str | None] = mapped_column(String(100))
     snapshot: Mapped[dict[str, Any]] = mapped_column(JSONB)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     @property
     def open_for_reminders(self) -> bool:
         return self.status in OPEN_STATUSES and self.amount_due > 0
+
+
+class PaidStripeInvoice(Base):
+    """A subscription's Stripe invoice that Stripe says is paid (stripe.invoice.paid): no "update your
+    card" email about it goes out any more, whichever event asks for one later."""
+
+    __tablename__ = "paid_stripe_invoices"
+
+    stripe_invoice_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Reminder(Base):

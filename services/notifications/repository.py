@@ -20,6 +20,7 @@ from services.notifications.models import (
     DeliveryAttempt,
     InvoiceCopy,
     Notification,
+    PaidStripeInvoice,
     Reminder,
 )
 
@@ -49,6 +50,7 @@ async def upsert_invoice(session: AsyncSession, snap: InvoiceSnapshotV1, raw: di
         "issue_date": snap.issue_date,
         "due_date": snap.due_date,
         "paid_at": snap.paid_at,
+        "stripe_invoice_id": snap.stripe_invoice_id,
         "snapshot": raw,
     }
     if await upsert_if_newer(session, InvoiceCopy, values):
@@ -86,6 +88,48 @@ async def get_invoice_infos(session: AsyncSession, invoice_ids: Sequence[str]) -
         c.id.in_(list(invoice_ids))
     )
     return {row.id: InvoiceInfo(*row) for row in (await session.execute(stmt)).all()}
+
+
+async def invoice_info_of_stripe(session: AsyncSession, stripe_invoice_id: str) -> InvoiceInfo | None:
+    """Our invoice (its copy) of a subscription's Stripe invoice, if its events have arrived."""
+    c = InvoiceCopy
+    stmt = select(c.id, c.status, c.amount_due, c.client_email, c.client_name, c.snapshot).where(
+        c.stripe_invoice_id == stripe_invoice_id
+    )
+    row = (await session.execute(stmt)).first()
+    return InvoiceInfo(*row) if row is not None else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Stripe invoices that are paid (no "update your card" about them)
+
+
+async def mark_stripe_invoice_paid(session: AsyncSession, stripe_invoice_id: str, paid_at: datetime | None) -> None:
+    await session.execute(
+        insert(PaidStripeInvoice).values(stripe_invoice_id=stripe_invoice_id, paid_at=paid_at)
+        .on_conflict_do_nothing(index_elements=[PaidStripeInvoice.stripe_invoice_id])
+    )
+
+
+async def stripe_invoice_paid(session: AsyncSession, stripe_invoice_id: str) -> bool:
+    """Paid, as Stripe said (stripe.invoice.paid) or as our invoice of it says (PAID)."""
+    if await session.get(PaidStripeInvoice, stripe_invoice_id) is not None:
+        return True
+    status = await session.scalar(
+        select(InvoiceCopy.status).where(InvoiceCopy.stripe_invoice_id == stripe_invoice_id).limit(1)
+    )
+    return status == InvoiceStatus.PAID
+
+
+async def skip_pending(session: AsyncSession, dedupe_key: str, why: str) -> bool:
+    """A queued message that no longer applies is not sent (one being sent right now still goes)."""
+    stmt = (
+        update(Notification)
+        .where(Notification.dedupe_key == dedupe_key, Notification.status == "pending")
+        .values(status="skipped", last_error=why, updated_at=func.now())
+        .returning(Notification.id)
+    )
+    return (await session.execute(stmt)).first() is not None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from contracts.notification import (
     NotificationOpenedV1,
 )
 from contracts.payment import PaymentEventType, PaymentEventV1
+from contracts.stripe import StripeEventType, StripeInvoiceV1
+from contracts.subscription import SubscriptionEventType, SubscriptionSnapshotV1, SubscriptionStatus
 from kit.clock import utcnow
 from kit.consumer import EventHandler
 from kit.db import Database, UnitOfWork
@@ -69,16 +71,33 @@ _METHOD_LABELS = {
     "cheque": "cheque",
     "other": "other",
 }
+# subscription.* events that become a short notice (kind `subscription`). trial_will_end and past_due
+# have emails of their own (trial_will_end, card_update); the other changes say nothing to the client.
 _SUBSCRIPTION_HEADLINES = {
-    "subscription.created": ("has started", None),
-    "subscription.activated": ("is active", None),
-    "subscription.updated": ("has been updated", None),
-    "subscription.plan_changed": ("has changed plan", None),
-    "subscription.cancelled": ("has been cancelled", None),
-    "subscription.canceled": ("has been cancelled", None),
-    "subscription.trial_will_end": ("trial ends soon", "Add a payment method to keep your service running."),
-    "subscription.past_due": ("is past due", "Please update your payment method."),
+    SubscriptionEventType.CREATED: ("has started", None),
+    SubscriptionEventType.ACTIVATED: ("is active", None),
+    SubscriptionEventType.CANCELED: ("has been cancelled", None),
 }
+# Kinds about the client's subscription: their link goes to the portal's subscription page (which
+# offers "Manage billing", Stripe's billing portal), and a missing address is asked for at delivery.
+SUBSCRIPTION_KINDS = frozenset({NotificationKind.SUBSCRIPTION, NotificationKind.TRIAL_WILL_END,
+                                NotificationKind.CARD_UPDATE})
+_ACTION_LABELS: dict[str, str] = {
+    NotificationKind.CARD_UPDATE: "Update your card",
+    NotificationKind.TRIAL_WILL_END: "Manage your subscription",
+}
+
+
+def card_update_key(stripe_invoice_id: str) -> str:
+    """One "update your card" per Stripe invoice, whichever event (Stripe's failure, past_due) asks."""
+    return f"{NotificationKind.CARD_UPDATE}:{stripe_invoice_id}"
+
+
+def _every(interval: str | None, count: int | None) -> str:
+    """'month', '3 months', 'year'."""
+    if not interval:
+        return ""
+    return interval if not count or count == 1 else f"{count} {interval}s"
 
 
 def new_token() -> str:
@@ -163,11 +182,18 @@ class NotificationService:
     # event handlers (each runs inside the consumer's unit of work, with the inbox claim)
 
     def handlers(self) -> dict[str, EventHandler]:
+        """The dispatch table: event type -> its handler (the consumer's allow list)."""
         handlers: dict[str, EventHandler] = {t.value: self.on_invoice_event for t in InvoiceEventType}
-        for t in (PaymentEventType.SUCCEEDED, PaymentEventType.RECORDED, PaymentEventType.FAILED):
-            handlers[t.value] = self.on_payment_event
-        for name in _SUBSCRIPTION_HEADLINES:
-            handlers[name] = self.on_subscription_event
+        handlers |= {
+            PaymentEventType.SUCCEEDED: self.on_payment_event,
+            PaymentEventType.RECORDED: self.on_payment_event,
+            PaymentEventType.FAILED: self.on_payment_event,
+            SubscriptionEventType.TRIAL_WILL_END: self.on_trial_will_end,
+            SubscriptionEventType.PAST_DUE: self.on_subscription_past_due,
+            StripeEventType.INVOICE_PAYMENT_FAILED: self.on_stripe_payment_failed,
+            StripeEventType.INVOICE_PAID: self.on_stripe_invoice_paid,
+        }
+        handlers |= {t: self.on_subscription_notice for t in _SUBSCRIPTION_HEADLINES}
         return handlers
 
     async def on_invoice_event(self, uow: UnitOfWork, event: CloudEvent) -> None:
@@ -220,35 +246,96 @@ class NotificationService:
         )
         await self._add(uow, values)
 
-    async def on_subscription_event(self, uow: UnitOfWork, event: CloudEvent) -> None:
-        """subscription.* carry no contract yet: read what is there, email only with an address."""
-        data = event.data
-        email = data.get("clientEmail") or data.get("email") or data.get("customerEmail")
-        if not email:
-            log.info("subscription_event_no_email", type=event.type, subject=event.subject)
+    async def on_subscription_notice(self, uow: UnitOfWork, event: CloudEvent) -> None:
+        """subscription.created/.activated/.canceled: a short notice, one per event."""
+        sub = event.data_as(SubscriptionSnapshotV1)
+        headline, detail = _SUBSCRIPTION_HEADLINES[SubscriptionEventType(event.type)]
+        context = {"subscription": {"id": sub.id, "plan_name": sub.plan_name, "headline": headline,
+                                    "detail": detail}, "eventType": event.type}
+        await self._add(uow, self._subscription_message(
+            NotificationKind.SUBSCRIPTION, f"{NotificationKind.SUBSCRIPTION}:{event.id}", sub, context, event))
+
+    async def on_trial_will_end(self, uow: UnitOfWork, event: CloudEvent) -> None:
+        """Stripe's notice before a trial ends: "your trial ends on <date>", once per subscription and
+        trial end (a trial extended to a new end gets its own)."""
+        sub = event.data_as(SubscriptionSnapshotV1)
+        if sub.trial_end is None or sub.status != SubscriptionStatus.TRIALING:
+            log.info("trial_notice_not_applicable", subscription=sub.id, status=sub.status)
             return
-        headline, detail = _SUBSCRIPTION_HEADLINES.get(event.type, ("has changed", None))
-        subscription_id = data.get("subscriptionId") or data.get("id") or event.subject
+        context = {"subscription": {
+            "id": sub.id, "plan_name": sub.plan_name, "trial_end": sub.trial_end.isoformat(),
+            "amount": sub.unit_amount * sub.quantity if sub.unit_amount is not None else None,
+            "currency": sub.currency, "interval": sub.interval, "interval_count": sub.interval_count,
+        }, "eventType": event.type}
+        key = f"{NotificationKind.TRIAL_WILL_END}:{sub.id}:{sub.trial_end.isoformat()}"
+        await self._add(uow, self._subscription_message(NotificationKind.TRIAL_WILL_END, key, sub, context, event))
+
+    async def on_subscription_past_due(self, uow: UnitOfWork, event: CloudEvent) -> None:
+        """The subscription went past_due (a renewal could not be charged): "update your card", once
+        per Stripe invoice (Stripe's own payment_failed may have asked already)."""
+        sub = event.data_as(SubscriptionSnapshotV1)
+        stripe_invoice_id = sub.latest_stripe_invoice_id
+        if stripe_invoice_id and await repo.stripe_invoice_paid(uow.session, stripe_invoice_id):
+            log.info("card_update_invoice_paid", subscription=sub.id, stripe_invoice=stripe_invoice_id)
+            return
+        # Without the invoice's id (an older producer): once per subscription and billing period.
+        period = sub.current_period_start.isoformat() if sub.current_period_start else str(sub.version)
+        key = card_update_key(stripe_invoice_id or f"subscription:{sub.id}:{period}")
+        context = {"card": {"stripe_invoice_id": stripe_invoice_id, "plan_name": sub.plan_name},
+                   "eventType": event.type}
+        await self._add(uow, self._subscription_message(NotificationKind.CARD_UPDATE, key, sub, context, event))
+
+    async def on_stripe_payment_failed(self, uow: UnitOfWork, event: CloudEvent) -> None:
+        """Stripe could not charge a subscription's invoice: "update your card", once per Stripe
+        invoice, never once it is paid, never to a Stripe customer that is no client of ours."""
+        data = event.data_as(StripeInvoiceV1)
+        if data.subscription_id is None or not data.client_id:
+            log.info("card_update_no_client", stripe_invoice=data.invoice_id, customer=data.customer_id)
+            return
+        if data.status == "paid" or await repo.stripe_invoice_paid(uow.session, data.invoice_id):
+            log.info("card_update_invoice_paid", stripe_invoice=data.invoice_id)
+            return
+        ours = await repo.invoice_info_of_stripe(uow.session, data.invoice_id)
+        context = {"card": {
+            "stripe_invoice_id": data.invoice_id, "amount": data.amount_remaining or data.amount_due,
+            "currency": data.currency, "next_attempt": _iso(data.next_payment_attempt),
+        }, "eventType": event.type}
         values = self.message_values(
-            kind=NotificationKind.SUBSCRIPTION,
-            dedupe_key=f"{NotificationKind.SUBSCRIPTION}:{event.id}",
-            invoice_id=None,
-            client_id=data.get("clientId"),
-            recipient=email,
-            recipient_name=data.get("clientName"),
-            context={
-                "subscription": {
-                    "id": subscription_id,
-                    "plan_name": data.get("planName") or data.get("plan"),
-                    "headline": headline,
-                    "detail": detail,
-                },
-                "eventType": event.type,
-            },
-            invoice_snapshot=None,
+            kind=NotificationKind.CARD_UPDATE,
+            dedupe_key=card_update_key(data.invoice_id),
+            invoice_id=ours.id if ours else None,
+            client_id=data.client_id,
+            # Unknown yet when Stripe's event overtakes our invoice's: resolved at delivery.
+            recipient=ours.client_email if ours else None,
+            recipient_name=ours.client_name if ours else None,
+            context=context,
+            invoice_snapshot=ours.snapshot if ours else None,
             correlation_id=event.correlationid,
         )
         await self._add(uow, values)
+
+    async def on_stripe_invoice_paid(self, uow: UnitOfWork, event: CloudEvent) -> None:
+        """Paid (a retry went through, or the client paid): no "update your card" about it any more."""
+        data = event.data_as(StripeInvoiceV1)
+        await repo.mark_stripe_invoice_paid(uow.session, data.invoice_id, data.paid_at)
+        if await repo.skip_pending(uow.session, card_update_key(data.invoice_id), "invoice paid"):
+            log.info("card_update_skipped_paid", stripe_invoice=data.invoice_id)
+
+    def _subscription_message(self, kind: NotificationKind, dedupe_key: str, sub: SubscriptionSnapshotV1,
+                              context: dict[str, Any], event: CloudEvent) -> dict[str, Any]:
+        return self.message_values(
+            kind=kind,
+            dedupe_key=dedupe_key,
+            invoice_id=None,
+            client_id=sub.client_id,
+            # The subscriptions service knows the address when it has the Stripe customer's; else the
+            # invoice service is asked at delivery.
+            recipient=sub.client_email,
+            recipient_name=sub.client_name,
+            context=context,
+            invoice_snapshot=None,
+            correlation_id=event.correlationid,
+        )
 
     async def _add(self, uow: UnitOfWork, values: dict[str, Any]) -> None:
         notification_id = await repo.insert_notification(uow.session, values)
@@ -389,10 +476,12 @@ class NotificationService:
         opened = await repo.record_open(uow.session, token, "link", now)
         if opened is not None:
             self.publish_opened(uow, opened, now, "link")
-        return self.link_target(n.invoice_id)
+        return self.link_target(n.invoice_id, n.kind)
 
-    def link_target(self, invoice_id: str | None) -> str:
+    def link_target(self, invoice_id: str | None, kind: str | None = None) -> str:
         portal = (self.settings.portal_url or "").rstrip("/")
+        if kind in SUBSCRIPTION_KINDS:
+            return f"{portal}/subscription"
         return f"{portal}/invoices/{invoice_id}" if invoice_id else portal
 
     def publish_opened(self, uow: UnitOfWork, n: Notification, now: datetime, via: str) -> None:
@@ -463,6 +552,15 @@ class NotificationService:
                 "failure_reason": payment.get("failureReason"),
             }
         show_pay = kind in _PAY_KINDS and invoice is not None and invoice["amount_due_minor"] > 0
+        subscription = context.get("subscription")
+        if subscription and kind == NotificationKind.TRIAL_WILL_END:
+            subscription = {**subscription, "trial_ends_on": long_date(subscription.get("trial_end")),
+                            "price": money(subscription.get("amount"), subscription.get("currency")),
+                            "every": _every(subscription.get("interval"), subscription.get("interval_count"))}
+        card = context.get("card")
+        if card:
+            card = {**card, "amount": money(card.get("amount"), card.get("currency")),
+                    "next_attempt": long_date(card.get("next_attempt"))}
         return {
             "company": self.settings.company_name,
             "kind": kind,
@@ -472,10 +570,12 @@ class NotificationService:
             "invoice_id": invoice_id,
             "payment": payment,
             "reminder": reminder,
-            "subscription": context.get("subscription"),
+            "subscription": subscription,
+            "card": card,
             "reason": context.get("reason"),
             "view_url": f"{public}/t/l/{token}",
             "pixel_url": f"{public}/t/o/{token}.gif",
             "show_pay_button": show_pay,
+            "action_label": _ACTION_LABELS.get(kind),
             "attachment_missing": attachment_missing,
         }

@@ -245,6 +245,8 @@ class FakeInvoiceService:
 
     POST /api/invoices/mark-overdue -> marks (once each) the ids in `past_due` and answers them;
     `mark_overdue_status` other than 200 answers that status instead.
+
+    GET /api/clients/{id} -> the client in `clients` (id -> {name, email}), else 404.
     """
 
     def __init__(self) -> None:
@@ -255,6 +257,8 @@ class FakeInvoiceService:
         self.past_due: set[str] = set()
         self.mark_overdue_status = 200
         self.mark_overdue_calls: list[tuple[dict[str, Any], dict[str, str]]] = []
+        self.clients: dict[str, dict[str, str]] = {}
+        self.client_requests: list[str] = []
 
         async def mark_overdue_route(request: Request) -> Response:
             self.mark_overdue_calls.append((await request.json(), dict(request.headers)))
@@ -274,9 +278,17 @@ class FakeInvoiceService:
                 return Response(status_code=503)
             return Response(content=FAKE_PDF, media_type="application/pdf")
 
+        async def client_route(request: Request) -> Response:
+            client_id = request.path_params["client_id"]
+            self.client_requests.append(client_id)
+            if client_id not in self.clients:
+                return Response(status_code=404)
+            return Response(json.dumps({"id": client_id, **self.clients[client_id]}), media_type="application/json")
+
         app = Starlette(routes=[
             Route("/api/invoices/mark-overdue", mark_overdue_route, methods=["POST"]),
             Route("/api/invoices/{invoice_id}/pdf", pdf_route),
+            Route("/api/clients/{client_id}", client_route),
         ])
         self._server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
