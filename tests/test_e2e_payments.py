@@ -1,6 +1,8 @@
 """Issue 3 end to end, through the gateway on real Kafka, Postgres and the Stripe stand-in (in front of
 stripe-mock): Pay Now on the stand-in's hosted checkout page, whose signed webhook reaches payments,
-Stripe-signed webhooks (repeated, out of order, failed) moving the invoice, and the payment history."""
+Stripe-signed webhooks (repeated, out of order, failed) moving the invoice, and the payment history;
+a subscription's Stripe invoice charged in the stand-in becomes our invoice, PAID through payments, and
+Pay now on one opens Stripe's hosted invoice page."""
 
 from __future__ import annotations
 
@@ -10,11 +12,16 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
+import stripe
 
 from deploy.infra import ServiceProcess, StripeStandin
 from deploy.services import GATEWAY, InfraEndpoints
 from services.payments.stripe import testing as stripe_events
 from tests.conftest import TopicWatcher, login, wait_until
+
+# stripe-python's HTTPXClient passes the form body as `data=`; httpx warns about it on every call.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
 
 async def _sent_invoice(admin: httpx.AsyncClient, amount: int = 25_000) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -138,3 +145,93 @@ async def test_failed_payment_makes_the_invoice_overdue_and_a_later_payment_pays
     payments = (await admin.get("/api/payments", params={"invoiceId": invoice["id"]})).json()["items"]
     assert sorted((p["amount"], p["status"]) for p in payments) == [(4_000, "succeeded"), (6_000, "succeeded")]
     assert [p["flags"] for p in payments if p["source"] == "stripe"] == [["underpayment"]]
+
+
+# -- subscription invoices: the stand-in's Stripe Billing -> our invoice -> PAID -----------------------
+
+
+async def _subscribed_client(admin: httpx.AsyncClient, sdk: Any, *, collection_method: str,
+                             trial_days: int | None) -> tuple[dict[str, Any], Any, Any]:
+    """A client of ours and, in the stand-in, its customer (on a test clock), a monthly price and a
+    subscription carrying our client id, made with the SDK as the subscriptions service does."""
+    client = (await admin.post("/api/clients", json={"name": f"Retainer {uuid.uuid4().hex[:6]}",
+                                                     "email": "retainer@pay.example.com", "currency": "EUR"})).json()
+    clock = await sdk.v1.test_helpers.test_clocks.create_async(params={"frozen_time": int(time.time())})
+    customer = await sdk.v1.customers.create_async(params={
+        "email": client["email"], "metadata": {"client_id": client["id"]}, "test_clock": clock.id})
+    product = await sdk.v1.products.create_async(params={"name": "Maintenance retainer"})
+    price = await sdk.v1.prices.create_async(params={
+        "product": product.id, "unit_amount": 30_000, "currency": "eur", "recurring": {"interval": "month"}})
+    params: dict[str, Any] = {"customer": customer.id, "items": [{"price": price.id}],
+                              "metadata": {"client_id": client["id"]}, "collection_method": collection_method}
+    if trial_days:
+        params["trial_period_days"] = trial_days
+    if collection_method == "send_invoice":
+        params["days_until_due"] = 14
+    await sdk.v1.subscriptions.create_async(params=params)
+    return client, clock, customer
+
+
+async def _our_invoice_of_stripe(admin: httpx.AsyncClient, client_id: str, status: str) -> dict[str, Any]:
+    page = await wait_until(admin, f"/api/invoices?clientId={client_id}",
+                            lambda b: any(i["stripeInvoiceId"] and i["status"] == status for i in b["items"]))
+    [invoice] = [i for i in page["items"] if i["stripeInvoiceId"]]
+    return invoice
+
+
+async def test_a_subscription_invoice_paid_in_the_standin_is_paid_here(
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], services_standin: StripeStandin,
+    kafka_events: TopicWatcher,
+) -> None:
+    """Stripe Billing (the stand-in) charges the renewal; payments republishes it, the invoice service makes
+    our invoice of it, payments records Stripe's charge against it: PAID, once, even with every delivery
+    twice and shuffled."""
+    sdk = stripe.StripeClient("sk_test_local", base_addresses={"api": services_standin.url},
+                              http_client=stripe.HTTPXClient(timeout=30), max_network_retries=0)
+    await asyncio.to_thread(services_standin.configure, duplicate_deliveries=True, shuffle=True)
+    try:
+        client, clock, _ = await _subscribed_client(admin, sdk, collection_method="charge_automatically",
+                                                    trial_days=7)
+        await sdk.v1.test_helpers.test_clocks.advance_async(
+            clock.id, params={"frozen_time": clock.frozen_time + 7 * 86_400 + 3_600})
+        assert await asyncio.to_thread(services_standin.flush, 30)
+        invoice = await _our_invoice_of_stripe(admin, client["id"], "PAID")
+    finally:
+        await asyncio.to_thread(services_standin.configure, duplicate_deliveries=False, shuffle=False)
+    assert invoice["invoiceNumber"] and invoice["total"] == 30_000 and invoice["amountPaid"] == 30_000
+    # Shuffled: a finalized (or draft) delivered after the same second's paid is stale and not republished.
+    published = [e for e in kafka_events.matching(invoiceId=invoice["stripeInvoiceId"])
+                 if e.type.startswith("stripe.invoice.")]
+    assert published and published[-1].type == "stripe.invoice.paid"
+    assert len({e.data["stripeEventId"] for e in published}) == len(published)  # each Stripe event once
+    assert all(e.data["clientId"] == client["id"] for e in published)
+    ledger = (await admin.get("/api/payments", params={"invoiceId": invoice["id"]})).json()["items"]
+    assert [(p["amount"], p["method"], p["source"], p["reference"]) for p in ledger] == [
+        (30_000, "card", "stripe", invoice["stripeInvoiceId"])]
+    await kafka_events.settle()
+    assert len(kafka_events.matching(invoice["id"], "payment.succeeded")) == 1
+    assert len(kafka_events.matching(invoice["id"], "invoice.paid")) == 1
+
+
+async def test_pay_now_on_a_subscription_invoice_pays_stripes_invoice(
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], services_standin: StripeStandin,
+) -> None:
+    """A retainer billed by invoice: Pay now opens the Stripe invoice's hosted page (no second Checkout)."""
+    sdk = stripe.StripeClient("sk_test_local", base_addresses={"api": services_standin.url},
+                              http_client=stripe.HTTPXClient(timeout=30), max_network_retries=0)
+    client, _, _ = await _subscribed_client(admin, sdk, collection_method="send_invoice", trial_days=None)
+    invoice = await _our_invoice_of_stripe(admin, client["id"], "SENT")
+    me = await _client_login(admin, stack[GATEWAY].url, client["id"])
+    try:
+        link = await me.post(f"/api/invoices/{invoice['id']}/checkout")
+        assert link.status_code == 200, link.text
+        body = link.json()
+        assert body["url"] == f"{services_standin.url}/invoice/{invoice['stripeInvoiceId']}"
+        assert body["stripeInvoiceId"] == invoice["stripeInvoiceId"] and body["sessionId"] is None
+        async with httpx.AsyncClient(timeout=20) as browser:
+            assert (await browser.post(f"{body['url']}/pay")).status_code == 303
+        done = await wait_until(me, f"/api/invoices/{invoice['id']}", lambda b: b["status"] == "PAID")
+        assert done["amountPaid"] == 30_000
+        assert (await me.post(f"/api/invoices/{invoice['id']}/checkout")).status_code == 409
+    finally:
+        await me.aclose()
