@@ -171,6 +171,10 @@ def build_fake_services(state: FakeServices) -> FastAPI:
                        "recipient": "<b>x</b>@example.com", "subject": "<script>alert(1)</script>",
                        "attempts": 5, "lastError": "550 nope", "createdAt": _now()}])
 
+    @app.post("/api/notifications/{notification_id}/retry")
+    async def retry(notification_id: str) -> Any:
+        return {"id": notification_id, "kind": "invoice_sent", "status": "pending", "createdAt": _now()}
+
     @app.get("/api/notifications/invoices/{invoice_id}")
     async def invoice_notifications(invoice_id: str) -> Any:
         return _page([])

@@ -350,3 +350,17 @@ async def test_static_paths_outside_the_allow_list_are_404(http: httpx.AsyncClie
     assert asset.status_code == 200 and asset.headers["content-type"].startswith("text/css")
     again = await http.get("/admin/static/admin.css", headers={"If-None-Match": asset.headers["etag"]})
     assert again.status_code == 304
+
+
+async def test_a_failed_email_can_be_queued_again(http: httpx.AsyncClient, gateway_app: Any,
+                                                  fake: FakeServices) -> None:
+    sign_in(http, gateway_app)
+    log = await http.get("/admin/emails")
+    assert 'data-testid="retry"' in log.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in log.text
+    action = re.search(r'action="(/admin/emails/[0-9a-f-]{36}/retry)"', log.text)
+    assert action
+    token = await csrf_token(http, "/admin/emails")
+    response = await http.post(action.group(1), data={"csrf_token": token})
+    assert response.status_code == 303 and response.headers["location"].startswith("/admin/emails?retried=")
+    assert fake.requests[-1][:2] == ("POST", action.group(1).replace("/admin/emails", "/api/notifications"))
+    assert "queued again" in (await http.get(response.headers["location"])).text
