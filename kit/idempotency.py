@@ -1,7 +1,7 @@
 """Idempotency keys recorded in the same transaction as the effect they guard.
 
-The gateway forwards a POST's `Idempotency-Key` to the service. A route that changes money or
-documents declares `Idempotent` (a dependency) and is served by `IdempotentRoute`:
+The gateway forwards a POST's `Idempotency-Key` to the service. Every POST route of a router built
+with `APIRouter(route_class=IdempotentRoute)` is guarded (or a route declares `Idempotent` itself):
 
 1. Before the handler runs, the key is claimed in the request's unit of work (INSERT of a row in the
    service's `idempotency_keys` table). A concurrent repeat blocks on that uncommitted row until the
@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
-from sqlalchemy import DateTime, Integer, LargeBinary, String, func, select
+from sqlalchemy import DateTime, Integer, LargeBinary, String, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -104,14 +104,22 @@ async def idempotency_guard(request: Request, uow: RequestUnitOfWork) -> None:
     path = f"{request.url.path}?{query}" if query else request.url.path
     row = await claim(uow, model, owner=owner, key=key, print_=fingerprint("POST", path, await request.body()))
     setattr(request.state, _STATE, row)
+    request.state.idempotency_uow = uow
 
 
 Idempotent = Annotated[None, Depends(idempotency_guard)]
 
 
 class IdempotentRoute(APIRoute):
-    """Route class for routers with guarded routes: stores the answer in the claimed row before the
-    request's unit of work commits, and turns `Replay` into the stored answer."""
+    """Route class for routers whose POST routes are guarded: adds the claim to every POST route,
+    stores the answer in the claimed row before the request's unit of work commits, and turns
+    `Replay` into the stored answer."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        methods = {m.upper() for m in kwargs.get("methods") or ()}
+        if "POST" in methods:
+            kwargs["dependencies"] = [*(kwargs.get("dependencies") or ()), Depends(idempotency_guard)]
+        super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -123,11 +131,15 @@ class IdempotentRoute(APIRoute):
                 return replay.response
             row = getattr(request.state, _STATE, None)
             if row is not None and response.status_code < 500:
-                body = bytes(response.body) if hasattr(response, "body") else b""
-                if len(body) <= MAX_STORED_BODY:
+                body = bytes(response.body) if hasattr(response, "body") else None
+                if body is not None and len(body) <= MAX_STORED_BODY:
                     row.status_code = response.status_code
                     row.media_type = response.media_type
                     row.body = body
+                else:  # a streamed or large answer (a PDF preview): nothing to replay, keep no claim
+                    request.state.idempotency_uow.session.expunge(row)
+                    await request.state.idempotency_uow.session.execute(
+                        delete(type(row)).where(type(row).owner == row.owner, type(row).key == row.key))
             return response
 
         return guarded

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Response
 from sqlalchemy import Integer, String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -49,7 +49,7 @@ async def setup(database_url_factory: Callable[[str], str]) -> AsyncIterator[tup
     gate.set()
 
     @router.post("/pay", status_code=201)
-    async def pay(body: dict[str, int], uow: RequestUnitOfWork, _: Idempotent) -> dict[str, str]:
+    async def pay(body: dict[str, int], uow: RequestUnitOfWork) -> dict[str, str]:
         await gate.wait()
         if body.get("amount", 0) < 0:
             raise Conflict("refused")
@@ -57,6 +57,15 @@ async def setup(database_url_factory: Callable[[str], str]) -> AsyncIterator[tup
         uow.session.add(effect)
         await uow.session.flush()
         return {"id": effect.id}
+
+    @router.post("/preview")
+    async def preview(uow: RequestUnitOfWork) -> Response:
+        return Response(content=b"%PDF" + b"x" * 300_000, media_type="application/pdf")
+
+    @router.post("/explicit", status_code=201)
+    async def explicit(uow: RequestUnitOfWork, _: Idempotent) -> dict[str, str]:
+        uow.session.add(Effect(id=uuid.uuid4().hex, amount=1))
+        return {"ok": "yes"}
 
     app = FastAPI()
     app.state.runtime = _Runtime(db)
@@ -118,3 +127,22 @@ async def test_without_a_key_every_request_runs(setup: tuple[httpx.AsyncClient, 
     for _ in range(2):
         assert (await client.post("/pay", json={"amount": 3})).status_code == 201
     assert await _effects(db) == 2
+
+
+async def test_a_large_answer_keeps_no_claim(setup: tuple[httpx.AsyncClient, Database]) -> None:
+    client, db = setup
+    headers = {"Idempotency-Key": "k-5"}
+    for _ in range(2):  # a read-only POST with a big answer simply runs again
+        r = await client.post("/preview", headers=headers)
+        assert r.status_code == 200 and len(r.content) > 300_000 and "idempotent-replayed" not in r.headers
+    async with db.unit_of_work() as uow:
+        assert await uow.session.scalar(select(func.count()).select_from(IdempotencyKey)) == 0
+
+
+async def test_every_post_of_the_router_is_guarded(setup: tuple[httpx.AsyncClient, Database]) -> None:
+    client, db = setup
+    headers = {"Idempotency-Key": "k-6"}
+    first = await client.post("/explicit", headers=headers)  # declares Idempotent too: claimed once
+    second = await client.post("/explicit", headers=headers)
+    assert first.status_code == second.status_code == 201 and second.headers["idempotent-replayed"] == "true"
+    assert await _effects(db) == 1
