@@ -265,8 +265,8 @@ def _banner(
             [f"  Stripe         test mode: forward its webhooks to {infra.url_of(GATEWAY)}/webhooks/stripe"]
             if stripe_mock_url is None
             else [
-                f"  Stripe stand-in {infra.stripe_api_base}  (STRIPE_API_BASE; checkout, invoice and portal pages;"
-                f" events -> {infra.stripe_webhook_url})",
+                f"  Stripe         {infra.stripe_api_base}  (the stand-in: STRIPE_API_BASE; checkout, invoice and"
+                f" portal pages; signed events -> {infra.stripe_webhook_url})",
                 f"  stripe-mock    {stripe_mock_url}",
             ]
         ),
