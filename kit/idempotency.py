@@ -143,3 +143,21 @@ class IdempotentRoute(APIRoute):
             return response
 
         return guarded
+
+
+def create_table_in_migration() -> None:
+    """The `idempotency_keys` table of IdempotencyMixin, for a service's Alembic migration."""
+    import sqlalchemy as sa
+    from alembic import op
+
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("owner", sa.String(length=200), nullable=False),
+        sa.Column("key", sa.String(length=MAX_KEY), nullable=False),
+        sa.Column("fingerprint", sa.String(length=64), nullable=False),
+        sa.Column("status_code", sa.Integer(), nullable=True),
+        sa.Column("media_type", sa.String(length=100), nullable=True),
+        sa.Column("body", sa.LargeBinary(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.PrimaryKeyConstraint("owner", "key"),
+    )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from kit.actor import AdminActor, CurrentActor
 from kit.clock import utcnow
 from kit.errors import NotFound
+from kit.idempotency import IdempotentRoute
 from kit.pagination import Page, PageParams
 from kit.service import PeriodicJob, ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork
@@ -111,8 +112,9 @@ def invoice_out(invoice: Invoice) -> InvoiceOut:
     return InvoiceOut.model_validate(invoice)
 
 
-clients = APIRouter(prefix="/api/clients", tags=["clients"])
-invoices = APIRouter(prefix="/api/invoices", tags=["invoices"])
+# Every POST of these routers records its Idempotency-Key with its effect (kit.idempotency).
+clients = APIRouter(prefix="/api/clients", tags=["clients"], route_class=IdempotentRoute)
+invoices = APIRouter(prefix="/api/invoices", tags=["invoices"], route_class=IdempotentRoute)
 template = APIRouter(prefix="/api/invoice-template", tags=["invoice template"])
 
 
@@ -343,11 +345,11 @@ async def get_logo(
 
 def build_runtime(settings: InvoiceSettings | None = None) -> ServiceRuntime:
     from kit.db import Database
-    from services.invoice.models import InboxEvent, OutboxMessage
+    from services.invoice.models import IdempotencyKey, InboxEvent, OutboxMessage
 
     settings = settings or InvoiceSettings()
     db = Database(settings.database_url, outbox_model=OutboxMessage, inbox_model=InboxEvent,
-                  pool_size=settings.db_pool_size)
+                  idempotency_model=IdempotencyKey, pool_size=settings.db_pool_size)
     broker = make_broker(settings)
     register_consumers(broker, db, settings.group_id)
 

@@ -437,3 +437,20 @@ async def test_mark_overdue_as_of_a_date_returns_what_it_marked(
     assert today["asOf"] == date.today().isoformat()
     bad = await api.post("/api/invoices/mark-overdue", json={"asOf": "2026-02-30"})
     assert bad.status_code == 422
+
+
+async def test_idempotency_key_is_recorded_with_the_effect(api: httpx.AsyncClient, customer: dict[str, Any]) -> None:
+    """The service itself dedupes a POST by its Idempotency-Key (the gateway may have timed out and
+    let the retry through): one invoice, one send, one number."""
+    key = {"Idempotency-Key": f"create-{uuid.uuid4()}", "X-Actor-User-Id": "admin-1"}
+    body = {"clientId": customer["id"], "items": [line()]}
+    first = await api.post("/api/invoices", json=body, headers=key)
+    again = await api.post("/api/invoices", json=body, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    send_key = {"Idempotency-Key": f"send-{uuid.uuid4()}", "X-Actor-User-Id": "admin-1"}
+    sent = [await api.post(f"/api/invoices/{first.json()['id']}/send", headers=send_key) for _ in range(2)]
+    assert [s.status_code for s in sent] == [200, 200]
+    assert sent[0].json()["invoiceNumber"] == sent[1].json()["invoiceNumber"]
+    other = await api.post("/api/invoices", json={**body, "notes": "other"}, headers=key)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
