@@ -4,6 +4,7 @@
     webhooks   signed Stripe webhook ingestion vs a bare endpoint; time until PAID; lost/doubled check
     pdfs       reportlab PDFs/s (10 and 200 lines), cached re-downloads, vs WeasyPrint
     reminders  reminder scan over 100,000 open invoices vs a naive full scan; emails/s to the sink
+    reporting  2.4M events rebuilt (events/s), summary and monthly revenue vs a bare endpoint, 200k-row xlsx
 
 Each prints its figures and ratios; none passes or fails. Run one alone for its own options, e.g.
 `python -m bench.invoice_bench --help`.
@@ -19,6 +20,7 @@ BENCHES = {
     "webhooks": "bench.webhook_bench",
     "pdfs": "bench.pdf_bench",
     "reminders": "bench.reminder_bench",
+    "reporting": "bench.reporting_bench",
 }
 
 
