@@ -23,7 +23,9 @@ from kit.web import RequestUnitOfWork
 from services.subscriptions.clients import ClientDirectory, HttpClientDirectory
 from services.subscriptions.config import SubscriptionsSettings
 from services.subscriptions.consumers import register_consumers
+from services.subscriptions.mirror import Mirror
 from services.subscriptions.models import IdempotencyKey, InboxEvent, OutboxMessage, Plan, Subscription
+from services.subscriptions.plans import PlanService
 from services.subscriptions.repository import SubscriptionFilter
 from services.subscriptions.schemas import (
     CancelRequest,
@@ -56,6 +58,13 @@ def subscription_service(uow: RequestUnitOfWork, request: Request) -> Subscripti
 
 
 Service = Annotated[SubscriptionService, Depends(subscription_service)]
+
+
+def plan_service(uow: RequestUnitOfWork, request: Request) -> PlanService:
+    return PlanService(uow, request.app.state.deps.stripe)
+
+
+Plans = Annotated[PlanService, Depends(plan_service)]
 def request_key(request: Request) -> str | None:
     """The caller's Idempotency-Key (kit.idempotency replays our answer); it also makes a retried
     request the same request to Stripe."""
@@ -73,7 +82,7 @@ def plan_out(plan: Plan, actor: Actor) -> PlanOut:
 
 
 async def subscription_out(svc: SubscriptionService, row: Subscription) -> SubscriptionOut:
-    snap = await svc.snapshot(row)
+    snap = await svc.mirror.snapshot(row)
     pending = None
     if snap.pending_change is not None:
         pending = PendingChangeOut(price_id=uuid.UUID(snap.pending_change.price_id),
@@ -102,14 +111,14 @@ clock = APIRouter(prefix="/api/test-clock", tags=["test clock"], route_class=Ide
 
 # -- plans -----------------------------------------------------------------------------------------
 @plans.post("", status_code=status.HTTP_201_CREATED, response_model=PlanOut)
-async def create_plan(body: PlanCreate, svc: Service, actor: AdminActor, _: Idempotent) -> PlanOut:
+async def create_plan(body: PlanCreate, svc: Plans, actor: AdminActor, _: Idempotent) -> PlanOut:
     """A plan with its prices, each created in Stripe (idempotent by lookup key, `metadata.price_id`)."""
     return plan_out(await svc.create_plan(body), actor)
 
 
 @plans.get("", response_model=Page[PlanOut])
 async def list_plans(
-    svc: Service, actor: CurrentActor, page: PageParams,
+    svc: Plans, actor: CurrentActor, page: PageParams,
     active: Annotated[bool | None, Query(description="Admins: only active (true) or archived (false) plans.")] = None,
 ) -> Page[PlanOut]:
     """Plans, oldest first; clients see the active ones with their active prices."""
@@ -119,12 +128,12 @@ async def list_plans(
 
 
 @plans.get("/{plan_id}", response_model=PlanOut)
-async def get_plan(plan_id: uuid.UUID, svc: Service, actor: CurrentActor) -> PlanOut:
+async def get_plan(plan_id: uuid.UUID, svc: Plans, actor: CurrentActor) -> PlanOut:
     return plan_out(await svc.get_plan(plan_id, actor), actor)
 
 
 @plans.put("/{plan_id}", response_model=PlanOut)
-async def update_plan(plan_id: uuid.UUID, body: PlanUpdate, svc: Service, actor: AdminActor) -> PlanOut:
+async def update_plan(plan_id: uuid.UUID, body: PlanUpdate, svc: Plans, actor: AdminActor) -> PlanOut:
     """Replace name, description, features and prices. Prices are immutable: an entry with `id` keeps
     that price (only `trialDays` may change), an entry without `id` is a new price (one for the same
     currency and interval replaces the old, which is archived), an active price left out is archived."""
@@ -132,7 +141,7 @@ async def update_plan(plan_id: uuid.UUID, body: PlanUpdate, svc: Service, actor:
 
 
 @plans.post("/{plan_id}/archive", response_model=PlanOut)
-async def archive_plan(plan_id: uuid.UUID, svc: Service, actor: AdminActor, _: Idempotent) -> PlanOut:
+async def archive_plan(plan_id: uuid.UUID, svc: Plans, actor: AdminActor, _: Idempotent) -> PlanOut:
     """No new signups or changes to the plan; running subscriptions carry on."""
     return plan_out(await svc.archive_plan(plan_id), actor)
 
@@ -270,10 +279,10 @@ def build_runtime(
     deps = Deps(settings=settings, stripe=stripe or SdkStripeBilling.from_settings(settings), clients=directory)
     broker = make_broker(settings)
 
-    def service(uow: UnitOfWork) -> SubscriptionService:
-        return SubscriptionService(uow, deps)
+    def mirror(uow: UnitOfWork) -> Mirror:
+        return Mirror(uow, deps.stripe)
 
-    register_consumers(broker, db, service, settings.group_id)
+    register_consumers(broker, db, mirror, settings.group_id)
 
     async def close_directory() -> None:
         if isinstance(directory, HttpClientDirectory):

@@ -2,7 +2,7 @@
 payments service republishes them on billing.stripe (contracts/stripe.py), keep the mirror.
 
 Deliveries repeat (the inbox skips an event id seen before) and arrive out of order (the mirror
-keeps the newest Stripe state: SubscriptionService.sync).
+keeps the newest Stripe state: mirror.Mirror.sync).
 """
 
 from __future__ import annotations
@@ -19,25 +19,25 @@ from contracts.stripe import StripeEventType, StripeInvoiceV1, StripeSubscriptio
 from contracts.subscription import SubscriptionSnapshotV1
 from kit.consumer import EventConsumer, EventHandler
 from kit.db import Database, UnitOfWork
-from services.subscriptions.service import SubscriptionService
+from services.subscriptions.mirror import Mirror
 
-ServiceFactory = Callable[[UnitOfWork], SubscriptionService]
+MirrorFactory = Callable[[UnitOfWork], Mirror]
 
 
-def handlers(service: ServiceFactory) -> dict[str, EventHandler]:
+def handlers(mirror: MirrorFactory) -> dict[str, EventHandler]:
     """The dispatch table: Stripe event type -> one short handler."""
 
     async def on_subscription(uow: UnitOfWork, event: CloudEvent) -> None:
-        await service(uow).sync(event.data_as(StripeSubscriptionV1))
+        await mirror(uow).sync(event.data_as(StripeSubscriptionV1))
 
     async def on_trial_will_end(uow: UnitOfWork, event: CloudEvent) -> None:
-        await service(uow).trial_will_end(event.data_as(StripeSubscriptionV1))
+        await mirror(uow).trial_will_end(event.data_as(StripeSubscriptionV1))
 
     async def on_invoice_paid(uow: UnitOfWork, event: CloudEvent) -> None:
-        await service(uow).invoice_paid(event.data_as(StripeInvoiceV1))
+        await mirror(uow).invoice_paid(event.data_as(StripeInvoiceV1))
 
     async def on_invoice_payment_failed(uow: UnitOfWork, event: CloudEvent) -> None:
-        await service(uow).invoice_payment_failed(event.data_as(StripeInvoiceV1))
+        await mirror(uow).invoice_payment_failed(event.data_as(StripeInvoiceV1))
 
     return {
         StripeEventType.SUBSCRIPTION_CREATED: on_subscription,
@@ -51,9 +51,9 @@ def handlers(service: ServiceFactory) -> dict[str, EventHandler]:
     }
 
 
-def register_consumers(broker: KafkaBroker, db: Database, service: ServiceFactory,
+def register_consumers(broker: KafkaBroker, db: Database, mirror: MirrorFactory,
                        group_id: str = "subscriptions") -> EventConsumer:
-    consumer = EventConsumer(db, "subscriptions", handlers(service))
+    consumer = EventConsumer(db, "subscriptions", handlers(mirror))
     consumer.subscribe(broker, topics.STRIPE, group_id=group_id)
     # Declared for the AsyncAPI document: what this service publishes (through its outbox).
     broker.publisher(topics.SUBSCRIPTION, title="subscription events", schema=SubscriptionSnapshotV1,
@@ -67,7 +67,7 @@ def asyncapi_app() -> FastStream:
     """`faststream docs gen services.subscriptions.consumers:asyncapi_app --factory`"""
     broker = KafkaBroker("127.0.0.1:9092")
 
-    def unused(uow: UnitOfWork) -> SubscriptionService:
+    def unused(uow: UnitOfWork) -> Mirror:
         raise RuntimeError("documentation only")
 
     register_consumers(broker, Database("postgresql+asyncpg://unused/unused"), unused)

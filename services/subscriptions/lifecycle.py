@@ -53,16 +53,21 @@ class Freshness(Enum):
     TIE = "tie"  # the same second: only Stripe's current object can say which is newer
 
 
-def freshness(held_at: datetime | None, incoming_at: datetime) -> Freshness:
+def freshness(held_at: datetime | None, incoming_at: datetime, *, held_period_start: datetime | None = None,
+              incoming_period_start: datetime | None = None) -> Freshness:
     """Order a Stripe event against the newest event the mirror has applied.
 
     Events carry Stripe's `created` (whole seconds, Stripe's own clock, which for a customer on a
     test clock is that clock's time): strictly later applies, earlier is skipped, the same second is
     a tie. Our own clock is never compared with Stripe's: a state we fetched ourselves leaves the
-    mark where the events put it, so an event that was in flight during the fetch still applies
-    (at worst it shows a state for a moment that a newer event then replaces; the newest event
-    always wins in the end).
+    mark where the events put it, so an event that was in flight during the fetch still applies (at
+    worst it shows a state for a moment that a newer event then replaces; the newest event always
+    wins in the end). One thing is certain without clocks: Stripe's periods only move forward, so a
+    state of an earlier period than the one held is older, whatever its `created`.
     """
+    if held_period_start is not None and incoming_period_start is not None \
+            and incoming_period_start < held_period_start:
+        return Freshness.SKIP
     if held_at is None or incoming_at > held_at:
         return Freshness.APPLY
     if incoming_at < held_at:

@@ -26,6 +26,10 @@ def test_events_order_by_stripe_second_and_a_tie_is_a_tie() -> None:
     assert lifecycle.freshness(at(10), at(11)) is Freshness.APPLY
     assert lifecycle.freshness(at(10), at(9)) is Freshness.SKIP
     assert lifecycle.freshness(at(10), at(10)) is Freshness.TIE
+    # periods only move forward: a state of an earlier period is older whatever its second
+    assert lifecycle.freshness(at(10), at(50), held_period_start=at(30), incoming_period_start=at(0)) is Freshness.SKIP
+    assert lifecycle.freshness(at(10), at(50), held_period_start=at(30), incoming_period_start=at(30)) \
+        is Freshness.APPLY
 
 
 def test_access_follows_status() -> None:

@@ -202,10 +202,16 @@ async def test_downgrade_at_period_end_failed_renewal_and_recovery_with_shuffled
     assert recovered.access_until == recovered.current_period_end
     assert recovered.current_period_start == period_end
     await subscription_events.wait_for(sub_id, SubscriptionEventType.ACTIVATED)
+    await subscription_events.wait_for(sub_id, SubscriptionEventType.RENEWED)  # in either order (shuffled)
+    await subscription_events.settle(1.0)
     types = [e.type for e in subscription_events.matching(sub_id)]
-    # the first invoice (subscription_create) only records what was paid; the renewal paid late is `renewed`
-    assert types.count(SubscriptionEventType.PAST_DUE) == 1 and types.count(SubscriptionEventType.RENEWED) == 1
+    # The first invoice (subscription_create) only records what was paid; the renewal paid late is
+    # `renewed`, once. Shuffled deliveries may show a state for a moment (the final one is exact).
+    assert types.count(SubscriptionEventType.RENEWED) == 1 and SubscriptionEventType.PAST_DUE in types
     assert types.index(SubscriptionEventType.PAST_DUE) < types.index(SubscriptionEventType.RENEWED)
+    final = await mirror_for(api, client_id, lambda r: True)
+    assert (final.status, str(final.price_id), final.paid_through) == ("active", basic_price["id"],
+                                                                       recovered.paid_through)
     assert standin_webhooks.events("invoice.paid", customer=active.stripe_customer_id)  # delivered (twice each)
 
 

@@ -12,12 +12,11 @@ from sqlalchemy import select
 from kit.db import Database
 from kit.migrations import upgrade_to_head_async
 from services.subscriptions.app import MIGRATIONS
-from services.subscriptions.clients import StaticClientDirectory
 from services.subscriptions.config import SubscriptionsSettings
 from services.subscriptions.models import PlatformObject, Price
+from services.subscriptions.plans import PlanService
 from services.subscriptions.repository import PORTAL_CONFIGURATION
 from services.subscriptions.schemas import PlanCreate, PriceIn
-from services.subscriptions.service import Deps, SubscriptionService
 from services.subscriptions.stripe_client import Recurring, StripePrice, StripeProduct
 from services.subscriptions.stripe_setup import run
 
@@ -93,7 +92,7 @@ async def test_setup_is_idempotent_and_a_dry_run_writes_nothing(
     db = Database(settings.database_url, pool_size=2)
     try:
         async with db.transaction() as uow:
-            svc = SubscriptionService(uow, Deps(settings, stripe, StaticClientDirectory()))  # type: ignore[arg-type]
+            svc = PlanService(uow, stripe)  # type: ignore[arg-type]
             basic = await svc.create_plan(PlanCreate(name="Basic", prices=[
                 PriceIn(currency="EUR", amount=4_900, interval="month"),
                 PriceIn(currency="EUR", amount=49_000, interval="year")]))
@@ -151,7 +150,7 @@ async def test_setup_requests_pass_stripe_mock(database_url_factory: Callable[[s
     db = Database(settings.database_url, pool_size=2)
     try:
         async with db.transaction() as uow:
-            svc = SubscriptionService(uow, Deps(settings, MemoryStripe(), StaticClientDirectory()))  # type: ignore[arg-type]
+            svc = PlanService(uow, MemoryStripe())  # type: ignore[arg-type]
             await svc.create_plan(PlanCreate(name="Basic", prices=[PriceIn(currency="EUR", amount=4_900,
                                                                            interval="month")]))
     finally:
