@@ -143,6 +143,7 @@ class _Sheet:
     sheet: WriteOnlyWorksheet
     totals: dict[str, list[Any]] = field(default_factory=dict)
     bold: Font = field(default_factory=lambda: Font(bold=True))
+    _protos: dict[tuple[int, str | None], Cell] = field(default_factory=dict)
 
     def cell(self, column: Column, value: Any, currency: str | None, *, bold: bool = False) -> Cell:
         cell = WriteOnlyCell(self.sheet)
@@ -167,6 +168,49 @@ class _Sheet:
             cell.font = self.bold
         return cell
 
+    def _proto(self, index: int, column: Column, currency: str | None) -> Cell:
+        """One styled cell per column (and currency), reused row after row: openpyxl writes a cell
+        out as it is appended, so only its value changes (formats are not looked up per cell)."""
+        key = (index, currency)
+        cell = self._protos.get(key)
+        if cell is None:
+            cell = WriteOnlyCell(self.sheet)
+            if column.kind == Kind.AMOUNT and currency:
+                cell.number_format = currency_format(currency)
+            elif column.kind in (Kind.DATE, Kind.MONTH):
+                cell.number_format = "yyyy-mm" if column.kind == Kind.MONTH else "yyyy-mm-dd"
+            elif column.kind == Kind.DECIMAL:
+                cell.number_format = "0.0"
+            elif column.kind == Kind.TEXT:
+                cell.quotePrefix = True  # only used for text that looks like a formula
+            self._protos[key] = cell
+        return cell
+
+    def _value(self, index: int, column: Column, value: Any, currency: str | None) -> Any:
+        if value is None:
+            return None
+        kind = column.kind
+        if kind == Kind.TEXT or (kind == Kind.AMOUNT and not currency):
+            if kind == Kind.AMOUNT:
+                return int(value)
+            text = str(value)
+            if not text.startswith(FORMULA_STARTS):
+                return text  # plain text is stored as text
+            cell = self._proto(index, column, None)
+            cell.value = text
+            cell.data_type = "s"  # never a formula, whatever it starts with
+            return cell
+        if kind == Kind.COUNT:
+            return int(value)
+        cell = self._proto(index, column, currency if kind == Kind.AMOUNT else None)
+        if kind == Kind.AMOUNT:
+            cell.value = major_units(int(value), currency or "")
+        elif kind == Kind.DECIMAL:
+            cell.value = Decimal(value)
+        else:
+            cell.value = value
+        return cell
+
     def header(self) -> None:
         self.sheet.append([self.cell(Column(c.title), c.title, None, bold=True) for c in self.table.columns])
 
@@ -174,7 +218,8 @@ class _Sheet:
         columns, index = self.table.columns, self.table.currency
         for row in chunk:
             code = row[index] if index is not None else None
-            self.sheet.append([self.cell(c, v, _currency_of(c, row, code)) for c, v in zip(columns, row, strict=True)])
+            self.sheet.append([self._value(i, c, v, _currency_of(c, row, code))
+                               for i, (c, v) in enumerate(zip(columns, row, strict=True))])
             if code is not None and any(c.total for c in columns):
                 sums = self.totals.setdefault(code, [0] * len(columns))
                 for i, column in enumerate(columns):
