@@ -36,6 +36,7 @@ SORT_OPTIONS = [
     ("status", "Status"),
 ]
 PAGE_SIZE = 20
+MAX_POLLS = 60  # one a second while a recorded payment reaches the invoice
 SETTLED = ("succeeded", "refunded", "partially_refunded")
 METHOD_OPTIONS = [("bank_transfer", "Bank transfer"), ("cash", "Cash"), ("cheque", "Cheque"), ("other", "Other")]
 Filter = Annotated[str | None, Query(max_length=100)]
@@ -179,7 +180,7 @@ async def form_totals(request: Request, session: AdminSession) -> Response:
     currency = await _currency_of(a, form.client_id)
     checked = check(form, currency, locale)
     checked.errors.pop("lines", None)  # "add a line" is said on saving, not while typing
-    return render(request, "partials/invoice_totals.html", {
+    return render(request, "partials/invoice_totals_inner.html", {
         "form": form, "currency": currency, "checked": checked, "errors": checked.errors, "oob": True,
     }, session=session)
 
@@ -355,7 +356,7 @@ async def _history(a: Api, invoice_id: str) -> tuple[list[Payment] | None, list[
 async def _detail(
     request: Request, session: AdminSession, invoice: Invoice, *, notice: str | None, error: str | None = None,
     pay_errors: dict[str, str] | None = None, pay_values: dict[str, str] | None = None,
-    confirm: str | None = None, status_code: int = 200, template: str = "invoice.html",
+    confirm: str | None = None, status_code: int = 200, template: str = "invoice.html", poll: int = 0,
 ) -> Response:
     a = api(request, session)
     locale = formatting.request_locale(request)
@@ -363,13 +364,14 @@ async def _detail(
     # A payment is applied to the invoice by the invoice service (over Kafka) a moment after it is
     # recorded: until the invoice's amountPaid has caught up, the page refreshes its live part.
     settled = sum(p.amount - p.amount_refunded for p in payments or () if p.status in SETTLED and not p.held)
-    waiting = payments is not None and settled != invoice.amount_paid
+    # (At most MAX_POLLS refreshes: a ledger that never matches must not keep the page busy forever.)
+    waiting = payments is not None and settled != invoice.amount_paid and poll < MAX_POLLS
     return render(request, template, {
         "invoice": invoice, "client": clients.get(invoice.client_id), "payments": payments, "emails": emails,
         "events": timeline(invoice, payments or [], emails or [], locale), "notice": notice, "error": error,
         "pay_errors": pay_errors or {}, "pay_values": pay_values or {"method": "bank_transfer",
                                                                      "date": date.today().isoformat()},
-        "method_options": METHOD_OPTIONS, "confirm": confirm, "waiting": waiting,
+        "method_options": METHOD_OPTIONS, "confirm": confirm, "waiting": waiting, "poll": poll,
     }, status_code=status_code, session=session)
 
 
@@ -384,14 +386,17 @@ async def invoice_detail(
     sent: Annotated[str | None, Query(max_length=5)] = None,
     paid: Annotated[str | None, Query(max_length=5)] = None,
     cancelled: Annotated[str | None, Query(max_length=5)] = None,
+    poll: Annotated[int, Query(ge=0, le=MAX_POLLS)] = 0,
 ) -> Response:
+    """`poll`: how many times the page has refreshed its live part while a payment was being applied."""
     found = await _invoice(request, session, invoice_id)
     if isinstance(found, Response):
         return found
     notice = next((NOTICES[k] for k, v in (("saved", saved), ("sent", sent), ("paid", paid),
                                             ("cancelled", cancelled)) if v), None)
     if is_htmx(request) and request.headers.get("hx-target") == "invoice-live":
-        return await _detail(request, session, found, notice=None, template="partials/invoice_live.html")
+        return await _detail(request, session, found, notice=None, template="partials/invoice_live.html",
+                             poll=poll)
     return await _detail(request, session, found, notice=notice)
 
 

@@ -7,6 +7,22 @@ document.addEventListener("htmx:configRequest", (event) => {
   if (meta && meta.content) event.detail.headers["X-CSRF-Token"] = meta.content;
 });
 
+// A form is sent once: a second click while the first submit is on its way does nothing (it would
+// record a payment twice). A page restored by the back button can be submitted again.
+document.addEventListener("submit", (event) => {
+  const form = event.target;
+  // getAttribute: a field named "method" (the payment form has one) shadows form.method.
+  if (!(form instanceof HTMLFormElement) || (form.getAttribute("method") || "").toLowerCase() !== "post") return;
+  if (form.dataset.submitting) {
+    event.preventDefault();
+    return;
+  }
+  form.dataset.submitting = "1";
+});
+window.addEventListener("pageshow", () => {
+  for (const form of document.querySelectorAll("form[data-submitting]")) delete form.dataset.submitting;
+});
+
 // A request htmx could not complete (the server is down, a 5xx): say so instead of doing nothing.
 document.addEventListener("htmx:responseError", (event) => {
   const status = event.detail.xhr ? event.detail.xhr.status : 0;

@@ -173,6 +173,14 @@ async def test_sign_in_sets_a_strict_session_cookie_and_refuses_client_logins(
         assert {"httponly", "path", "max-age"} <= attributes
         assert "samesite=lax" in cookie.lower() and "path=/admin" in cookie.lower()
         assert "secure" not in attributes  # GATEWAY_ADMIN_COOKIE_SECURE is off by default (plain http locally)
+        gateway_app.state.admin.cookie_secure = True
+        try:
+            secure = await http.post("/admin/login", data={"email": "admin@example.com", "password": "x",
+                                                          "csrf_token": token})
+        finally:
+            gateway_app.state.admin.cookie_secure = False
+        cookie = next(v for k, v in secure.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE))
+        assert "secure" in {part.strip().lower() for part in cookie.split(";")}
 
         http.cookies.delete(SESSION_COOKIE)
         client = await http.post("/admin/login", data={"email": "client@example.com", "password": "x",
