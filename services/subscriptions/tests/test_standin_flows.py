@@ -232,3 +232,52 @@ async def test_an_invoiced_retainer_waits_for_its_invoice(
     [invoice] = await asyncio.to_thread(standin_webhooks.wait_for, "invoice.finalized", 1, 20.0,
                                         customer=row.stripe_customer_id)
     assert invoice["data"]["object"]["amount_due"] == 100_000 and invoice["data"]["object"]["due_date"]
+
+
+async def test_credited_downgrade_and_interval_change_cost_what_the_preview_said(
+    standin_api: httpx.AsyncClient, stripe_standin: Any, bridge: StandinBridge, standin_webhooks: WebhookReceiver,
+) -> None:
+    api = standin_api
+    tag = uuid.uuid4().hex[:6]
+    plan = (await api.post("/api/plans", json={"name": f"Care {tag}", "prices": [
+        price_body(3_000), price_body(30_000, "year")]})).json()
+    small = (await api.post("/api/plans", json={"name": f"Lite {tag}", "prices": [price_body(1_000)]})).json()
+    monthly, yearly, lite = plan["prices"][0], plan["prices"][1], small["prices"][0]
+    client_id = uuid.uuid4()
+    created = await api.post("/api/subscriptions", json={"clientId": str(client_id), "priceId": monthly["id"],
+                                                         "quantity": 2})
+    assert created.status_code == 201, created.text
+    sub_id = created.json()["id"]
+    active = await mirror_for(api, client_id, lambda r: r.status == "active" and r.paid_through is not None)
+    assert active.current_period_end is not None and active.stripe_customer_id is not None
+    clock = datetime.fromisoformat((await api.get("/api/test-clock")).json()["frozenTime"])
+    await advance(api, stripe_standin, clock + timedelta(days=10))
+
+    # a downgrade credited to the next invoice: nothing due now; the renewal is what the preview said
+    body = (await api.get(f"/api/subscriptions/{sub_id}/change-preview",
+                          params={"priceId": lite["id"], "quantity": 1})).json()
+    assert (body["kind"], body["prorationBehavior"], body["amountDueNow"]) == ("downgrade", "create_prorations", 0)
+    changed = await api.post(f"/api/subscriptions/{sub_id}/change",
+                             json={"priceId": lite["id"], "quantity": 1, "prorationDate": body["prorationDate"]})
+    assert changed.status_code == 200, changed.text
+    await advance(api, stripe_standin, active.current_period_end + timedelta(hours=1))
+    renewal = [e["data"]["object"] for e in standin_webhooks.events("invoice.paid", customer=active.stripe_customer_id)
+               if e["data"]["object"]["billing_reason"] == "subscription_cycle"]
+    assert renewal and renewal[-1]["total"] == body["nextInvoiceTotal"]
+    renewed = await mirror_for(api, client_id, lambda r: r.current_period_start == active.current_period_end
+                               and r.paid_through is not None and r.paid_through > active.current_period_end)
+    assert renewed.mrr == 1_000 and renewed.quantity == 1
+
+    # month -> year restarts the cycle now: the unused month is credited, the year charged, all at once
+    body = (await api.get(f"/api/subscriptions/{sub_id}/change-preview", params={"priceId": yearly["id"]})).json()
+    assert (body["kind"], body["effective"]) == ("interval", "now")
+    changed = await api.post(f"/api/subscriptions/{sub_id}/change",
+                             json={"priceId": yearly["id"], "prorationDate": body["prorationDate"]})
+    assert changed.status_code == 200, changed.text
+    [invoice] = await asyncio.to_thread(standin_webhooks.wait_for, "invoice.paid", 1, 20.0,
+                                        billing_reason="subscription_update", customer=active.stripe_customer_id)
+    assert invoice["data"]["object"]["amount_paid"] == body["amountDueNow"]
+    assert any(line["amount"] == 30_000 for line in body["lines"])
+    yearly_row = await mirror_for(api, client_id, lambda r: r.interval == "year")
+    assert yearly_row.current_period_start == datetime.fromisoformat(body["prorationDate"])
+    assert yearly_row.mrr == 2_500
