@@ -55,6 +55,7 @@ ROUTES: list[Route] = [
     Route("/api/subscriptions", "subscriptions"),
     Route("/api/plans", "subscriptions"),
     Route("/api/billing-portal", "subscriptions"),
+    Route("/api/test-clock", "subscriptions"),  # admin, test mode only (the service refuses otherwise)
     # notifications
     Route("/api/notifications", "notifications"),
     Route("/api/reminders", "notifications"),
