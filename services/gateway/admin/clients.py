@@ -14,7 +14,7 @@ from kit.web import RequestUnitOfWork
 from services.gateway.admin import formatting
 from services.gateway.admin.api import ApiError
 from services.gateway.admin.auth import auth_service, invitation_token, unusable_password
-from services.gateway.admin.common import api, first_error, query_pairs, text
+from services.gateway.admin.common import api, first_error, idempotency_headers, query_pairs, text
 from services.gateway.admin.invoices import _uuid_or_none
 from services.gateway.admin.models import Client, Invoice, Page, Subscription
 from services.gateway.admin.web import AdminSession, Csrf, redirect, render
@@ -77,7 +77,7 @@ async def create_client(request: Request, session: AdminSession) -> Response:
     if values["tax_id"]:
         body["taxId"] = values["tax_id"]
     try:
-        client = await api(request, session).post(Client, "/api/clients", body)
+        client = await api(request, session).post(Client, "/api/clients", body, headers=idempotency_headers(raw))
     except ApiError as exc:
         fields = {CLIENT_FIELDS.get(k, "name"): _sentence(v) for k, v in exc.field_errors().items()}
         return _client_form(request, session, values, fields or {"name": first_error(exc)}, 422)

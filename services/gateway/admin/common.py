@@ -53,6 +53,12 @@ def query_pairs(request: Request, *, drop: Iterable[str] = ()) -> list[tuple[str
     return [(k, v) for k, v in request.query_params.multi_items() if v != "" and k not in dropped]
 
 
+def idempotency_headers(form: FormData) -> dict[str, str]:
+    """The form's idempotency key (rendered with it) as the services' `Idempotency-Key` header."""
+    key = text(form, "idempotency_key")
+    return {"Idempotency-Key": key} if 0 < len(key) <= 100 and key.isascii() and key.isprintable() else {}
+
+
 def first_error(exc: ApiError) -> str:
     """A service's refusal in one sentence for a person."""
     return exc.message if exc.message else "The request was refused."

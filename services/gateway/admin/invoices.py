@@ -15,7 +15,15 @@ from starlette.responses import Response
 from contracts.invoice import OPEN_STATUSES, InvoiceStatus
 from services.gateway.admin import formatting
 from services.gateway.admin.api import Api, ApiError
-from services.gateway.admin.common import api, clients_by_id, first_error, query_pairs, recent_clients, text
+from services.gateway.admin.common import (
+    api,
+    clients_by_id,
+    first_error,
+    idempotency_headers,
+    query_pairs,
+    recent_clients,
+    text,
+)
 from services.gateway.admin.formatting import MoneyInputError, parse_major
 from services.gateway.admin.invoice_form import Checked, InvoiceForm, api_errors, check
 from services.gateway.admin.models import Client, Invoice, Notification, Page, Payment
@@ -234,7 +242,7 @@ async def _save(request: Request, session: AdminSession, invoice: Invoice | None
     try:
         if invoice is None:
             body = {k: v for k, v in checked.body.items() if v is not None}
-            saved = await a.post(Invoice, "/api/invoices", body)
+            saved = await a.post(Invoice, "/api/invoices", body, headers=idempotency_headers(raw))
         else:
             saved = await a.put(Invoice, f"/api/invoices/{invoice.id}", checked.body)
     except ApiError as exc:
@@ -413,8 +421,10 @@ async def send_invoice(request: Request, session: AdminSession, invoice_id: str)
     found = await _invoice(request, session, invoice_id)
     if isinstance(found, Response):
         return found
+    form = await request.form()
     try:
-        await api(request, session).post(Invoice, f"/api/invoices/{found.id}/send", {})
+        await api(request, session).post(Invoice, f"/api/invoices/{found.id}/send", {},
+                                         headers=idempotency_headers(form))
     except ApiError as exc:
         return await _detail(request, session, found, notice=None, error=first_error(exc), status_code=422)
     return redirect(request, f"/admin/invoices/{found.id}?sent=1")
@@ -433,8 +443,10 @@ async def cancel_invoice(request: Request, session: AdminSession, invoice_id: st
     found = await _invoice(request, session, invoice_id)
     if isinstance(found, Response):
         return found
+    form = await request.form()
     try:
-        await api(request, session).post(Invoice, f"/api/invoices/{found.id}/cancel", {})
+        await api(request, session).post(Invoice, f"/api/invoices/{found.id}/cancel", {},
+                                         headers=idempotency_headers(form))
     except ApiError as exc:
         return await _detail(request, session, found, notice=None, error=first_error(exc), status_code=422)
     return redirect(request, f"/admin/invoices/{found.id}?cancelled=1")

@@ -1,9 +1,10 @@
 """Plans (create with prices, archive) and Subscriptions (subscribe a client, change plan with the
 proration preview, cancel, resume), through the subscriptions service.
 
-Each form carries an idempotency key made when it was shown, sent as `Idempotency-Key`: the service
-answers a repeated submit (a double click, a reload of the POST) with its first answer instead of
-creating a second subscription or charging a change twice.
+Each form carries an idempotency key made when it was shown (a fresh one each time it is shown, so a
+corrected form is a new request), sent as `Idempotency-Key`: the service answers a repeated submit (a
+double click, a reload of the POST) with its first answer instead of creating a second subscription
+or charging a change twice.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _plan_form(request: Request, session: AdminSession, values: dict[str, Any], 
                status_code: int = 200, failure: str | None = None) -> Response:
     return render(request, "plan_form.html", {
         "values": values, "errors": errors, "intervals": INTERVALS, "rows": PRICE_ROWS, "failure": failure,
-        "idempotency_key": values.get("idempotency_key") or str(uuid.uuid4()),
+        "idempotency_key": str(uuid.uuid4()),
     }, status_code=status_code, session=session)
 
 
@@ -217,7 +218,7 @@ async def _subscription_form(request: Request, session: AdminSession, values: di
         "values": values, "errors": errors, "failure": failure or price_failure,
         "price_options": [("", "Choose a plan and price…"), *prices],
         "client_options": [("", "Choose a client…")] + [(c.id, c.name) for c in clients],
-        "collection_options": COLLECTION, "idempotency_key": values.get("idempotency_key") or str(uuid.uuid4()),
+        "collection_options": COLLECTION, "idempotency_key": str(uuid.uuid4()),
     }, status_code=status_code, session=session)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,6 +85,8 @@ def make_environment() -> Environment:
     )
     formatting.install(env)
     env.tests["unavailable"] = lambda value: isinstance(value, Unavailable)
+    # A fresh key per rendered form: the same submission sent twice is one request to the service.
+    env.globals["new_idempotency_key"] = lambda: str(uuid.uuid4())
     env.filters["without"] = lambda pairs, key: [(k, v) for k, v in pairs if k != key]
     env.filters["with_cursor"] = lambda pairs, cursor: [*((k, v) for k, v in pairs if k != "cursor"),
                                                          ("cursor", cursor)]

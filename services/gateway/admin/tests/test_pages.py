@@ -280,11 +280,11 @@ async def test_the_totals_are_the_servers_and_bad_amounts_are_refused_next_to_th
         "client_id": jpy["id"], "line_description": "Work", "line_quantity": "1", "line_unit_price": "950.5",
         "line_discount": "", "line_tax_rate": "", "csrf_token": token})
     assert "JPY has no decimals" in yen.text
-    saved = await http.post("/admin/invoices", data={**form, "csrf_token": token})
+    saved = await http.post("/admin/invoices", data={**form, "csrf_token": token, "idempotency_key": "form-key-1"})
     assert saved.status_code == 303
     created = fake.requests[-1]
     assert created[0] == "POST" and created[1] == "/api/invoices"
-    assert created[2]["x-actor-role"] == "admin"
+    assert created[2]["x-actor-role"] == "admin" and created[2]["idempotency-key"] == "form-key-1"
     sent = __import__("json").loads(created[3])
     assert [i["unitPrice"] for i in sent["items"]] == [9500, 2000, 4000] and sent["discountPercent"] == "10"
 
