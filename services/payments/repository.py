@@ -289,7 +289,7 @@ class Repository:
             last_event_id=event_id, state={**(state or {}), "rank": rank},
         )
         stored_rank = func.coalesce(StripeObjectState.state["rank"].as_integer(), 0)
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=[StripeObjectState.object_id],
             set_={
                 "last_event_created": stmt.excluded.last_event_created,
@@ -302,4 +302,4 @@ class Repository:
                 and_(StripeObjectState.last_event_created == stmt.excluded.last_event_created, stored_rank <= rank),
             ),
         ).returning(StripeObjectState.object_id)
-        return (await self.session.execute(stmt)).first() is not None
+        return (await self.session.execute(upsert)).first() is not None

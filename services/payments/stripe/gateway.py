@@ -189,7 +189,7 @@ class StripeSdkGateway:
 
     async def list_prices(self, lookup_keys: list[str]) -> list[dict[str, Any]]:
         page = await self.client.v1.prices.list_async(
-            params={"lookup_keys": lookup_keys, "limit": 100, "active": True}  # type: ignore[typeddict-item]
+            params={"lookup_keys": lookup_keys, "limit": 100, "active": True}
         )
         return [_dict(p) for p in page.data]
 
