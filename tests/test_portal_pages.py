@@ -1,8 +1,9 @@
 """The client portal's pages as the gateway serves them: fast, no browser, no database.
 
 The gateway app runs in-process (httpx ASGI transport, no lifespan: nothing here touches its
-database); the payments upstream is the gateway tests' echo app on a real port, to show that
-`/portal/checkout/...` still reaches the payments service and is not shadowed by the portal.
+database); the payments upstream is the gateway tests' echo app on a real port, to show what is
+proxied to it and that no checkout page is (paying happens on Stripe's hosted pages, locally the
+Stripe stand-in's).
 """
 
 from __future__ import annotations
@@ -164,20 +165,19 @@ async def test_unknown_portal_paths_are_not_served(http: httpx.AsyncClient) -> N
     assert (await http.get("/portal/nothing-here")).status_code == 404
 
 
-async def test_the_stand_in_checkout_is_still_proxied_to_payments(
+async def test_no_checkout_page_is_proxied_to_payments_any_more(
     http: httpx.AsyncClient, payments_echo: Upstream
 ) -> None:
+    """The stand-in checkout moved out of the payments service into the Stripe stand-in's own process:
+    a checkout's URL is Stripe's (the stand-in's), so the gateway has no public /portal/checkout route."""
     page = await http.get("/portal/checkout/cs_test_123")
-    assert page.status_code == 200, page.text
-    assert page.headers["x-upstream"] == "payments"
-    seen = page.json()
-    assert seen["path"] == "/portal/checkout/cs_test_123"
-    assert seen["headers"]["x-actor-role"] == "anonymous"  # public route: no token needed
-
+    assert page.status_code == 404 and "x-upstream" not in page.headers
     pay = await http.post("/portal/checkout/cs_test_123/pay")
-    assert pay.headers["x-upstream"] == "payments"
-    assert pay.json()["method"] == "POST" and pay.json()["path"] == "/portal/checkout/cs_test_123/pay"
-    assert "content-security-policy" not in pay.headers  # the payments service's page, not ours
+    assert pay.status_code == 404 and "x-upstream" not in pay.headers
+
+    hook = await http.get("/webhooks/stripe")  # still public and proxied to payments
+    assert hook.headers["x-upstream"] == "payments" and hook.json()["path"] == "/webhooks/stripe"
+    assert hook.json()["headers"]["x-actor-role"] == "anonymous"  # public route: no token needed
 
 
 async def test_the_payments_return_urls_land_on_the_invoice_page(http: httpx.AsyncClient) -> None:
@@ -212,5 +212,5 @@ async def test_pages_accept_the_query_parameters_their_scripts_read_and_refuse_o
         assert response.status_code == 400, path
         assert response.json()["error"]["code"] == "unknown_query_parameter"
     # The proxy does not judge a query string: the service that owns the path does.
-    forwarded = await http.get("/portal/checkout/cs_test_123?anything=1")
+    forwarded = await http.get("/webhooks/stripe?anything=1")
     assert forwarded.headers["x-upstream"] == "payments"
