@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 from kit.actor import AdminActor
+from kit.db import Database
 from kit.errors import InvalidInput
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
@@ -197,8 +198,6 @@ async def reconciliation(_: AdminActor, reports: ReportsDep, currency: CurrencyF
 
 
 def build_runtime(settings: ReportingSettings | None = None) -> tuple[ServiceRuntime, LiveFeed | None]:
-    from kit.db import Database
-
     settings = settings or ReportingSettings()
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     runtime = ServiceRuntime(settings=settings, db=db, broker=make_broker(settings), migrations=MIGRATIONS)
