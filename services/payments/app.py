@@ -17,13 +17,14 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, status
 
 from kit.actor import AdminActor, CurrentActor
 from kit.db import Database
+from kit.idempotency import IdempotentRoute
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork
 from services.payments.config import PaymentsSettings
 from services.payments.consumers import register_consumers
 from services.payments.invoice_client import HttpInvoiceReader, InvoiceReader
-from services.payments.models import InboxEvent, OutboxMessage, Payment, Refund
+from services.payments.models import IdempotencyKey, InboxEvent, OutboxMessage, Payment, Refund
 from services.payments.repository import PaymentFilter
 from services.payments.schemas import (
     CheckoutOut,
@@ -90,7 +91,9 @@ def payment_out(payment: Payment, refunds: list[Refund] | None = None) -> Paymen
     )
 
 
-invoices = APIRouter(prefix="/api/invoices", tags=["payments"])
+# Every POST here records its Idempotency-Key with its effect (kit.idempotency): whatever timed out on
+# the way, a retry with the key replays the first payment instead of recording a second.
+invoices = APIRouter(prefix="/api/invoices", tags=["payments"], route_class=IdempotentRoute)
 payments = APIRouter(prefix="/api/payments", tags=["payments"])
 
 
@@ -159,7 +162,7 @@ def build_runtime(
 ) -> tuple[ServiceRuntime, PaymentsContext]:
     settings = settings or PaymentsSettings()
     db = Database(settings.database_url, outbox_model=OutboxMessage, inbox_model=InboxEvent,
-                  pool_size=settings.db_pool_size)
+                  idempotency_model=IdempotencyKey, pool_size=settings.db_pool_size)
     broker = make_broker(settings)
     register_consumers(broker, db, group_id=settings.consumer_group)
     reader = invoice_reader or HttpInvoiceReader(settings.invoice_url, settings.internal_token)

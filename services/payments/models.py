@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from contracts.invoice import InvoiceStatus
 from kit.db import InboxMixin, OutboxMixin
+from kit.idempotency import IdempotencyMixin
 
 
 class Base(DeclarativeBase):
@@ -40,6 +41,10 @@ class OutboxMessage(OutboxMixin, Base):
 
 class InboxEvent(InboxMixin, Base):
     pass
+
+
+class IdempotencyKey(IdempotencyMixin, Base):
+    """Idempotency-Keys of POSTs (mark-paid, checkout), recorded in the same transaction as their effect."""
 
 
 class InvoiceCopy(Base):
