@@ -30,6 +30,8 @@ from services.invoice.schemas import (
     ClientOut,
     InvoiceCreate,
     InvoiceOut,
+    InvoicePreview,
+    InvoicePreviewOut,
     InvoiceUpdate,
     LogoOut,
     OverdueScanRequest,
@@ -115,6 +117,8 @@ def invoice_out(invoice: Invoice) -> InvoiceOut:
 # Every POST of these routers records its Idempotency-Key with its effect (kit.idempotency).
 clients = APIRouter(prefix="/api/clients", tags=["clients"], route_class=IdempotentRoute)
 invoices = APIRouter(prefix="/api/invoices", tags=["invoices"], route_class=IdempotentRoute)
+# Reads that are POSTs (they take a body): nothing to deduplicate, so no Idempotency-Key is recorded.
+invoice_reads = APIRouter(prefix="/api/invoices", tags=["invoices"])
 template = APIRouter(prefix="/api/invoice-template", tags=["invoice template"])
 
 
@@ -139,6 +143,17 @@ async def get_client(client_id: uuid.UUID, svc: Service, actor: CurrentActor) ->
 @invoices.post("", status_code=status.HTTP_201_CREATED, response_model=InvoiceOut)
 async def create_invoice(body: InvoiceCreate, svc: Service, _: AdminActor) -> InvoiceOut:
     return invoice_out(await svc.create_invoice(body))
+
+
+@invoice_reads.post("/preview", response_model=InvoicePreviewOut)
+async def preview_invoice(body: InvoicePreview, svc: Service, _: AdminActor) -> InvoicePreviewOut:
+    """The totals of the draft `POST /api/invoices` would create from this body, computed by the
+    same rules and refused with the same 422s, saving nothing (no invoice, no event). `clientId` is
+    optional here: the currency is `currency`, else the client's (with neither, `currency` is
+    required). Answers the currency, subtotal, discountAmount, taxAmount, total and each line's
+    amount and taxAmount, in minor units. An Idempotency-Key is accepted and ignored."""
+    draft = await svc.preview_invoice(body)
+    return InvoicePreviewOut.model_validate(draft)
 
 
 @invoices.get("", response_model=Page[InvoiceOut])
@@ -372,7 +387,7 @@ def create_app(settings: InvoiceSettings | None = None) -> FastAPI:
         runtime,
         title="Invoice service",
         description="Clients, invoices, numbering, the invoice status machine, the invoice template and PDFs.",
-        routers=[clients, invoices, template],
+        routers=[clients, invoice_reads, invoices, template],
         max_body=MAX_BODY,
         # The logo upload reads its body itself, up to the logo's own limit (413 logo_too_large):
         # here only the room it may take at most.

@@ -23,7 +23,12 @@ MAX_AMOUNT = 10**15  # one quadrillion minor units: far above any real invoice, 
 
 
 class AmountError(ValueError):
-    """The numbers cannot make a valid invoice (e.g. a discount larger than the line)."""
+    """The numbers cannot make a valid invoice (e.g. a discount larger than the line). `field`: the
+    body field at fault, as the API names it (`items.0.discount`), when there is one."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def round_half_up(value: Decimal) -> int:
@@ -65,16 +70,17 @@ class Totals:
     total: int
 
 
-def _line_gross_and_discount(line: LineInput) -> tuple[int, int]:
+def _line_gross_and_discount(index: int, line: LineInput) -> tuple[int, int]:
     gross = round_half_up(line.quantity * line.unit_price)
     if line.discount_percent is not None:
         discount = round_half_up(gross * line.discount_percent / HUNDRED)
     else:
         discount = line.discount
+    field = f"items.{index}.{'discountPercent' if line.discount_percent is not None else 'discount'}"
     if discount < 0:
-        raise AmountError("A line discount cannot be negative.")
+        raise AmountError("A line discount cannot be negative.", field=field)
     if discount > gross:
-        raise AmountError("A line discount cannot exceed the line amount.")
+        raise AmountError("A line discount cannot exceed the line amount.", field=field)
     return gross, discount
 
 
@@ -99,17 +105,18 @@ def compute_totals(
     discount_percent: Decimal | None = None,
     tax_rate: Decimal | None = None,
 ) -> Totals:
-    grosses_discounts = [_line_gross_and_discount(line) for line in lines]
+    grosses_discounts = [_line_gross_and_discount(index, line) for index, line in enumerate(lines)]
     amounts = [gross - discount for gross, discount in grosses_discounts]
     subtotal = sum(amounts)
     if discount_percent is not None:
         discount_amount = round_half_up(subtotal * discount_percent / HUNDRED)
     else:
         discount_amount = discount_fixed
+    field = "discountPercent" if discount_percent is not None else "discountFixed"
     if discount_amount < 0:
-        raise AmountError("The invoice discount cannot be negative.")
+        raise AmountError("The invoice discount cannot be negative.", field=field)
     if discount_amount > subtotal:
-        raise AmountError("The invoice discount cannot exceed the subtotal.")
+        raise AmountError("The invoice discount cannot exceed the subtotal.", field=field)
     shares = allocate(discount_amount, amounts)
     results = []
     for line, (gross, discount), amount, share in zip(lines, grosses_discounts, amounts, shares, strict=True):

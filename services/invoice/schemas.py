@@ -7,8 +7,18 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 from services.invoice.money import MAX_AMOUNT, known_currencies
 from services.invoice.pdf import BankDetails, NormalizedLogo, TemplateSettings
@@ -113,6 +123,23 @@ class InvoiceCreate(InvoiceFields):
     _currency = field_validator("currency")(_check_currency)
 
 
+class InvoicePreview(InvoiceCreate):
+    """`POST /api/invoices/preview`: the create body, checked as create checks it, with `clientId`
+    optional. The currency is `currency`, else the client's; with neither, `currency` is required."""
+
+    client_id: uuid.UUID | None = None  # type: ignore[assignment]
+    currency: CurrencyCode | None = Field(default=None, validate_default=True)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency_or_client(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # clientId is validated before currency: absent from info.data when it was invalid (already
+        # an error of its own), None when it was not given.
+        if value is None and "client_id" in info.data and info.data["client_id"] is None:
+            raise PydanticCustomError("missing", "Field required when no clientId is given")
+        return value
+
+
 class InvoiceUpdate(InvoiceFields):
     """`PUT /api/invoices/{id}` on a draft. It accepts the body that created the draft (`clientId`
     included) and every field of it is optional: a field present replaces the stored value (`null`
@@ -176,6 +203,23 @@ class InvoiceOut(ApiModel):
     version: int
     created_at: datetime
     updated_at: datetime
+
+
+class PreviewItemOut(ApiModel):
+    amount: int
+    tax_amount: int
+
+
+class InvoicePreviewOut(ApiModel):
+    """What the draft of a preview body would hold: its currency and totals, each line's amount and
+    tax (in the body's order), in minor units."""
+
+    currency: str
+    subtotal: int
+    discount_amount: int
+    tax_amount: int
+    total: int
+    items: list[PreviewItemOut]
 
 
 class PaymentOut(ApiModel):

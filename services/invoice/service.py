@@ -23,7 +23,7 @@ from kit.pagination import PageRequest, PageResult
 from services.invoice.models import Client, Invoice, InvoiceItem, InvoicePayment
 from services.invoice.money import AmountError, LineInput, compute_totals, stripe_line_price, stripe_totals
 from services.invoice.repository import ClientRepository, InvoiceFilter, InvoiceRepository, TemplateRepository
-from services.invoice.schemas import ClientCreate, InvoiceCreate, InvoiceFields, InvoiceUpdate, ItemIn
+from services.invoice.schemas import ClientCreate, InvoiceCreate, InvoiceFields, InvoicePreview, InvoiceUpdate, ItemIn
 from services.invoice.status import OPEN, InvoiceStatus, can_transition
 
 log = structlog.get_logger(__name__)
@@ -169,15 +169,37 @@ class InvoiceService:
     # -- drafting --------------------------------------------------------------------------------
 
     async def create_invoice(self, data: InvoiceCreate) -> Invoice:
-        client = await self.clients.get(data.client_id)
+        client = await self._existing_client(data.client_id)
+        invoice = self._draft(data, client_id=client.id, currency=data.currency or client.currency)
+        invoice.client = client
+        self.invoices.add(invoice)
+        await self.uow.session.flush()
+        self._emit(invoice, InvoiceEventType.CREATED)
+        return invoice
+
+    async def preview_invoice(self, data: InvoicePreview) -> Invoice:
+        """The draft `create_invoice` would make of `data` (same checks, same refusals, same totals),
+        never saved: no row, no event. The currency is `data.currency`, else the client's."""
+        client = await self._existing_client(data.client_id) if data.client_id is not None else None
+        currency = data.currency or (client.currency if client is not None else None)
+        if currency is None:  # InvoicePreview refuses this already; kept so no draft lacks a currency
+            raise InvalidInput("Give a currency or a clientId.", details=[{"field": "currency"}])
+        return self._draft(data, client_id=data.client_id, currency=currency)
+
+    async def _existing_client(self, client_id: uuid.UUID) -> Client:
+        client = await self.clients.get(client_id)
         if client is None:
-            raise InvalidInput(f"Client {data.client_id} does not exist.", details=[{"field": "clientId"}])
+            raise InvalidInput(f"Client {client_id} does not exist.", details=[{"field": "clientId"}])
+        return client
+
+    def _draft(self, data: InvoiceCreate, *, client_id: uuid.UUID | None, currency: str) -> Invoice:
+        """A new draft of `data`, not yet in the session, its totals computed (InvalidInput if the
+        numbers cannot make an invoice)."""
         invoice = Invoice(
             id=uuid.uuid4(),
             status=S.DRAFT,
-            client_id=client.id,
-            client=client,
-            currency=data.currency or client.currency,
+            client_id=client_id,
+            currency=currency,
             discount_fixed=0,
             amount_paid=0,
             version=1,
@@ -185,9 +207,6 @@ class InvoiceService:
         )
         self._apply_fields(invoice, data)
         self._replace_items(invoice, data.items)
-        self.invoices.add(invoice)
-        await self.uow.session.flush()
-        self._emit(invoice, InvoiceEventType.CREATED)
         return invoice
 
     async def editable_draft(self, invoice_id: uuid.UUID) -> Invoice:
@@ -269,7 +288,10 @@ class InvoiceService:
                 tax_rate=invoice.tax_rate,
             )
         except AmountError as exc:
-            raise InvalidInput(str(exc), code="invalid_amounts") from exc
+            # The field at fault in details, as a body validation error names it (a form shows the
+            # message next to that field).
+            details = [{"field": exc.field, "message": str(exc)}] if exc.field else None
+            raise InvalidInput(str(exc), code="invalid_amounts", details=details) from exc
         for item, line in zip(invoice.items, totals.lines, strict=True):
             item.discount = line.discount
             item.amount = line.amount
