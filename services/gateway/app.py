@@ -147,7 +147,7 @@ async def proxy(request: Request) -> Response:
         claims = ctx.tokens.decode(token)
         actor = ForwardedActor(role=claims.role, user_id=claims.user_id, client_id=claims.client_id)
     body = await request.body()
-    return await ctx.upstreams.forward(request, route.upstream, body, actor)
+    return await ctx.upstreams.forward(request, route.upstream, body, actor, read_timeout=route.read_timeout)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -10,7 +10,7 @@ from urllib.parse import quote
 import httpx
 import structlog
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from kit.actor import CLIENT_HEADER, INTERNAL_TOKEN_HEADER, ROLE_HEADER, USER_HEADER
 from kit.errors import AppError
@@ -143,11 +143,11 @@ class UpstreamPool:
             out[CORRELATION_HEADER] = correlation_id
         return out
 
-    async def send(self, upstream: str, request: httpx.Request) -> httpx.Response:
+    async def send(self, upstream: str, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
         """Send with errors mapped to 503 (unreachable), 504 (too slow) or 502 (broken answer)."""
         client = self.client(upstream)
         try:
-            return await client.send(request)
+            return await client.send(request, stream=stream)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             log.warning("upstream_unreachable", upstream=upstream, error=repr(exc))
             raise UpstreamUnavailable(
@@ -162,7 +162,10 @@ class UpstreamPool:
             log.warning("upstream_broken_response", upstream=upstream, error=repr(exc))
             raise BadGateway(f"The {upstream} service gave no valid answer.", details={"service": upstream}) from exc
 
-    async def forward(self, request: Request, upstream: str, body: bytes, actor: ForwardedActor) -> Response:
+    async def forward(self, request: Request, upstream: str, body: bytes, actor: ForwardedActor, *,
+                      read_timeout: float | None = None) -> Response:
+        """Forward the request. A GET's answer is streamed through (a report export may be large);
+        other answers are read whole (the idempotency middleware stores them)."""
         client = self.client(upstream)
         raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
         query: bytes = request.scope.get("query_string") or b""
@@ -183,7 +186,14 @@ class UpstreamPool:
             headers.append(("X-Forwarded-Host", request.headers["host"]))
         headers.append(("Accept-Encoding", "identity"))
 
-        upstream_request = client.build_request(request.method, url, headers=headers, content=body)
+        timeout = None
+        if read_timeout is not None:
+            timeout = httpx.Timeout(client.timeout.connect, read=read_timeout, write=client.timeout.write,
+                                    pool=client.timeout.pool)
+        upstream_request = client.build_request(request.method, url, headers=headers, content=body,
+                                                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        if request.method == "GET":
+            return streamed_response(await self.send(upstream, upstream_request, stream=True))
         upstream_response = await self.send(upstream, upstream_request)
         return to_starlette_response(upstream_response, head=request.method == "HEAD")
 
@@ -212,15 +222,38 @@ class UpstreamPool:
         return response.json()
 
 
-def to_starlette_response(upstream: httpx.Response, *, head: bool = False) -> Response:
+def _response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
     drop = _RESPONSE_DROP | _connection_tokens(upstream.headers.get_list("connection"))
-    body = upstream.content
-    response = Response(content=b"" if head else body, status_code=upstream.status_code)
-    raw = [
+    return [
         (name.encode("latin-1"), value.encode("latin-1"))
         for name, value in upstream.headers.multi_items()
         if name.lower() not in drop
     ]
+
+
+def streamed_response(upstream: httpx.Response) -> Response:
+    """The upstream's answer passed through as it arrives (identity encoding was asked for, so the raw
+    bytes are the body and its Content-Length still holds), closed when done or abandoned."""
+    raw = _response_headers(upstream)
+    if "content-length" in upstream.headers:
+        raw.append((b"content-length", upstream.headers["content-length"].encode("latin-1")))
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        finally:  # also when the caller hangs up mid-way: give the pooled connection back
+            await upstream.aclose()
+
+    response = StreamingResponse(body(), status_code=upstream.status_code)
+    response.raw_headers = raw
+    return response
+
+
+def to_starlette_response(upstream: httpx.Response, *, head: bool = False) -> Response:
+    body = upstream.content
+    response = Response(content=b"" if head else body, status_code=upstream.status_code)
+    raw = _response_headers(upstream)
     status = upstream.status_code
     if head and "content-length" in upstream.headers:
         raw.append((b"content-length", upstream.headers["content-length"].encode("latin-1")))

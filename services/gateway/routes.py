@@ -24,6 +24,9 @@ class Route:
     auth: Auth = Auth.USER
     # Whether POSTs with an Idempotency-Key are deduplicated by the gateway.
     idempotency: bool = True
+    # Seconds to wait for the upstream's first byte, when longer than the gateway's default
+    # (a 200,000-row report export is computed before its first byte).
+    read_timeout: float | None = None
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -61,7 +64,7 @@ ROUTES: list[Route] = [
     Route("/api/reminders", "notifications"),
     Route("/t", "notifications", auth=Auth.PUBLIC),  # email open pixel and tracked links
     # reporting
-    Route("/api/reports", "reporting"),
+    Route("/api/reports", "reporting", read_timeout=300.0),
 ]
 
 
