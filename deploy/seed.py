@@ -2,8 +2,10 @@
 
     python -m deploy.seed [--gateway http://127.0.0.1:8000]
 
-Idempotent: when the demo client already exists, it does nothing. Creates two clients, a client
-login, and invoices in several states (draft, sent, part-paid, paid, overdue).
+Idempotent: when the demo client already exists, its data is left alone; the demo plan is created
+when no plan of its name exists. Creates two clients, a client login, invoices in several states
+(draft, sent, part-paid, paid, overdue) and the plan "Maintenance" (monthly and yearly, in the demo
+client's currency, 14 trial days) that the client can subscribe to from the portal's Subscription page.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from datetime import date, timedelta
 from typing import Any
 
 import httpx
+from babel.numbers import get_currency_precision
 
 DEMO_CLIENT_EMAIL = "accounts@acme-studio.example.com"
 CLIENT_LOGIN = ("client@example.com", "client-password")
+DEMO_PLAN = "Maintenance"
+DEMO_PLAN_TRIAL_DAYS = 14
+# In the demo client's currency (whole units): 150 a month, or 1,500 a year (two months free).
+DEMO_PLAN_PRICES = {"month": 150, "year": 1_500}
 
 
 class Seeder:
@@ -37,18 +44,52 @@ class Seeder:
 
     def clients(self) -> Iterator[dict[str, Any]]:
         """Every client, following the list's cursor page by page."""
+        return self.pages("/api/clients")
+
+    def pages(self, path: str) -> Iterator[dict[str, Any]]:
+        """Every item of a cursor-paged list."""
         params: dict[str, Any] = {"limit": 100}
         while True:
-            page = self.call("GET", "/api/clients", params=params)
+            page = self.call("GET", path, params=params)
             yield from page["items"]
             if page["nextCursor"] is None:
                 return
             params["cursor"] = page["nextCursor"]
 
     def run(self) -> None:
-        if any(c["email"] == DEMO_CLIENT_EMAIL for c in self.clients()):
+        demo = next((c for c in self.clients() if c["email"] == DEMO_CLIENT_EMAIL), None)
+        if demo is not None:
             print("[seed] demo data already present")
+        else:
+            demo = self.demo_data()
+        try:
+            self.demo_plan(str(demo["currency"]))
+        except RuntimeError as exc:  # subscriptions service not running: the rest of the demo still stands
+            print(f"[seed] demo plan skipped: {exc}")
+
+    def demo_plan(self, currency: str) -> None:
+        """The plan the demo client can subscribe to (a re-run finds it by name and leaves it)."""
+        if any(plan["name"] == DEMO_PLAN for plan in self.pages("/api/plans")):
+            print(f"[seed] plan {DEMO_PLAN!r} already present")
             return
+        code = currency.upper()
+        minor = 10 ** get_currency_precision(code)  # the API takes minor units: 100 for EUR, 1 for JPY
+        prices = [
+            {"currency": code, "amount": amount * minor, "interval": interval, "trialDays": DEMO_PLAN_TRIAL_DAYS,
+             "lookupKey": f"demo_maintenance_{interval}ly_{code.lower()}"}
+            for interval, amount in DEMO_PLAN_PRICES.items()
+        ]
+        self.call("POST", "/api/plans", json={
+            "name": DEMO_PLAN,
+            "description": "Website care: updates, backups and small changes, every month.",
+            "features": ["Security updates and uptime monitoring", "Daily backups",
+                         "Up to 4 hours of changes a month", "Next-business-day support"],
+            "prices": prices,
+        })
+        print(f"[seed] plan {DEMO_PLAN!r} created: {DEMO_PLAN_PRICES['month']:,} {code} a month or "
+              f"{DEMO_PLAN_PRICES['year']:,} {code} a year, {DEMO_PLAN_TRIAL_DAYS}-day trial")
+
+    def demo_data(self) -> dict[str, Any]:
         acme = self.call(
             "POST",
             "/api/clients",
@@ -110,6 +151,7 @@ class Seeder:
         except RuntimeError as exc:  # payments service not running: the rest of the demo still stands
             print(f"[seed] payments skipped: {exc}")
         print(f"[seed] demo data created: 2 clients, 5 invoices, client login {CLIENT_LOGIN[0]}")
+        return acme  # type: ignore[no-any-return]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Stripe stand-in's).
 
 from __future__ import annotations
 
+import inspect
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -22,8 +23,10 @@ from services.gateway.app import create_app
 from services.gateway.tests.conftest import make_settings, serve
 from services.gateway.tests.upstream_app import Upstream, build_upstream_app
 from services.payments.config import PaymentsSettings
+from services.subscriptions.config import SubscriptionsSettings
+from services.subscriptions.service import SubscriptionService
 
-PAGES = ["/portal/login", "/portal/invoices", f"/portal/invoices/{uuid.uuid4()}"]
+PAGES = ["/portal/login", "/portal/invoices", f"/portal/invoices/{uuid.uuid4()}", "/portal/subscription"]
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +208,51 @@ async def test_pages_accept_the_query_parameters_their_scripts_read_and_refuse_o
 ) -> None:
     invoice_id = uuid.uuid4()
     for path in ("/portal/login?next=%2Fportal%2Finvoices", "/portal/invoices?page=2",
-                 f"/portal/invoices/{invoice_id}?checkout=cancelled"):
+                 f"/portal/invoices/{invoice_id}?checkout=cancelled",
+                 "/portal/subscription?checkout=success&session_id=cs_test_1", "/portal/subscription?checkout=cancel"):
         assert (await http.get(path)).status_code == 200, path
-    for path in ("/portal/login?nxt=/portal", "/portal/invoices?pageSize=50", f"/portal/invoices/{invoice_id}?x=1"):
+    for path in ("/portal/login?nxt=/portal", "/portal/invoices?pageSize=50", f"/portal/invoices/{invoice_id}?x=1",
+                 "/portal/subscription?plan=1"):
         response = await http.get(path)
         assert response.status_code == 400, path
         assert response.json()["error"]["code"] == "unknown_query_parameter"
     # The proxy does not judge a query string: the service that owns the path does.
     forwarded = await http.get("/webhooks/stripe?anything=1")
     assert forwarded.headers["x-upstream"] == "payments"
+
+
+async def test_the_subscription_returns_land_on_the_subscription_page(http: httpx.AsyncClient) -> None:
+    """The subscriptions service sends Checkout back to `{portal_url}/subscription?checkout=success&
+    session_id={CHECKOUT_SESSION_ID}` (or `?checkout=cancel`), and the billing portal to `/subscription`."""
+    settings = SubscriptionsSettings(public_url="http://portal.test")
+    assert urlsplit(settings.portal_url).path.rstrip("/") == "/portal"
+    source = "".join(inspect.getsource(f) for f in (SubscriptionService.start_checkout,
+                                                    SubscriptionService.portal_session))
+    assert "/subscription?checkout=success&session_id={{CHECKOUT_SESSION_ID}}" in source
+    assert "/subscription?checkout=cancel" in source and "/subscription\"" in source
+    for query in ("", "?checkout=success&session_id=cs_test_abc", "?checkout=cancel"):
+        response = await http.get(f"/portal/subscription{query}")
+        assert response.status_code == 200
+        assert 'src="/portal/static/subscription.js"' in response.text
+    script = portal.STATIC["subscription.js"][0].decode()
+    assert 'params.get("checkout")' in script and '"success"' in script and '"cancel"' in script
+
+
+@pytest.mark.parametrize("path", ["/portal/invoices", f"/portal/invoices/{uuid.uuid4()}", "/portal/subscription"])
+async def test_every_page_links_the_invoices_and_the_subscription(http: httpx.AsyncClient, path: str) -> None:
+    text = (await http.get(path)).text
+    assert 'href="/portal/invoices"' in text and 'href="/portal/subscription"' in text
+
+
+def test_the_subscription_script_sends_every_post_with_an_idempotency_key_and_the_bearer_token() -> None:
+    """The portal's CSRF defence: the API takes the bearer token from sessionStorage, sent by the script in
+    a header (never a cookie a forged cross-site form could carry); each POST carries an Idempotency-Key."""
+    script = portal.STATIC["subscription.js"][0].decode()
+    shared = portal.STATIC["portal.js"][0].decode()
+    assert "init.headers.Authorization = `Bearer ${current}`" in shared and "credentials" not in shared
+    assert "fetch(" not in script  # every request goes through api(), which adds the token
+    posts = re.findall(r'method: "POST"', script)
+    assert len(posts) == 1 and '"Idempotency-Key": key' in script  # one helper makes every POST
+    for action in ("change", "cancel", "resume"):
+        assert f"post(`/api/subscriptions/${{encodeURIComponent(s.id)}}/{action}`" in script, action
+    assert 'post("/api/billing-portal")' in script and 'post("/api/subscriptions/checkout"' in script

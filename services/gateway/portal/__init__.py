@@ -109,6 +109,14 @@ async def invoice_page(
     return page("invoice")
 
 
+@router.api_route("/subscription", methods=METHODS)
+@router.api_route("/subscription/", methods=METHODS)
+async def subscription_page(checkout: ScriptParam = None, session_id: ScriptParam = None) -> Response:
+    """The client's subscription. `checkout=success&session_id=...|cancel`: the return from a
+    subscription Checkout (the subscriptions service builds it); the billing portal returns here too."""
+    return page("subscription")
+
+
 @router.api_route("/static/{name}", methods=METHODS)
 async def static_asset(name: str, request: Request) -> Response:
     asset = STATIC.get(name)

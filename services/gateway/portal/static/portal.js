@@ -152,6 +152,15 @@ export function formatDate(value) {
   return dateFormat.format(new Date(Date.UTC(+match[1], +match[2] - 1, +match[3])));
 }
 
+// A moment from the API ("2026-03-01T10:00:00Z") as the day it falls on where the reader is.
+const dayFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium" });
+
+export function formatDay(value) {
+  if (!value) return "—";
+  const date = new Date(value);
+  return Number.isNaN(date.getTime()) ? String(value) : dayFormat.format(date);
+}
+
 export function formatDateTime(value) {
   if (!value) return "—";
   const date = new Date(value);
