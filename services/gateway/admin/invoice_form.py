@@ -1,8 +1,10 @@
 """The invoice form: what a person typed -> the invoice API's body, field errors in plain words, totals.
 
-The totals shown while typing are computed by the invoice service's own arithmetic
-(services.invoice.money: pure functions, no I/O), so the figures on the form are the figures the
-saved draft will have; the browser never adds anything up.
+Here only the typing is judged (numbers, dates, amounts in major units by the currency's exponent).
+The money rules (line amounts, discounts, tax, what may exceed what) are the invoice service's: the
+totals shown while typing are its answer to `POST /api/invoices/preview` for the body the form would
+save, and its refusals are shown next to their fields. So the figures on the form are the figures the
+saved draft will have; neither the gateway nor the browser adds anything up.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 from starlette.datastructures import FormData
 
 from services.gateway.admin import formatting
+from services.gateway.admin.api import Api, ApiError
 from services.gateway.admin.formatting import MoneyInputError, parse_decimal_input, parse_major
-from services.gateway.admin.models import Invoice
-from services.invoice.money import AmountError, LineInput, Totals, compute_totals, round_half_up
+from services.gateway.admin.models import Invoice, InvoiceTotals
 
 LINE_FIELDS = ("description", "quantity", "unit_price", "discount", "tax_rate")
 MAX_LINES = 200
 HUNDRED = Decimal(100)
+PREVIEW_PATH = "/api/invoices/preview"
 
 
 @dataclass
@@ -114,13 +117,16 @@ class InvoiceForm:
 
 @dataclass
 class Checked:
-    """The form judged: the API body when it is valid, the errors per field id, the totals when computable."""
+    """The form judged: the API body when it is valid, the errors per field id, and (after
+    `add_totals`) the invoice service's totals when it could give them."""
 
     body: dict[str, Any] | None
     errors: dict[str, str]
-    totals: Totals | None
-    line_amounts: dict[int, int]  # form line index -> its amount
+    draft: dict[str, Any]  # the body without the fields in error, for the preview
     api_lines: list[int]  # API item index -> form line index
+    totals: InvoiceTotals | None = None
+    line_amounts: dict[int, int] = field(default_factory=dict)  # form line index -> its amount
+    totals_failure: str | None = None  # why the service gave no totals (down, or a refusal of no field)
 
 
 def line_key(index: int, name: str) -> str:
@@ -147,7 +153,6 @@ def check(form: InvoiceForm, currency: str | None, locale: str, *, require_clien
     if require_client and not form.client_id:
         errors["client_id"] = "Choose a client."
     items: list[dict[str, Any]] = []
-    inputs: list[LineInput] = []
     api_lines: list[int] = []
     for i, line in enumerate(form.lines):
         if line.blank():
@@ -191,17 +196,12 @@ def check(form: InvoiceForm, currency: str | None, locale: str, *, require_clien
         if bad:
             continue
         assert quantity is not None
-        gross = round_half_up(quantity * unit_price)
-        if discount > gross:
-            errors[line_key(i, "discount")] = "The discount is more than the line."
-            continue
         item: dict[str, Any] = {"description": description, "quantity": str(quantity), "unitPrice": unit_price}
         if discount:
             item["discount"] = discount
         if rate is not None:
             item["taxRate"] = str(rate)
         items.append(item)
-        inputs.append(LineInput(quantity=quantity, unit_price=unit_price, discount=discount, tax_rate=rate))
         api_lines.append(i)
 
     body: dict[str, Any] = {"items": items}
@@ -237,23 +237,34 @@ def check(form: InvoiceForm, currency: str | None, locale: str, *, require_clien
     if not items and not any(k.startswith("line-") for k in errors):
         errors["lines"] = "Add at least one line with a description and a unit price."
 
-    totals: Totals | None = None
-    line_amounts: dict[int, int] = {}
-    if currency is not None and not any(k.startswith("line-") for k in errors):
-        try:
-            totals = compute_totals(inputs, discount_fixed=discount_fixed, discount_percent=discount_percent,
-                                    tax_rate=invoice_rate)
-            line_amounts = {api_lines[n]: result.amount for n, result in enumerate(totals.lines)}
-        except AmountError as exc:
-            errors["discount"] = _amount_error(str(exc))
-    return Checked(body=None if errors else body, errors=errors, totals=totals, line_amounts=line_amounts,
-                   api_lines=api_lines)
+    # A field in error is left out of the preview (its value is not known), the others are sent as
+    # they would be saved: the totals still show while, say, the due date is being corrected.
+    draft = {k: v for k, v in body.items()
+             if v is not None and (k not in _API_FIELDS or _API_FIELDS[k] not in errors)}
+    return Checked(body=None if errors else body, errors=errors, draft=draft, api_lines=api_lines)
 
 
-def _amount_error(message: str) -> str:
-    if "subtotal" in message:
-        return "The discount is more than the invoice's lines."
-    return message
+async def add_totals(api: Api, checked: Checked, currency: str | None) -> Checked:
+    """The invoice service's totals for the form as typed (`POST /api/invoices/preview` with the body
+    the form would save), each line's amount with them. Nothing is asked while the currency is not
+    known or a line is in error (its amount would be a guess). The service's refusals join the
+    errors next to their field (a message the form already shows for a field stays)."""
+    if currency is None or any(k.startswith("line-") for k in checked.errors):
+        return checked
+    try:
+        totals = await api.post(InvoiceTotals, PREVIEW_PATH, checked.draft)
+    except ApiError as exc:
+        placed = api_errors(exc.field_errors(), checked.api_lines) if exc.status == 422 else {}
+        for key, message in placed.items():
+            checked.errors.setdefault(key, message)
+        if not placed:
+            checked.totals_failure = ("The invoice service is not available right now." if exc.unavailable
+                                      else exc.message or "The totals cannot be computed.")
+        return checked
+    checked.totals = totals
+    checked.line_amounts = {checked.api_lines[n]: item.amount
+                            for n, item in enumerate(totals.items) if n < len(checked.api_lines)}
+    return checked
 
 
 # The invoice service's field paths (its 422 details) -> our field ids.

@@ -25,7 +25,7 @@ from services.gateway.admin.common import (
     text,
 )
 from services.gateway.admin.formatting import MoneyInputError, parse_major
-from services.gateway.admin.invoice_form import Checked, InvoiceForm, api_errors, check
+from services.gateway.admin.invoice_form import Checked, InvoiceForm, add_totals, api_errors, check
 from services.gateway.admin.models import Client, Invoice, Notification, Page, Payment
 from services.gateway.admin.web import AdminSession, Csrf, is_htmx, redirect, render
 
@@ -160,7 +160,7 @@ async def _form_page(
         clients = [*(await clients_by_id(a, [invoice.client_id])).values(), *clients]
     currency = await _currency_of(a, form.client_id, clients) if form.client_id else None
     if checked is None:
-        checked = check(form, currency, locale, require_client=False)
+        checked = await add_totals(a, check(form, currency, locale, require_client=False), currency)
         checked.errors = {}  # a fresh form shows no errors until it is typed in or saved
     return render(request, "invoice_form.html", {
         "form": form, "invoice": invoice, "clients": clients, "currency": currency,
@@ -186,7 +186,7 @@ async def form_totals(request: Request, session: AdminSession) -> Response:
     a = api(request, session)
     locale = formatting.request_locale(request)
     currency = await _currency_of(a, form.client_id)
-    checked = check(form, currency, locale)
+    checked = await add_totals(a, check(form, currency, locale), currency)
     checked.errors.pop("lines", None)  # "add a line" is said on saving, not while typing
     return render(request, "partials/invoice_totals_inner.html", {
         "form": form, "currency": currency, "checked": checked, "errors": checked.errors, "oob": True,
@@ -208,7 +208,8 @@ async def form_lines(request: Request, session: AdminSession) -> Response:
         focus = min(int(op[7:]), len(form.lines) - 1)
     a = api(request, session)
     currency = await _currency_of(a, form.client_id)
-    checked = check(form, currency, formatting.request_locale(request), require_client=False)
+    checked = await add_totals(a, check(form, currency, formatting.request_locale(request), require_client=False),
+                               currency)
     checked.errors = {}
     return render(request, "partials/invoice_lines.html", {
         "form": form, "currency": currency, "checked": checked, "errors": {}, "focus": focus,
@@ -238,6 +239,7 @@ async def _save(request: Request, session: AdminSession, invoice: Invoice | None
         return await _form_page(request, session, form, invoice=invoice, checked=checked, status_code=422)
     checked = check(form, currency, locale)
     if checked.body is None:
+        await add_totals(a, checked, currency)  # the totals of what is right so far, beside the errors
         return await _form_page(request, session, form, invoice=invoice, checked=checked, status_code=422)
     try:
         if invoice is None:
@@ -247,6 +249,8 @@ async def _save(request: Request, session: AdminSession, invoice: Invoice | None
             saved = await a.put(Invoice, f"/api/invoices/{invoice.id}", checked.body)
     except ApiError as exc:
         if exc.status == 422:
+            # The service's own refusal (e.g. a discount above its line), next to the field at fault;
+            # the preview of the same body would refuse it the same way, so no totals are asked.
             checked.errors.update(api_errors(exc.field_errors(), checked.api_lines) or {"form": first_error(exc)})
             return await _form_page(request, session, form, invoice=invoice, checked=checked, status_code=422)
         return await _form_page(request, session, form, invoice=invoice, checked=checked, status_code=422,

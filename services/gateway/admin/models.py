@@ -88,6 +88,22 @@ class Invoice(Wire):
         return self.status in (InvoiceStatus.DRAFT, InvoiceStatus.SENT, InvoiceStatus.VIEWED, InvoiceStatus.OVERDUE)
 
 
+class InvoiceTotalsLine(Wire):
+    amount: int
+    tax_amount: int = 0
+
+
+class InvoiceTotals(Wire):
+    """`POST /api/invoices/preview`: the totals the invoice service would store for a body."""
+
+    currency: str
+    subtotal: int
+    discount_amount: int
+    tax_amount: int
+    total: int
+    items: list[InvoiceTotalsLine] = []
+
+
 class Payment(Wire):
     id: str
     invoice_id: str

@@ -10,13 +10,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
-from services.invoice.money import LineInput, compute_totals
 
 
 def _now() -> str:
@@ -31,6 +29,7 @@ class FakeServices:
     requests: list[tuple[str, str, dict[str, str], Any]] = field(default_factory=list)
     reporting_up: bool = True
     subscriptions_up: bool = True
+    preview_up: bool = True
     template_version: int = 0
     url: str = ""
 
@@ -40,31 +39,58 @@ class FakeServices:
                              "currency": currency, "taxId": None, "createdAt": _now()}
         return self.clients[cid]
 
+    def totals(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The preview's answer for a create body: the same shape as the invoice service's, figures
+        by a plain rule of the fake's own (line = quantity × price − discount, the invoice discount
+        off the subtotal, tax on each line's amount less its share of that discount)."""
+        currency = body.get("currency") or self.clients[body["clientId"]]["currency"]
+        items = body.get("items", [])
+        amounts = [_round(Decimal(i.get("quantity", "1")) * i["unitPrice"]) - i.get("discount", 0) for i in items]
+        subtotal = sum(amounts)
+        pct = body.get("discountPercent")
+        discount = _round(subtotal * Decimal(pct) / 100) if pct is not None else body.get("discountFixed") or 0
+        taxes = []
+        for item, amount in zip(items, amounts, strict=True):
+            rate = item.get("taxRate") if item.get("taxRate") is not None else body.get("taxRate")
+            net = amount - (Decimal(discount * amount) / subtotal if subtotal else 0)
+            taxes.append(_round(net * Decimal(rate) / 100) if rate is not None else 0)
+        return {"currency": currency, "subtotal": subtotal, "discountAmount": discount, "taxAmount": sum(taxes),
+                "total": subtotal - discount + sum(taxes),
+                "items": [{"amount": a, "taxAmount": t} for a, t in zip(amounts, taxes, strict=True)]}
+
+    def refusal(self, body: dict[str, Any]) -> JSONResponse | None:
+        """The invoice service's 422s that the admin pages must place next to a field."""
+        if body.get("clientId") is not None and body["clientId"] not in self.clients:
+            return _error(422, "validation_error", "Client does not exist.", [{"field": "clientId"}])
+        for n, item in enumerate(body.get("items", [])):
+            if item.get("discount", 0) > _round(Decimal(item.get("quantity", "1")) * item["unitPrice"]):
+                message = "A line discount cannot exceed the line amount."
+                return _error(422, "invalid_amounts", message, [{"field": f"items.{n}.discount", "message": message}])
+        return None
+
     def build_invoice(self, body: dict[str, Any], invoice_id: str | None = None) -> dict[str, Any]:
         client = self.clients[body["clientId"]]
         items = body.get("items", [])
-        lines = [LineInput(quantity=Decimal(i.get("quantity", "1")), unit_price=i["unitPrice"],
-                           discount=i.get("discount", 0),
-                           tax_rate=Decimal(i["taxRate"]) if i.get("taxRate") is not None else None) for i in items]
-        rate = Decimal(body["taxRate"]) if body.get("taxRate") is not None else None
-        pct = Decimal(body["discountPercent"]) if body.get("discountPercent") is not None else None
-        totals = compute_totals(lines, discount_fixed=body.get("discountFixed") or 0, discount_percent=pct,
-                                tax_rate=rate)
+        totals = self.totals(body)
         iid = invoice_id or str(uuid.uuid4())
         return {
             "id": iid, "invoiceNumber": None, "status": "DRAFT", "currency": client["currency"],
-            "subtotal": totals.subtotal, "discountAmount": totals.discount_amount,
+            "subtotal": totals["subtotal"], "discountAmount": totals["discountAmount"],
             "discountPercent": body.get("discountPercent"), "discountFixed": body.get("discountFixed") or 0,
-            "taxRate": body.get("taxRate"), "taxAmount": totals.tax_amount, "total": totals.total,
-            "amountPaid": 0, "amountDue": totals.total, "issueDate": None, "dueDate": body.get("dueDate"),
+            "taxRate": body.get("taxRate"), "taxAmount": totals["taxAmount"], "total": totals["total"],
+            "amountPaid": 0, "amountDue": totals["total"], "issueDate": None, "dueDate": body.get("dueDate"),
             "paidAt": None, "clientId": client["id"], "projectId": body.get("projectId"),
             "items": [{"id": str(uuid.uuid4()), "description": i["description"], "quantity": i.get("quantity", "1"),
                        "unitPrice": i["unitPrice"], "discount": i.get("discount", 0), "discountPercent": None,
-                       "taxRate": i.get("taxRate"), "amount": r.amount}
-                      for i, r in zip(items, totals.lines, strict=True)],
+                       "taxRate": i.get("taxRate"), "amount": r["amount"]}
+                      for i, r in zip(items, totals["items"], strict=True)],
             "notes": body.get("notes"), "stripeInvoiceId": None, "stripeCheckoutSessionId": None, "version": 1,
             "createdAt": _now(), "updatedAt": _now(),
         }
+
+
+def _round(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def _page(items: list[Any]) -> dict[str, Any]:
@@ -111,9 +137,20 @@ def build_fake_services(state: FakeServices) -> FastAPI:
             items = [i for i in items if i["clientId"] == client_id]
         return _page(items)
 
+    @app.post("/api/invoices/preview")
+    async def preview_invoice(request: Request) -> Any:
+        if not state.preview_up:
+            return _error(503, "service_unavailable", "down")
+        body = await request.json()
+        return state.refusal(body) or state.totals(body)
+
     @app.post("/api/invoices", status_code=201)
     async def create_invoice(request: Request) -> Any:
-        invoice = state.build_invoice(await request.json())
+        body = await request.json()
+        refused = state.refusal(body)
+        if refused is not None:
+            return refused
+        invoice = state.build_invoice(body)
         state.invoices[invoice["id"]] = invoice
         return invoice
 

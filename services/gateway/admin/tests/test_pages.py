@@ -7,6 +7,7 @@ the real services runs in a real browser in tests/test_admin_browser.py.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -287,6 +288,51 @@ async def test_the_totals_are_the_servers_and_bad_amounts_are_refused_next_to_th
     assert created[2]["x-actor-role"] == "admin" and created[2]["idempotency-key"] == "form-key-1"
     sent = __import__("json").loads(created[3])
     assert [i["unitPrice"] for i in sent["items"]] == [9500, 2000, 4000] and sent["discountPercent"] == "10"
+
+
+async def test_the_totals_and_the_amount_refusals_are_the_invoice_services_preview(
+    http: httpx.AsyncClient, gateway_app: Any, fake: FakeServices
+) -> None:
+    sign_in(http, gateway_app)
+    eur = fake.add_client("Preview EUR")
+    token = await csrf_token(http)
+    form = {"client_id": eur["id"], "line_description": ["Design", "Hosting"], "line_quantity": ["2", "1"],
+            "line_unit_price": ["95.00", "20"], "line_discount": ["", "50"], "line_tax_rate": ["", ""],
+            "discount_kind": "amount", "discount": "", "tax_rate": "", "due_date": "not a date",
+            "csrf_token": token}
+    before = len(fake.requests)
+    refused = await http.post("/admin/invoices/form/totals", data=form, headers={"HX-Request": "true"})
+    asked = [r for r in fake.requests[before:] if r[1] == "/api/invoices/preview"]
+    assert [r[0] for r in asked] == ["POST"] and asked[0][2]["x-actor-role"] == "admin"
+    sent = json.loads(asked[0][3])
+    # the body the form would save, the field in error (the due date) left out
+    assert sent["clientId"] == eur["id"] and "dueDate" not in sent
+    assert [(i["unitPrice"], i.get("discount")) for i in sent["items"]] == [(9500, None), (2000, 5000)]
+    # the service's refusal, next to the line's discount; no totals then
+    assert re.search(r'id="err-line-1-discount"[^>]*hx-swap-oob="true">'
+                     r'A line discount cannot exceed the line amount\.<', refused.text)
+    assert 'data-testid="totals-pending"' in refused.text and 'data-testid="subtotal"' not in refused.text
+    assert re.search(r'id="err-due_date"[^>]*hx-swap-oob="true">Enter a date', refused.text)
+
+    fixed = await http.post("/admin/invoices/form/totals", data={**form, "line_discount": ["", "5"]},
+                            headers={"HX-Request": "true"})
+    assert 'data-testid="subtotal">€205.00<' in fixed.text  # the preview's figures, due date still in error
+    assert re.search(r'id="line-0-amount"[^>]*hx-swap-oob="true">€190.00<', fixed.text)
+    assert re.search(r'id="line-1-amount"[^>]*hx-swap-oob="true">€15.00<', fixed.text)
+
+    invoices = len(fake.invoices)
+    saved = await http.post("/admin/invoices", data={**form, "due_date": "", "idempotency_key": "preview-key-1"})
+    assert saved.status_code == 422 and len(fake.invoices) == invoices
+    assert re.search(r'id="err-line-1-discount"[^>]*>A line discount cannot exceed the line amount\.<', saved.text)
+
+    fake.preview_up = False
+    try:
+        down = await http.post("/admin/invoices/form/totals", data={**form, "line_discount": ["", "5"]},
+                               headers={"HX-Request": "true"})
+    finally:
+        fake.preview_up = True
+    assert down.status_code == 200
+    assert 'data-testid="totals-unavailable">The invoice service is not available right now.<' in down.text
 
 
 async def test_an_overpayment_is_refused_next_to_the_amount_with_what_is_due(
