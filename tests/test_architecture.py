@@ -26,11 +26,7 @@ SKIPPED_DIRS = {"__pycache__", ".venv", ".run", "node_modules"}
 
 # Imports of a service that exist today and are not the service code's to fix, each with why and
 # who fixes it. The test fails as soon as an entry is no longer needed, so the list only shrinks.
-KNOWN: dict[tuple[str, str], str] = {
-    ("kit/tests/test_consumer_deadletter.py", "services.invoice.models"):
-        "borrows the invoice service's outbox/inbox tables; kit/ is the lead's: it should declare its "
-        "own OutboxMixin/InboxMixin models and create_all them, as kit/tests/test_idempotency.py does",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def service_names() -> list[str]:
