@@ -65,4 +65,4 @@ asyncapi: $(STAMP)
 
 # Forget local run state (databases, Kafka data, mail, logs); keeps the downloaded jars and binaries.
 clean-run:
-	rm -rf .run/pg .run/kafka .run/mail .run/logs
+	rm -rf .run/pg .run/kafka .run/mail .run/logs .run/stripe-standin

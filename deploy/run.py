@@ -247,6 +247,7 @@ def _banner(
         lines += [
             f"  Gateway        {gateway}",
             f"  API docs       {gateway}/docs",
+            f"  Admin UI       {gateway}/admin",
             f"  Client portal  {gateway}/portal",
             "",
         ]
