@@ -5,6 +5,8 @@
     pdfs       reportlab PDFs/s (10 and 200 lines), cached re-downloads, vs WeasyPrint
     reminders  reminder scan over 100,000 open invoices vs a naive full scan; emails/s to the sink
     reporting  2.4M events rebuilt (events/s), summary and monthly revenue vs a bare endpoint, 200k-row xlsx
+    subscriptions  a month of renewals over 10,000 subscriptions: until all PAID, invoices/s, lost/doubled;
+               change-preview p50/p99 vs a bare endpoint
 
 Each prints its figures and ratios; none passes or fails. Run one alone for its own options, e.g.
 `python -m bench.invoice_bench --help`.
@@ -21,6 +23,7 @@ BENCHES = {
     "pdfs": "bench.pdf_bench",
     "reminders": "bench.reminder_bench",
     "reporting": "bench.reporting_bench",
+    "subscriptions": "bench.subscriptions_bench",
 }
 
 
