@@ -12,6 +12,7 @@ import asyncio
 import threading
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 from faststream.kafka import KafkaBroker
@@ -19,7 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy import inspect as sa_inspect
 
 from kit.db import OUTBOX_CHANNEL, Database, OutboxMixin
-from kit.worker import PollingWorker, asyncpg_dsn
+from kit.worker import PollingWorker, WorkerState, asyncpg_dsn
 
 __all__ = ["OutboxRelay", "RelayThread", "asyncpg_dsn"]
 
@@ -102,7 +103,12 @@ class OutboxRelay(PollingWorker):
 
 class RelayThread:
     """An OutboxRelay on its own event loop, engine and producer, in a daemon thread: request load on
-    the service's loop then doesn't queue the relay behind it (commit → Kafka stays short)."""
+    the service's loop then doesn't queue the relay behind it (commit → Kafka stays short).
+
+    `state()` is the relay's (kit.worker.WorkerState), readable from the service's thread; a relay
+    thread that has ended is dead."""
+
+    name = OutboxRelay.name
 
     def __init__(
         self,
@@ -123,6 +129,7 @@ class RelayThread:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._relay: OutboxRelay | None = None
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run_thread, name=f"outbox-relay-{self._service}", daemon=True)
@@ -130,6 +137,18 @@ class RelayThread:
         await asyncio.to_thread(self._ready.wait, 60)
         if self._error is not None:
             raise RuntimeError(f"outbox relay failed to start: {self._error}") from self._error
+
+    def state(self) -> WorkerState:
+        relay, thread = self._relay, self._thread
+        if relay is None:  # not started, or failed before its relay existed
+            return WorkerState(name=self.name, started=thread is not None, running=False, listening=None,
+                               consecutive_failures=0, last_success_age=None,
+                               last_error=None if self._error is None else str(self._error)[:500],
+                               problem=None if thread is None else "dead: the relay thread did not start")
+        state = relay.state()
+        if state.started and (thread is None or not thread.is_alive()):
+            return replace(state, running=False, problem="dead: the relay thread has ended")
+        return state
 
     async def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
@@ -154,6 +173,7 @@ class RelayThread:
         broker = self._broker_factory()
         await broker.start()
         relay = OutboxRelay(db, broker, service=self._service, poll_interval=self._poll_interval)
+        self._relay = relay
         try:
             await relay.start()
             self._ready.set()

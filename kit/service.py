@@ -1,4 +1,9 @@
-"""Process wiring shared by every service: logging, errors, health, DB, Kafka, outbox relay, jobs."""
+"""Process wiring shared by every service: logging, errors, health, DB, Kafka, outbox relay, jobs.
+
+`/readyz` is 503 while the database or Kafka does not answer, or while the outbox relay or a worker
+registered in `ServiceRuntime.workers` is dead, stuck or deaf (kit.worker.PollingWorker.state()); its
+body reports each of them (running, listening, consecutive failures, age of the last successful run).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 import uvicorn
@@ -25,6 +31,7 @@ from kit.migrations import upgrade_to_head_async
 from kit.outbox import RelayThread
 from kit.settings import ServiceSettings
 from kit.web import DEFAULT_MAX_BODY, BodyLimit, StrictQuery
+from kit.worker import WorkerState
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +72,30 @@ class PeriodicJob:
     run: Callable[[], Awaitable[object]]
 
 
+class Watched(Protocol):
+    """What readiness asks of a background loop: a kit.worker.PollingWorker, or the RelayThread."""
+
+    name: str
+
+    def state(self) -> WorkerState: ...
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The dependencies' checks ("ok" or what is wrong) and the state of every background loop."""
+
+    checks: dict[str, str]
+    workers: dict[str, WorkerState] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return all(v == "ok" for v in self.checks.values()) and all(w.ok for w in self.workers.values())
+
+    def body(self) -> dict[str, Any]:
+        return {"ready": self.ready, "checks": self.checks,
+                "workers": {name: state.as_json() for name, state in self.workers.items()}}
+
+
 @dataclass
 class ServiceRuntime:
     settings: ServiceSettings
@@ -73,6 +104,8 @@ class ServiceRuntime:
     migrations: Path | None = None
     jobs: Sequence[PeriodicJob] = ()
     relay: RelayThread | None = None
+    # The service's PollingWorkers (webhook worker, email delivery, ...): readiness reports them.
+    workers: list[Watched] = field(default_factory=list)
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -119,7 +152,8 @@ class ServiceRuntime:
             except Exception as exc:
                 log.warning("job_failed", job=job.name, error=str(exc))
 
-    async def readiness(self) -> dict[str, str]:
+    async def readiness(self) -> Readiness:
+        """Database and Kafka answer; the relay and every registered worker run, succeed and listen."""
         checks: dict[str, str] = {}
         try:
             await self.db.ping()
@@ -132,7 +166,14 @@ class ServiceRuntime:
                 checks["kafka"] = "ok" if ok else "unreachable"
             except Exception as exc:
                 checks["kafka"] = f"error: {exc}"
-        return checks
+        workers: dict[str, WorkerState] = {}
+        for watched in [*([self.relay] if self.relay is not None else []), *self.workers]:
+            state = watched.state()
+            name, n = state.name, 2
+            while name in workers:  # two loops of one kind: both reported
+                name, n = f"{state.name}-{n}", n + 1
+            workers[name] = state
+        return Readiness(checks, workers)
 
 
 def create_service_app(
@@ -171,9 +212,8 @@ def create_service_app(
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        checks = await runtime.readiness()
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        readiness = await runtime.readiness()
+        return JSONResponse(readiness.body(), status_code=200 if readiness.ready else 503)
 
     for router in routers:
         app.include_router(router)

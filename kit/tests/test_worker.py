@@ -53,15 +53,16 @@ async def test_notify_wakes_and_listen_is_restored_after_the_connection_dies(
         await conn.execute("SELECT pg_notify('kit_test', '')")
         await _until(lambda: worker.runs == 2, timeout=3)
         assert worker.listening
+        first = worker._listener
 
-        # Kill the LISTEN connection as a database restart would.
+        # Kill the LISTEN connection as a database restart would. Its loss wakes the loop, which
+        # listens again at once (too fast to catch it deaf): a new connection replaces the killed one.
         killed = await conn.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%'")
         assert killed == 1
-        await _until(lambda: not worker.listening, timeout=3)
-        worker.wake()  # the next loop turn reconnects
-        await _until(lambda: worker.listening, timeout=5)
+        await _until(lambda: first is not None and first.is_closed(), timeout=3)
+        await _until(lambda: worker.listening and worker._listener is not first, timeout=5)
         before = worker.runs
         await conn.execute("SELECT pg_notify('kit_test', '')")
         await _until(lambda: worker.runs > before, timeout=3)

@@ -218,7 +218,8 @@ def build(settings: NotificationsSettings | None = None) -> tuple[ServiceRuntime
     jobs = []
     if settings.scan_interval > 0:
         jobs.append(PeriodicJob("reminder-scan", settings.scan_interval, parts.scheduled_scan))
-    runtime = ServiceRuntime(settings=settings, db=parts.db, broker=broker, migrations=MIGRATIONS, jobs=jobs)
+    runtime = ServiceRuntime(settings=settings, db=parts.db, broker=broker, migrations=MIGRATIONS, jobs=jobs,
+                             workers=[parts.worker])
     runtime.on_startup.append(parts.worker.start)
     runtime.on_shutdown.append(parts.close)
     return runtime, parts

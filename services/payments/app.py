@@ -182,6 +182,7 @@ def build_runtime(
         migrations=MIGRATIONS,
         on_startup=[intake.start, worker.start],
         on_shutdown=[worker.stop, intake.stop, close_reader],
+        workers=[worker],  # /readyz: 503 while it is dead, stuck or deaf
     )
     return runtime, ctx
 
