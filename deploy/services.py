@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deploy.infra import REPO_ROOT, ServiceProcess
-from services.payments.config import looks_like_real_test_key
+from kit.stripe import looks_like_real_test_key
 
 __all__ = [
     "ServiceSpec",

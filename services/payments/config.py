@@ -1,9 +1,12 @@
-"""Settings of the payments service (env prefix PAYMENTS_, Stripe settings from the global STRIPE_*)."""
+"""Settings of the payments service (env prefix PAYMENTS_, Stripe settings from the global STRIPE_*).
+
+The Stripe key rules are kit.stripe's: a live key, or anything that is not a test-mode secret key,
+stops the process at start.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -11,24 +14,12 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from kit.settings import ServiceSettings
+from kit.stripe import check_stripe_key
 
-# A secret key from the Stripe dashboard: sk_test_ / rk_test_ and a long random part (100+ characters
-# today). Placeholders such as sk_test_local or sk_test_123 are shorter than this bound.
-_REAL_TEST_KEY = re.compile(r"^(sk|rk)_test_[A-Za-z0-9]{24,}$")
-_LIVE_KEY = re.compile(r"^(sk|rk|pk)_live_")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 STRIPE_PAYMENT_METHODS = ("card", "sepa_debit", "us_bank_account", "bacs_debit", "link", "paypal", "ideal",
                           "bancontact", "sofort", "giropay", "eps", "p24", "klarna", "affirm", "acss_debit")
-
-
-class LiveKeyRefused(ValueError):
-    """The configured Stripe key is a live key (or not a Stripe secret key at all)."""
-
-
-def looks_like_real_test_key(key: str) -> bool:
-    """True for a key Stripe itself issued (sk_test_ + 24 or more alphanumerics), not a placeholder."""
-    return bool(_REAL_TEST_KEY.match(key))
 
 
 def is_loopback_url(url: str | None) -> bool:
@@ -41,18 +32,6 @@ def is_loopback_url(url: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def check_stripe_key(key: str) -> None:
-    if _LIVE_KEY.match(key):
-        raise LiveKeyRefused(
-            "STRIPE_SECRET_KEY is a live-mode key (sk_live_/rk_live_). This platform only runs against "
-            "Stripe test mode or stripe-mock: set an sk_test_... key."
-        )
-    if not re.match(r"^(sk|rk)_test_\S+$", key):
-        raise LiveKeyRefused(
-            "STRIPE_SECRET_KEY must be a Stripe test-mode secret key (sk_test_... or rk_test_...)."
-        )
 
 
 class PaymentsSettings(ServiceSettings):

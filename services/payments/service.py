@@ -37,12 +37,13 @@ from kit.db import UnitOfWork
 from kit.errors import Conflict, InvalidInput, NotFound
 from kit.logging import current_correlation_id
 from kit.pagination import PageRequest, PageResult
+from kit.stripe import StripeUnavailable
 from services.payments.config import PaymentsSettings
 from services.payments.invoice_client import InvoiceReader, InvoiceServiceUnavailable
 from services.payments.models import CheckoutSession, InvoiceCopy, Payment, Refund, StripeInvoiceCharge
 from services.payments.repository import SETTLED, PaymentFilter, Repository
 from services.payments.schemas import MarkPaidRequest
-from services.payments.stripe.gateway import StripeGateway, StripeUnavailable
+from services.payments.stripe.gateway import StripeGateway
 
 log = structlog.get_logger(__name__)
 SOURCE = "payments"

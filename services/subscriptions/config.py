@@ -1,44 +1,22 @@
 """Settings of the subscriptions service (env prefix SUBSCRIPTIONS_, Stripe settings from the global STRIPE_*).
 
-The Stripe key rules are the payments service's (services/payments/config.py): a live key, or anything
-that is not a test-mode secret key, stops the process at start.
+The Stripe key rules are kit.stripe's: a live key, or anything that is not a test-mode secret key,
+stops the process at start.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from kit.settings import ServiceSettings
-
-# The same rules as services/payments/config.py (a service never imports another's code).
-_LIVE_KEY = re.compile(r"^(sk|rk|pk)_live_")
-_TEST_KEY = re.compile(r"^(sk|rk)_test_\S+$")
+from kit.stripe import check_stripe_key, is_test_mode_key
 
 UpgradeBehavior = Literal["always_invoice", "create_prorations"]
 DowngradeBehavior = Literal["create_prorations", "at_period_end"]
 TrialEndBehavior = Literal["cancel", "pause", "create_invoice"]
-
-
-class LiveKeyRefused(ValueError):
-    """The configured Stripe key is a live key (or not a Stripe secret key at all)."""
-
-
-def check_stripe_key(key: str) -> None:
-    if _LIVE_KEY.match(key):
-        raise LiveKeyRefused(
-            "STRIPE_SECRET_KEY is a live-mode key (sk_live_/rk_live_). This platform only runs against "
-            "Stripe test mode or stripe-mock: set an sk_test_... key."
-        )
-    if not _TEST_KEY.match(key):
-        raise LiveKeyRefused("STRIPE_SECRET_KEY must be a Stripe test-mode secret key (sk_test_... or rk_test_...).")
-
-
-def is_test_mode_key(key: str) -> bool:
-    return bool(_TEST_KEY.match(key)) and not _LIVE_KEY.match(key)
 
 
 class SubscriptionsSettings(ServiceSettings):

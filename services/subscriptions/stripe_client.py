@@ -4,8 +4,8 @@ Parse at the edge: every Stripe object that comes back is validated here into a 
 current API version's shapes, with the pre-2025 top-level period fields as a fallback), so the
 domain never reads a Stripe dict. A subscription comes back as the same `StripeSubscriptionV1` the
 payments service publishes on billing.stripe, stamped with the time we read it, so an object we
-fetched and one a webhook brought go through one mirror rule. Offline, `api_base` points at
-stripe-mock or the local stand-in.
+fetched and one a webhook brought go through one mirror rule. The client, the error mapping and the
+parsing are kit.stripe's; offline, STRIPE_API_BASE points at stripe-mock or the local stand-in.
 """
 
 from __future__ import annotations
@@ -13,48 +13,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
-import stripe
-import structlog
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BeforeValidator
 
 from contracts.stripe import StripeInvoiceLineV1, StripeSubscriptionItemV1, StripeSubscriptionV1
-from kit.clock import from_unix, utcnow
-from kit.errors import AppError
-from services.subscriptions.config import SubscriptionsSettings, check_stripe_key
-
-log = structlog.get_logger(__name__)
+from kit.clock import utcnow
+from kit.stripe import (
+    Period,
+    PriceDetails,
+    ProrationDetails,
+    Recurring,
+    Ref,
+    StripeAdapter,
+    StripeModel,
+    Ts,
+    parse_stripe,
+    to_dict,
+)
 
 FETCHED_EVENT_TYPE = "subscription.fetched"  # stripe_event_type of a state we read ourselves
 T = TypeVar("T")
-
-
-class StripeUnavailable(AppError):
-    """Stripe could not be reached or failed; the caller may retry."""
-
-    status_code = 502
-    code = "payment_provider_error"
-
-
-class StripeRefused(AppError):
-    """Stripe refused the request (4xx): the subscription's state there does not allow it."""
-
-    status_code = 409
-    code = "stripe_refused"
-
-
-def _ref(value: object) -> object:
-    """A Stripe reference: an id, or an expanded object whose id is wanted."""
-    if isinstance(value, dict):
-        return value.get("id")
-    return value
-
-
-def _ts(value: object) -> object:
-    if value is None or value == "":
-        return None
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        return from_unix(int(value))
-    return value
 
 
 def _upper(value: object) -> object:
@@ -67,23 +44,12 @@ def _str_dict(value: object) -> object:
     return {str(k): str(v) for k, v in value.items() if v is not None}
 
 
-Ref = Annotated[str | None, BeforeValidator(_ref)]
-Ts = Annotated[datetime | None, BeforeValidator(_ts)]
 Currency = Annotated[str | None, BeforeValidator(_upper)]
 Metadata = Annotated[dict[str, str], BeforeValidator(_str_dict)]
 
 
-class StripeModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
 class StripeList(StripeModel, Generic[T]):
     data: list[T] = []
-
-
-class Recurring(StripeModel):
-    interval: str | None = None
-    interval_count: int | None = None
 
 
 class StripePrice(StripeModel):
@@ -209,26 +175,13 @@ class TestClock(StripeModel):
     status: str | None = None
 
 
-class LinePeriod(StripeModel):
-    start: Ts = None
-    end: Ts = None
-
-
-class PriceDetails(StripeModel):
-    price: Ref = None
-
-
 class LinePricing(StripeModel):
     price_details: PriceDetails | None = None
 
 
-class LineParentDetails(StripeModel):
-    proration: bool | None = None
-
-
 class LineParent(StripeModel):
-    subscription_item_details: LineParentDetails | None = None
-    invoice_item_details: LineParentDetails | None = None
+    subscription_item_details: ProrationDetails | None = None
+    invoice_item_details: ProrationDetails | None = None
     type: str | None = None
 
 
@@ -238,7 +191,7 @@ class InvoiceLine(StripeModel):
     amount: int = 0
     currency: Currency = None
     quantity: int | None = None
-    period: LinePeriod | None = None
+    period: Period | None = None
     pricing: LinePricing | None = None
     parent: LineParent | None = None
     price: Ref = None  # before 2025-03-31
@@ -312,230 +265,123 @@ class StripeBilling(Protocol):
     async def update_portal_configuration(self, config_id: str, params: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def _dict(obj: Any) -> dict[str, Any]:
-    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
-
-
-M = TypeVar("M", bound=StripeModel)
-
-
-def _parse(model: type[M], obj: Any, action: str) -> M:
-    try:
-        return model.model_validate(_dict(obj))
-    except ValidationError as exc:
-        log.error("stripe_unexpected_shape", action=action, error=str(exc)[:500])
-        raise StripeUnavailable(f"Stripe answered {action} with an object this service cannot read.") from exc
-
-
-def _error(action: str, exc: stripe.StripeError) -> AppError:
-    status = getattr(exc, "http_status", None)
-    code = getattr(exc, "code", None)
-    log.warning("stripe_error", action=action, status=status, code=code, error=str(exc)[:300])
-    message = f"Stripe could not {action}: {getattr(exc, 'user_message', None) or str(exc)[:200]}"
-    details = {"stripeStatus": status, "stripeCode": code}
-    if isinstance(exc, stripe.InvalidRequestError) and status is not None and 400 <= status < 500:
-        return StripeRefused(message, details=details)
-    return StripeUnavailable(message, details=details)
-
-
-def _missing(exc: stripe.StripeError) -> bool:
-    return getattr(exc, "http_status", None) == 404 or getattr(exc, "code", None) == "resource_missing"
-
-
 def fetch_time() -> datetime:
     """When we read an object, in Stripe's whole seconds."""
     return utcnow().replace(microsecond=0)
 
 
-class SdkStripeBilling:
+class SdkStripeBilling(StripeAdapter):
     """`StripeBilling` on the official SDK, async (httpx)."""
 
-    def __init__(self, api_key: str, *, api_base: str | None = None, timeout: float = 20.0,
-                 max_network_retries: int = 2) -> None:
-        check_stripe_key(api_key)
-        base: dict[str, str] = {"api": api_base.rstrip("/")} if api_base else {}
-        self.client = stripe.StripeClient(
-            api_key,
-            base_addresses=base,  # type: ignore[arg-type]
-            http_client=stripe.HTTPXClient(timeout=timeout),
-            max_network_retries=max_network_retries,
-        )
-
-    @classmethod
-    def from_settings(cls, settings: SubscriptionsSettings) -> SdkStripeBilling:
-        return cls(settings.stripe_secret_key, api_base=settings.stripe_api_base, timeout=settings.stripe_timeout,
-                   max_network_retries=settings.stripe_max_network_retries)
+    refusals = True  # a 4xx invalid request: the object's state at Stripe does not allow it (409)
 
     # -- customers -------------------------------------------------------------------------------
     async def create_customer(self, params: dict[str, Any], *, idempotency_key: str) -> StripeCustomer:
-        try:
-            obj = await self.client.v1.customers.create_async(
-                params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("create the customer", exc) from exc
-        return _parse(StripeCustomer, obj, "customer create")
+        request = self.client.v1.customers.create_async(
+            params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+        return await self._read("create the customer", StripeCustomer, request)
 
     async def retrieve_customer(self, customer_id: str) -> StripeCustomer | None:
-        try:
-            obj = await self.client.v1.customers.retrieve_async(customer_id)
-        except stripe.StripeError as exc:
-            if _missing(exc):
-                return None
-            raise _error("read the customer", exc) from exc
-        return _parse(StripeCustomer, obj, "customer retrieve")
+        return await self._read_or_none("read the customer", StripeCustomer,
+                                        self.client.v1.customers.retrieve_async(customer_id))
 
     # -- subscriptions ---------------------------------------------------------------------------
     async def create_subscription(self, params: dict[str, Any], *, idempotency_key: str) -> StripeSubscriptionV1:
-        try:
-            obj = await self.client.v1.subscriptions.create_async(
-                params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("create the subscription", exc) from exc
-        return _parse(StripeSubscriptionObject, obj, "subscription create").to_contract(as_of=fetch_time())
+        request = self.client.v1.subscriptions.create_async(
+            params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+        sub = await self._read("create the subscription", StripeSubscriptionObject, request)
+        return sub.to_contract(as_of=fetch_time())
 
     async def retrieve_subscription(self, subscription_id: str) -> StripeSubscriptionV1 | None:
-        try:
-            obj = await self.client.v1.subscriptions.retrieve_async(subscription_id)
-        except stripe.StripeError as exc:
-            if _missing(exc):
-                return None
-            raise _error("read the subscription", exc) from exc
-        return _parse(StripeSubscriptionObject, obj, "subscription retrieve").to_contract(as_of=fetch_time())
+        sub = await self._read_or_none("read the subscription", StripeSubscriptionObject,
+                                       self.client.v1.subscriptions.retrieve_async(subscription_id))
+        return sub.to_contract(as_of=fetch_time()) if sub else None
 
     async def update_subscription(
         self, subscription_id: str, params: dict[str, Any], *, idempotency_key: str
     ) -> StripeSubscriptionV1:
-        try:
-            obj = await self.client.v1.subscriptions.update_async(
-                subscription_id, params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("update the subscription", exc) from exc
-        return _parse(StripeSubscriptionObject, obj, "subscription update").to_contract(as_of=fetch_time())
+        request = self.client.v1.subscriptions.update_async(
+            subscription_id, params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+        sub = await self._read("update the subscription", StripeSubscriptionObject, request)
+        return sub.to_contract(as_of=fetch_time())
 
     async def cancel_subscription(self, subscription_id: str, *, idempotency_key: str) -> StripeSubscriptionV1:
-        try:
-            obj = await self.client.v1.subscriptions.cancel_async(
-                subscription_id, options={"idempotency_key": idempotency_key})
-        except stripe.StripeError as exc:
-            raise _error("cancel the subscription", exc) from exc
-        return _parse(StripeSubscriptionObject, obj, "subscription cancel").to_contract(as_of=fetch_time())
+        request = self.client.v1.subscriptions.cancel_async(
+            subscription_id, options={"idempotency_key": idempotency_key})
+        sub = await self._read("cancel the subscription", StripeSubscriptionObject, request)
+        return sub.to_contract(as_of=fetch_time())
 
     async def resume_subscription(self, subscription_id: str, *, idempotency_key: str) -> StripeSubscriptionV1:
-        try:
-            obj = await self.client.v1.subscriptions.resume_async(
-                subscription_id, params={"billing_cycle_anchor": "now"},  # type: ignore[arg-type]
-                options={"idempotency_key": idempotency_key})
-        except stripe.StripeError as exc:
-            raise _error("resume the subscription", exc) from exc
-        return _parse(StripeSubscriptionObject, obj, "subscription resume").to_contract(as_of=fetch_time())
+        request = self.client.v1.subscriptions.resume_async(
+            subscription_id, params={"billing_cycle_anchor": "now"},  # type: ignore[arg-type]
+            options={"idempotency_key": idempotency_key})
+        sub = await self._read("resume the subscription", StripeSubscriptionObject, request)
+        return sub.to_contract(as_of=fetch_time())
 
     async def preview_invoice(self, params: dict[str, Any]) -> InvoicePreview:
-        try:
-            obj = await self.client.v1.invoices.create_preview_async(params=params)  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("preview the invoice", exc) from exc
-        return _parse(InvoicePreview, obj, "invoice preview")
+        request = self.client.v1.invoices.create_preview_async(params=params)  # type: ignore[arg-type]
+        return await self._read("preview the invoice", InvoicePreview, request)
 
     # -- checkout and portal ---------------------------------------------------------------------
     async def create_checkout_session(self, params: dict[str, Any], *, idempotency_key: str) -> CheckoutSession:
-        try:
-            obj = await self.client.v1.checkout.sessions.create_async(
-                params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("create the checkout session", exc) from exc
-        return _parse(CheckoutSession, obj, "checkout session create")
+        request = self.client.v1.checkout.sessions.create_async(
+            params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+        return await self._read("create the checkout session", CheckoutSession, request)
 
     async def create_portal_session(self, params: dict[str, Any]) -> PortalSession:
-        try:
-            obj = await self.client.v1.billing_portal.sessions.create_async(params=params)  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("open the billing portal", exc) from exc
-        return _parse(PortalSession, obj, "billing portal session")
+        request = self.client.v1.billing_portal.sessions.create_async(params=params)  # type: ignore[arg-type]
+        return await self._read("open the billing portal", PortalSession, request)
 
     # -- test clocks -----------------------------------------------------------------------------
     async def create_test_clock(self, frozen_time: int, name: str) -> TestClock:
-        try:
-            obj = await self.client.v1.test_helpers.test_clocks.create_async(
-                params={"frozen_time": frozen_time, "name": name})
-        except stripe.StripeError as exc:
-            raise _error("create the test clock", exc) from exc
-        return _parse(TestClock, obj, "test clock create")
+        request = self.client.v1.test_helpers.test_clocks.create_async(
+            params={"frozen_time": frozen_time, "name": name})
+        return await self._read("create the test clock", TestClock, request)
 
     async def advance_test_clock(self, clock_id: str, frozen_time: int) -> TestClock:
-        try:
-            obj = await self.client.v1.test_helpers.test_clocks.advance_async(
-                clock_id, params={"frozen_time": frozen_time})
-        except stripe.StripeError as exc:
-            raise _error("advance the test clock", exc) from exc
-        return _parse(TestClock, obj, "test clock advance")
+        request = self.client.v1.test_helpers.test_clocks.advance_async(
+            clock_id, params={"frozen_time": frozen_time})
+        return await self._read("advance the test clock", TestClock, request)
 
     # -- catalog ---------------------------------------------------------------------------------
     async def retrieve_product(self, product_id: str) -> StripeProduct | None:
-        try:
-            obj = await self.client.v1.products.retrieve_async(product_id)
-        except stripe.StripeError as exc:
-            if _missing(exc):
-                return None
-            raise _error("read the product", exc) from exc
-        return _parse(StripeProduct, obj, "product retrieve")
+        return await self._read_or_none("read the product", StripeProduct,
+                                        self.client.v1.products.retrieve_async(product_id))
 
     async def create_product(self, params: dict[str, Any]) -> StripeProduct:
-        try:
-            obj = await self.client.v1.products.create_async(params=params)  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("create the product", exc) from exc
-        return _parse(StripeProduct, obj, "product create")
+        request = self.client.v1.products.create_async(params=params)  # type: ignore[arg-type]
+        return await self._read("create the product", StripeProduct, request)
 
     async def update_product(self, product_id: str, params: dict[str, Any]) -> StripeProduct:
-        try:
-            obj = await self.client.v1.products.update_async(product_id, params=params)  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("update the product", exc) from exc
-        return _parse(StripeProduct, obj, "product update")
+        request = self.client.v1.products.update_async(product_id, params=params)  # type: ignore[arg-type]
+        return await self._read("update the product", StripeProduct, request)
 
     async def find_price(self, lookup_key: str) -> StripePrice | None:
-        try:
-            page = await self.client.v1.prices.list_async(
-                params={"lookup_keys": [lookup_key], "active": True, "limit": 10})
-        except stripe.StripeError as exc:
-            raise _error("look up the price", exc) from exc
-        prices = [_parse(StripePrice, p, "price list") for p in page.data]
+        page = await self._call("look up the price", self.client.v1.prices.list_async(
+            params={"lookup_keys": [lookup_key], "active": True, "limit": 10}))
+        prices = [parse_stripe(StripePrice, p, "look up the price") for p in page.data]
         # stripe-mock ignores the filter: only a price that really has the key counts.
         return next((p for p in prices if p.lookup_key == lookup_key), None)
 
     async def create_price(self, params: dict[str, Any], *, idempotency_key: str) -> StripePrice:
-        try:
-            obj = await self.client.v1.prices.create_async(
-                params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("create the price", exc) from exc
-        return _parse(StripePrice, obj, "price create")
+        request = self.client.v1.prices.create_async(
+            params=params, options={"idempotency_key": idempotency_key})  # type: ignore[arg-type]
+        return await self._read("create the price", StripePrice, request)
 
     async def update_price(self, price_id: str, params: dict[str, Any]) -> StripePrice:
-        try:
-            obj = await self.client.v1.prices.update_async(price_id, params=params)  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("update the price", exc) from exc
-        return _parse(StripePrice, obj, "price update")
+        request = self.client.v1.prices.update_async(price_id, params=params)  # type: ignore[arg-type]
+        return await self._read("update the price", StripePrice, request)
 
     async def list_portal_configurations(self) -> list[dict[str, Any]]:
-        try:
-            page = await self.client.v1.billing_portal.configurations.list_async(params={"limit": 100})
-        except stripe.StripeError as exc:
-            raise _error("list the portal configurations", exc) from exc
-        return [_dict(c) for c in page.data]
+        page = await self._call("list the portal configurations",
+                                self.client.v1.billing_portal.configurations.list_async(params={"limit": 100}))
+        return [to_dict(c) for c in page.data]
 
     async def create_portal_configuration(self, params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            obj = await self.client.v1.billing_portal.configurations.create_async(params=params)  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("create the portal configuration", exc) from exc
-        return _dict(obj)
+        request = self.client.v1.billing_portal.configurations.create_async(params=params)  # type: ignore[arg-type]
+        return to_dict(await self._call("create the portal configuration", request))
 
     async def update_portal_configuration(self, config_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            obj = await self.client.v1.billing_portal.configurations.update_async(
-                config_id, params=params)  # type: ignore[arg-type]
-        except stripe.StripeError as exc:
-            raise _error("update the portal configuration", exc) from exc
-        return _dict(obj)
+        request = self.client.v1.billing_portal.configurations.update_async(
+            config_id, params=params)  # type: ignore[arg-type]
+        return to_dict(await self._call("update the portal configuration", request))

@@ -2,11 +2,12 @@
 
 The edge of the service: a stored webhook body becomes an `Event[<object model>]` here, and nothing
 past this module touches Stripe's JSON. Money is `int` (minor units, as Stripe sends it), a currency
-is a checked ISO 4217 code normalised to upper case, a timestamp is an aware datetime
-(`kit.clock.from_unix`), a reference that may be expanded (`"cus_1"` or `{"id": "cus_1", ...}`) is
-its id. The models accept the shapes of older and current Stripe API versions where they differ
-(`invoice.subscription` before 2025-03-31, `invoice.parent.subscription_details` after; billing
-periods on the subscription before, on its items after; `plan` before `price`).
+is a checked ISO 4217 code normalised to upper case, a timestamp is an aware datetime and a
+reference that may be expanded (`"cus_1"` or `{"id": "cus_1", ...}`) is its id (kit.stripe's `Ts`,
+`Ref` and `StripeModel`, with the sub-objects subscriptions reads the same way). The models accept
+the shapes of older and current Stripe API versions where they differ (`invoice.subscription` before
+2025-03-31, `invoice.parent.subscription_details` after; billing periods on the subscription before,
+on its items after; `plan` before `price`).
 """
 
 from __future__ import annotations
@@ -18,23 +19,9 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictInt, ValidationError
 
 from kit.clock import from_unix
+from kit.stripe import Period, PriceDetails, ProrationDetails, Recurring, Ref, StripeModel, Ts
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _timestamp(value: Any) -> Any:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value
-    return from_unix(int(value))
-
-
-def _ref(value: Any) -> Any:
-    """A Stripe reference: an id, or the expanded object (then its id)."""
-    if isinstance(value, dict):
-        return value.get("id")
-    return value
 
 
 def _currency(value: Any) -> Any:
@@ -62,15 +49,7 @@ def _metadata(value: Any) -> Any:
     return {str(k): str(v) for k, v in value.items() if v is not None}
 
 
-Timestamp = Annotated[datetime | None, BeforeValidator(_timestamp)]
-Ref = Annotated[str | None, BeforeValidator(_ref)]
 Currency = Annotated[str | None, BeforeValidator(_currency)]
-
-
-class StripeModel(BaseModel):
-    """Unknown fields are ignored: Stripe adds fields in every API version."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class ObjectMetadata(BaseModel):
@@ -108,7 +87,7 @@ class CheckoutSession(StripeModel):
     currency: Currency = None
     payment_method_types: list[str] = []
     url: str | None = None
-    expires_at: Timestamp = None
+    expires_at: Ts = None
 
     @property
     def invoice_id(self) -> str | None:
@@ -187,11 +166,6 @@ class Charge(StripeModel):
 # -- Subscriptions -----------------------------------------------------------------------------------
 
 
-class Recurring(StripeModel):
-    interval: str | None = None
-    interval_count: int | None = None
-
-
 def _price(value: Any) -> Any:
     return {"id": value} if isinstance(value, str) else value  # an unexpanded `plan`
 
@@ -215,8 +189,8 @@ class SubscriptionItem(StripeModel):
     price: Annotated[Price | None, BeforeValidator(_price)] = None
     plan: Annotated[Price | None, BeforeValidator(_price)] = None
     quantity: int | None = None
-    current_period_start: Timestamp = None
-    current_period_end: Timestamp = None
+    current_period_start: Ts = None
+    current_period_end: Ts = None
 
 
 class Subscription(StripeModel):
@@ -228,15 +202,15 @@ class Subscription(StripeModel):
     status: str | None = None
     currency: Currency = None
     items: Annotated[list[SubscriptionItem], BeforeValidator(_list_object)] = []
-    current_period_start: Timestamp = None
-    current_period_end: Timestamp = None
+    current_period_start: Ts = None
+    current_period_end: Ts = None
     cancel_at_period_end: bool = False
-    cancel_at: Timestamp = None
-    canceled_at: Timestamp = None
-    ended_at: Timestamp = None
-    trial_start: Timestamp = None
-    trial_end: Timestamp = None
-    start_date: Timestamp = None
+    cancel_at: Ts = None
+    canceled_at: Ts = None
+    ended_at: Ts = None
+    trial_start: Ts = None
+    trial_end: Ts = None
+    start_date: Ts = None
     latest_invoice: Ref = None
 
 
@@ -253,26 +227,13 @@ class InvoiceParent(StripeModel):
 
 
 class StatusTransitions(StripeModel):
-    finalized_at: Timestamp = None
-    paid_at: Timestamp = None
-
-
-class Period(StripeModel):
-    start: Timestamp = None
-    end: Timestamp = None
-
-
-class PriceDetails(StripeModel):
-    price: Ref = None
+    finalized_at: Ts = None
+    paid_at: Ts = None
 
 
 class LinePricing(StripeModel):
     price_details: PriceDetails | None = None
     unit_amount_decimal: Decimal | None = None  # minor units; a proration's may have a fraction
-
-
-class ProrationDetails(StripeModel):
-    proration: bool | None = None
 
 
 class LineParent(StripeModel):
@@ -334,8 +295,8 @@ class Invoice(StripeModel):
     number: str | None = None
     currency: Currency = None
     collection_method: str | None = None
-    created: Timestamp = None
-    due_date: Timestamp = None
+    created: Ts = None
+    due_date: Ts = None
     subtotal: int | None = None
     tax: int | None = None
     total: int | None = None
@@ -344,9 +305,9 @@ class Invoice(StripeModel):
     amount_remaining: int | None = None
     billing_reason: str | None = None
     attempt_count: int | None = None
-    next_payment_attempt: Timestamp = None
-    period_start: Timestamp = None
-    period_end: Timestamp = None
+    next_payment_attempt: Ts = None
+    period_start: Ts = None
+    period_end: Ts = None
     status_transitions: StatusTransitions = StatusTransitions()
     hosted_invoice_url: str | None = None
     invoice_pdf: str | None = None

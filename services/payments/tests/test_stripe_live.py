@@ -26,8 +26,9 @@ import httpx
 import pytest
 import stripe
 
+from kit.stripe import looks_like_real_test_key
 from services.payments.app import create_app
-from services.payments.config import PaymentsSettings, looks_like_real_test_key
+from services.payments.config import PaymentsSettings
 from services.payments.tests.conftest import (
     ADMIN,
     FakeInvoiceReader,

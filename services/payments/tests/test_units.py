@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.payments.config import PaymentsSettings, is_loopback_url, looks_like_real_test_key
+from kit.stripe import looks_like_real_test_key
+from services.payments.config import PaymentsSettings, is_loopback_url
 from services.payments.stripe import normalize
 from services.payments.stripe import testing as stripe_events
 from services.payments.stripe.events import Event, Invoice, ObjT, Subscription, parse_event

@@ -20,14 +20,13 @@ from contracts.stripe import SCHEMA_INVOICE_V1, SCHEMA_SUBSCRIPTION_V1, StripeIn
 from deploy.stripe_standin.testing import WebhookReceiver
 from deploy.testing import publish_event
 from kit.clock import from_unix
+from kit.stripe import Ref, Ts
 from services.subscriptions.stripe_client import (
     Currency,
     InvoiceLine,
     Metadata,
-    Ref,
     StripeList,
     StripeSubscriptionObject,
-    Ts,
 )
 
 SUBSCRIPTION_TYPES = {"customer.subscription.created", "customer.subscription.updated",
