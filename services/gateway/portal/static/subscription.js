@@ -24,6 +24,7 @@ const STATUS_LABELS = {
 };
 const ENDED = new Set(["canceled", "incomplete_expired"]);
 const CHANGEABLE = new Set(["trialing", "active", "past_due"]);
+const CANCELLABLE = new Set(["trialing", "active", "past_due", "unpaid"]);
 const KIND_LABELS = { upgrade: "Upgrade", downgrade: "Downgrade", interval: "Change of billing interval" };
 
 let me = null; // the signed-in user (/api/auth/me)
@@ -292,7 +293,7 @@ function actions(s, card) {
   const changeable = CHANGEABLE.has(s.status) && !s.pendingChange && !s.cancelAtPeriodEnd;
   if (changeable) button("Change plan", "change-plan", openChange, true);
   if (s.cancelAtPeriodEnd || s.status === "paused") button("Resume", "resume", resume, true);
-  else if (!ENDED.has(s.status)) button("Cancel at period end", "cancel", openCancel);
+  else if (CANCELLABLE.has(s.status)) button("Cancel at period end", "cancel", openCancel);
   return [bar, panels, message, error];
 }
 
