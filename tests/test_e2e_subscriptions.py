@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from deploy.infra import MailSink, ServiceProcess, StripeStandin
+from deploy.seed import CLIENT_LOGIN, DEMO_PLAN, Seeder
 from deploy.services import GATEWAY, InfraEndpoints
 from tests.conftest import login, wait_until
 
@@ -359,3 +360,34 @@ async def test_a_failed_renewal_is_past_due_overdue_and_emailed_then_recovers_wi
     assert [(p["amount"], p["method"]) for p in payments] == [(15_000, "card")]
     # One "update your card" for the failed invoice, however many events asked for it.
     assert len(await _mail(mail_sink, address, lambda s: "update your card" in s.lower())) == 1
+
+
+async def test_the_seed_offers_the_demo_plan_once_and_the_demo_client_can_subscribe_to_it(
+    admin: httpx.AsyncClient, stack: dict[str, ServiceProcess], services_standin: StripeStandin,
+) -> None:
+    """`make run`'s seed (deploy/seed.py), run twice: one plan "Maintenance" in the demo client's currency,
+    monthly and yearly with 14 trial days, which the demo client's login can check out right away."""
+
+    def seed() -> None:
+        with httpx.Client(base_url=stack[GATEWAY].url, timeout=30,
+                          headers={"Authorization": admin.headers["Authorization"]}) as http:
+            Seeder(http).run()
+
+    await asyncio.to_thread(seed)
+    await asyncio.to_thread(seed)  # idempotent
+    plans = [p for p in (await admin.get("/api/plans", params={"limit": 100})).json()["items"]
+             if p["name"] == DEMO_PLAN]
+    assert len(plans) == 1 and plans[0]["active"]
+    prices = sorted((p["currency"], p["interval"], p["amount"], p["trialDays"], p["active"])
+                    for p in plans[0]["prices"])
+    assert prices == [("EUR", "month", 15_000, 14, True), ("EUR", "year", 150_000, 14, True)]
+    demo = await login(stack[GATEWAY].url, *CLIENT_LOGIN)
+    try:
+        offered = (await demo.get("/api/plans", params={"limit": 100})).json()["items"]
+        assert DEMO_PLAN in [p["name"] for p in offered]
+        monthly = next(p for p in plans[0]["prices"] if p["interval"] == "month")
+        checkout = await demo.post("/api/subscriptions/checkout", json={"priceId": monthly["id"]})
+        assert checkout.status_code == 201, checkout.text
+        assert checkout.json()["url"].startswith(f"{services_standin.url}/checkout/cs_")
+    finally:
+        await demo.aclose()

@@ -209,6 +209,7 @@ async def test_subscribe_trial_first_invoice_upgrade_cancel_resume_and_billing_p
     await card.get_by_test_id("cancel").click()
     await expect(card.get_by_test_id("cancel-panel")).to_contain_text(_day(upgraded["currentPeriodEnd"]))
     await card.get_by_test_id("confirm-cancel").click()
+    await expect(card.get_by_test_id("sub-message")).to_have_text("Your cancellation is recorded.")
     await expect(card.get_by_test_id("sub-ends-on")).to_have_text(_day(upgraded["currentPeriodEnd"]))
     await expect(card.get_by_test_id("sub-cancel-notice")).to_be_visible()
     await expect(card.get_by_test_id("sub-next-billing")).to_have_count(0)

@@ -470,7 +470,7 @@ function openCancel(s, ui) {
     busy(ui, true);
     try {
       const updated = await post(`/api/subscriptions/${encodeURIComponent(s.id)}/cancel`, { atPeriodEnd: true });
-      replaceSubscription(updated, `Cancelled: your subscription ends on ${formatDay(updated.currentPeriodEnd)}.`);
+      replaceSubscription(updated, "Your cancellation is recorded.");
     } catch (err) {
       busy(ui, false);
       fail(ui, err, "The subscription could not be cancelled.");
