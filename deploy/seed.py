@@ -40,7 +40,9 @@ class Seeder:
         return response.json() if response.content else None
 
     def invoice(self, client_id: str, items: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-        return self.call("POST", "/api/invoices", json={"clientId": client_id, "items": items, **fields})
+        created: dict[str, Any] = self.call("POST", "/api/invoices", json={"clientId": client_id, "items": items,
+                                                                         **fields})
+        return created
 
     def clients(self) -> Iterator[dict[str, Any]]:
         """Every client, following the list's cursor page by page."""
