@@ -67,6 +67,23 @@ class ServiceUnavailable(AppError):
         self.retry_after = retry_after
 
 
+class TooManyRequests(AppError):
+    """Refused for now (a throttle): `retry_after` seconds go out as the `Retry-After` header."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message, code=code, details=details)
+        self.retry_after = retry_after
+
+
+def retry_after_headers(exc: AppError) -> dict[str, str] | None:
+    """`Retry-After` for an error that says when to come back (429, 503), else None."""
+    retry_after = getattr(exc, "retry_after", None)
+    return {"Retry-After": str(retry_after)} if isinstance(retry_after, int) else None
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
 
@@ -102,11 +119,8 @@ def _clean_validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        headers = None
-        if isinstance(exc, ServiceUnavailable) and exc.retry_after is not None:
-            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status_code,
-                            headers=headers)
+                            headers=retry_after_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

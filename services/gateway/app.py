@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +35,7 @@ from services.gateway.schemas import (
     UserOut,
 )
 from services.gateway.security import Passwords, TokenClaims, TokenCodec, bearer_token
-from services.gateway.service import AuthService, IdempotencyService, ensure_admin
+from services.gateway.service import AuthService, IdempotencyService, LoginThrottle, ThrottlePolicy, ensure_admin
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,7 @@ class GatewayContext:
     idempotency: IdempotencyService
     upstreams: UpstreamPool
     openapi: OpenApiAggregator
+    throttle: LoginThrottle
 
 
 async def get_context(request: Request) -> GatewayContext:
@@ -61,7 +63,7 @@ Context = Annotated[GatewayContext, Depends(get_context)]
 
 def auth_service(uow: RequestUnitOfWork, ctx: Context) -> AuthService:
     """Logins and users in the request's unit of work: committed once the handler has returned."""
-    return AuthService(uow, ctx.passwords, ctx.tokens, ctx.upstreams)
+    return AuthService(uow, ctx.passwords, ctx.tokens, ctx.upstreams, throttle=ctx.throttle)
 
 
 Auth = Annotated[AuthService, Depends(auth_service)]
@@ -100,10 +102,22 @@ api = APIRouter(prefix="/api", responses=_errors(400, 422), dependencies=[Strict
 
 @api.post(
     "/auth/login", response_model=LoginResponse, tags=["auth"], summary="Log in with email and password",
-    responses=_errors(401),
+    description="After too many failed logins for one account (5 in 15 minutes by default) or from one "
+    "address (20), further attempts, the right password included, are refused with 429 and `Retry-After` "
+    "(seconds) until the lock-out ends; each further lock-out lasts twice as long. A successful login "
+    "clears the account's count.",
+    responses={**_errors(401), 429: {"model": ErrorResponse, "description": "Too many failed logins: try again "
+                                     "after `Retry-After` seconds.",
+                                     "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                                                 "description": "Seconds to wait."}}}},
 )
-async def login(body: LoginRequest, auth: Auth) -> LoginResponse:
-    return await auth.login(body.email, body.password)
+async def login(body: LoginRequest, auth: Auth, request: Request) -> LoginResponse:
+    return await auth.login(body.email, body.password, address=client_address(request))
+
+
+def client_address(request: Request) -> str | None:
+    """The caller's address as uvicorn saw it (X-Forwarded-For only from a trusted proxy)."""
+    return request.client.host if request.client else None
 
 
 @api.get("/auth/me", response_model=UserOut, tags=["auth"], summary="The logged-in user", responses=_errors(401))
@@ -175,6 +189,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lock_timeout_seconds=settings.idempotency_lock_timeout_seconds,
         cleanup_interval_seconds=settings.idempotency_cleanup_interval_seconds,
     )
+    throttle = LoginThrottle(
+        db,
+        ThrottlePolicy(
+            account_max_failures=settings.login_account_max_failures,
+            address_max_failures=settings.login_address_max_failures,
+            window=timedelta(seconds=settings.login_window_seconds),
+            lockout=timedelta(seconds=settings.login_lockout_seconds),
+            max_lockout=timedelta(seconds=settings.login_lockout_max_seconds),
+        ),
+        cleanup_interval_seconds=settings.idempotency_cleanup_interval_seconds,
+    )
     aggregator = OpenApiAggregator(
         upstreams,
         lambda: route_table.ROUTES,
@@ -194,6 +219,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     async def on_shutdown() -> None:
         await idempotency.close()
+        await throttle.close()
         await upstreams.close()
 
     runtime.on_startup.append(on_startup)
@@ -213,7 +239,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.version = "1.0.0"
     app.state.gateway = GatewayContext(
         settings=settings, tokens=tokens, passwords=passwords, idempotency=idempotency, upstreams=upstreams,
-        openapi=aggregator,
+        openapi=aggregator, throttle=throttle,
     )
     admin.configure(app, secret=secret, tokens=tokens, upstreams=upstreams,
                     cookie_secure=settings.admin_cookie_secure)

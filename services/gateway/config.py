@@ -43,6 +43,17 @@ class GatewaySettings(ServiceSettings):
         validation_alias=AliasChoices("BILLING_ADMIN_PASSWORD"),
     )
 
+    # Login throttle (counted in the gateway's database, so shared by every replica): at most this
+    # many failed logins per account (known or not) and per client address within the window; the
+    # next attempt is locked out (429 with Retry-After) for the lock-out, doubled at each further
+    # lock-out up to the maximum. The client address is the peer's, or X-Forwarded-For's when the
+    # peer is a trusted proxy (uvicorn's FORWARDED_ALLOW_IPS, loopback by default).
+    login_account_max_failures: int = Field(default=5, ge=1)
+    login_address_max_failures: int = Field(default=20, ge=1)
+    login_window_seconds: float = Field(default=15 * 60, gt=0)
+    login_lockout_seconds: float = Field(default=15 * 60, gt=0)
+    login_lockout_max_seconds: float = Field(default=24 * 3600, gt=0)
+
     # Admin pages (/admin): the session cookie is Secure when served over HTTPS (set this behind TLS).
     admin_cookie_secure: bool = False
 

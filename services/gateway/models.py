@@ -1,4 +1,4 @@
-"""Gateway tables: users (logins) and idempotency keys."""
+"""Gateway tables: users (logins), idempotency keys and the login throttle's counters."""
 
 from __future__ import annotations
 
@@ -74,3 +74,28 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     locked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+THROTTLE_ACCOUNT = "account"
+THROTTLE_ADDRESS = "address"
+
+
+class LoginCounter(Base):
+    """Failed logins of one account (lower-cased email, known or not) or one client address.
+
+    In the database, not in memory, so every gateway replica counts the same failures.
+    """
+
+    __tablename__ = "login_throttle"
+    __table_args__ = (
+        CheckConstraint("scope IN ('account', 'address')", name="ck_login_throttle_scope"),
+        Index("ix_login_throttle_updated_at", "updated_at"),
+    )
+
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(320), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # in the window that began at window_started_at
+    window_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lockouts: Mapped[int] = mapped_column(Integer, default=0)  # each one twice as long as the last
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

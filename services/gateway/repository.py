@@ -1,13 +1,13 @@
-"""Data access for users and idempotency keys (one AsyncSession, no commits here)."""
+"""Data access for users, idempotency keys and login throttle counters (one AsyncSession, no commits here)."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,6 +18,7 @@ from services.gateway.models import (
     STATE_IN_PROGRESS,
     STATE_UNKNOWN,
     IdempotencyKey,
+    LoginCounter,
     User,
 )
 
@@ -150,4 +151,40 @@ class IdempotencyRepository:
 
     async def delete_expired(self, ttl: timedelta) -> int:
         result = await self.session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < func.now() - ttl))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+class LoginCounterRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def lock(self, keys: list[tuple[str, str]]) -> tuple[datetime, dict[tuple[str, str], LoginCounter]]:
+        """The database's time and the counter rows of `keys` (created at zero), locked until commit.
+
+        Rows are created and locked in one order (scope, key), so two logins sharing keys never deadlock.
+        """
+        ordered = sorted(set(keys))
+        await self.session.execute(
+            insert(LoginCounter)
+            .values([{"scope": scope, "key": key, "failures": 0, "lockouts": 0} for scope, key in ordered])
+            .on_conflict_do_nothing(index_elements=[LoginCounter.scope, LoginCounter.key])
+        )
+        now = (await self.session.execute(select(func.now()))).scalar_one()
+        rows = (await self.session.scalars(
+            select(LoginCounter)
+            .where(tuple_(LoginCounter.scope, LoginCounter.key).in_(ordered))
+            .order_by(LoginCounter.scope, LoginCounter.key)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )).all()
+        return now, {(row.scope, row.key): row for row in rows}
+
+    async def delete_idle(self, idle: timedelta) -> int:
+        """Forget counters nobody has touched for `idle` (no lock-out of theirs is still running)."""
+        result = await self.session.execute(
+            delete(LoginCounter).where(
+                LoginCounter.updated_at < func.now() - idle,
+                (LoginCounter.locked_until.is_(None)) | (LoginCounter.locked_until < func.now()),
+            )
+        )
         return int(getattr(result, "rowcount", 0) or 0)
