@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -97,18 +98,44 @@ _ENCODERS: list[tuple[type, str, Callable[[Any], Any]]] = [
 ]
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "b": lambda v: _typed(v, bool),
-    "i": lambda v: _typed(v, int),
-    "t": lambda v: datetime.fromisoformat(_typed(v, str)),
+    "i": lambda v: _int64(_typed(v, int)),
+    "t": lambda v: _instant(datetime.fromisoformat(_typed(v, str))),
     "d": lambda v: date.fromisoformat(_typed(v, str)),
     "u": lambda v: uuid.UUID(_typed(v, str)),
-    "m": lambda v: Decimal(_typed(v, str)),
-    "s": lambda v: _typed(v, str),
+    "m": lambda v: _finite(Decimal(_typed(v, str))),
+    "s": lambda v: _text(_typed(v, str)),
 }
 
 
 def _typed(value: Any, kind: type) -> Any:
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"expected {kind.__name__}")
+    return value
+
+
+# A cursor is the client's to forge: its values are bound as query parameters, so each must be one
+# the database accepts (else a 500 instead of the 400 below).
+def _int64(value: int) -> int:
+    if not -(2**63) <= value < 2**63:
+        raise ValueError("integer out of range")
+    return value
+
+
+def _instant(value: datetime) -> datetime:
+    if value.tzinfo is not None:
+        value.astimezone(UTC)  # OverflowError past year 1 or 9999 in UTC
+    return value
+
+
+def _finite(value: Decimal) -> Decimal:
+    if not value.is_finite() or abs(value.adjusted()) > 1000:
+        raise ValueError("number out of range")
+    return value
+
+
+def _text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL character")
     return value
 
 
@@ -154,7 +181,7 @@ def decode_cursor(cursor: str, scope: str = "", *, size: int | None = None) -> l
         values = [_decode_value(v) for v in data["v"]]
     except InvalidCursor:
         raise
-    except (ValueError, TypeError, binascii.Error, InvalidOperation, orjson.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, InvalidOperation, orjson.JSONDecodeError):
         raise InvalidCursor("The cursor is not valid: pass the `nextCursor` of a previous page unchanged.") from None
     if size is not None and len(values) != size:
         raise InvalidCursor("The cursor is not valid: pass the `nextCursor` of a previous page unchanged.")
@@ -197,6 +224,28 @@ def _after(elements: Sequence[_Element], values: Sequence[Any]) -> ColumnElement
     return or_(*clauses)
 
 
+def _check_types(elements: Sequence[_Element], values: Sequence[Any]) -> None:
+    """Each cursor value must fit its sort column: a forged cursor (the digest of a scope is no
+    secret) with, say, a number for a timestamp would otherwise fail in the driver, a 500."""
+    for element, value in zip(elements, values, strict=True):
+        if value is None:
+            continue
+        if element.is_null_flag:
+            expected: type = bool
+        else:
+            try:
+                expected = element.expr.type.python_type
+            except NotImplementedError:
+                continue
+        if issubclass(expected, (str, enum.Enum)):
+            expected = str  # an enum column's values travel as their text
+        fits = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+        if fits and isinstance(value, datetime):
+            fits = (value.tzinfo is not None) == bool(getattr(element.expr.type, "timezone", False))
+        if not fits:
+            raise InvalidCursor("The cursor is not valid: pass the `nextCursor` of a previous page unchanged.")
+
+
 def order_by(order: Sequence[SortKey]) -> list[ColumnElement[Any]]:
     return [e.expr.desc() if e.descending else e.expr.asc() for e in _elements(order)]
 
@@ -221,6 +270,7 @@ async def paginate(
     query = stmt.add_columns(*[e.expr for e in elements]).order_by(*order_by(order))
     if page.cursor:
         values = decode_cursor(page.cursor, scope, size=len(elements))
+        _check_types(elements, values)
         query = query.where(_after(elements, values))
     rows = (await session.execute(query.limit(page.limit + 1))).all()
     has_more = len(rows) > page.limit

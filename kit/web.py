@@ -3,25 +3,62 @@
 * One place commits: `RequestUnitOfWork` opens the request's unit of work; it commits when the handler
   returns and rolls back when it raises. Routes and services never call `commit()`.
 * An unknown query parameter is a 400 naming it (a typo such as `?limt=1` must not silently return
-  the default page); a NUL byte in a query value is a 400 too (PostgreSQL text cannot hold it).
+  the default page); a NUL byte in a query value or a path segment is a 422 (PostgreSQL text cannot
+  hold it).
 * One body-size limit: `BodyLimit` refuses a declared or streamed body over the limit with a 413.
+* Parse at the edge, within what the database and the calendar can hold: `Int64` (asyncpg cannot
+  bind a larger int: a 500 otherwise), `UtcDateTime` (an offset that pushes the instant past year 1
+  or 9999 cannot be stored), `CalendarDate` (a date the platform computes with: due dates + net days,
+  reminders ± weeks, reports).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from pydantic import AfterValidator, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kit.db import Database, UnitOfWork
-from kit.errors import AppError, InvalidInput, PayloadTooLarge, error_body
+from kit.errors import AppError, InvalidInput, PayloadTooLarge, error_body, retry_after_headers
 
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+# BIGINT: what PostgreSQL stores and asyncpg binds. Add your own ge/le for the field's real range.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+# The days the platform stores and computes with; reporting refuses the same range.
+MIN_DATE = date(1970, 1, 1)
+MAX_DATE = date(2100, 12, 31)
+
+
+def calendar_date(value: date) -> date:
+    if not MIN_DATE <= value <= MAX_DATE:
+        raise ValueError(f"must be between {MIN_DATE} and {MAX_DATE}")
+    return value
+
+
+def utc_datetime(value: datetime) -> datetime:
+    """The same instant in UTC (a naive value is read as UTC); refused when UTC cannot hold it,
+    e.g. `0001-01-01T00:00:00+14:00` or `9999-12-31T23:59:59-14:00`."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date and time out of range once converted to UTC") from None
+
+
+CalendarDate = Annotated[date, AfterValidator(calendar_date)]
+UtcDateTime = Annotated[datetime, AfterValidator(utc_datetime)]
 
 
 def request_database(request: Request) -> Database:
@@ -73,9 +110,16 @@ def _allowed_query(route: APIRoute) -> frozenset[str]:
 
 
 async def strict_query_params(request: Request) -> None:
-    """App-wide dependency: refuse query parameters the route does not declare, and NUL bytes."""
+    """App-wide dependency: refuse query parameters the route does not declare, and NUL bytes in
+    query values and path parameters (a string id such as a checkout session's is looked up as is)."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute) or not request.query_params:
+    if not isinstance(route, APIRoute):
+        return
+    for name, value in request.path_params.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidInput(f"Path parameter {name!r} must not contain NUL characters.",
+                               details=[{"field": name, "message": "NUL character"}])
+    if not request.query_params:
         return
     allowed = _allowed_query(route)
     unknown = sorted({name for name in request.query_params if name not in allowed})
@@ -181,6 +225,7 @@ class BodyLimit:
 
 async def send_error(send: Send, exc: AppError, headers: Mapping[str, str] | None = None) -> None:
     """Answer with the platform's error body from pure ASGI code (outside FastAPI's handlers)."""
+    headers = {**(retry_after_headers(exc) or {}), **(headers or {})}
     await send_json(send, exc.status_code, error_body(exc.code, exc.message, exc.details), headers)
 
 

@@ -40,6 +40,11 @@ def invoice_order(sort: str) -> list[SortKey]:
     return [*keys, SortKey(Invoice.id, descending=descending)]
 
 
+def like_escape(text: str) -> str:
+    """`text` as a LIKE pattern that matches only itself (escape character: backslash)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 @dataclass(frozen=True)
 class InvoiceFilter:
     client_id: uuid.UUID | None = None
@@ -111,7 +116,8 @@ class InvoiceRepository:
         if f.project_id:
             stmt = stmt.where(Invoice.project_id == f.project_id)
         if f.number:
-            stmt = stmt.where(Invoice.invoice_number.ilike(f"%{f.number}%"))
+            # The search text is literal: `%`, `_` and `\` match themselves (`?number=%` matched every invoice).
+            stmt = stmt.where(Invoice.invoice_number.ilike(f"%{like_escape(f.number)}%", escape="\\"))
         if f.due_before:
             stmt = stmt.where(Invoice.due_date <= f.due_before)
         if f.due_after:

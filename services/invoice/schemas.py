@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from kit.web import CalendarDate
 from services.invoice.money import MAX_AMOUNT, known_currencies
 from services.invoice.pdf import BankDetails, NormalizedLogo, TemplateSettings
 
@@ -32,6 +33,18 @@ def _no_nul(value: object) -> object:
     # PostgreSQL text and JSONB cannot hold U+0000: refuse it here rather than fail on insert.
     if isinstance(value, str) and "\x00" in value:
         raise ValueError("text must not contain NUL characters")
+    return value
+
+
+def _one_line(value: str) -> str:
+    # A client's name is the display name of every email to the client: a CR/LF there would start a
+    # header of its own (and its emails could never be built). C0 and C1 controls, DEL and U+2028/2029
+    # are refused (the email address is checked by EmailStr; invoice numbers are ours).
+    for char in value:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029):
+            raise PydanticCustomError("control_character", "must not contain control characters (found U+{code})",
+                                      {"code": f"{code:04X}"})
     return value
 
 
@@ -67,6 +80,7 @@ class ClientCreate(InputModel):
     tax_id: Annotated[str, StringConstraints(max_length=64)] | None = None
 
     _currency = field_validator("currency")(_check_currency)
+    _name = field_validator("name")(_one_line)
 
 
 class ClientOut(ApiModel):
@@ -102,8 +116,10 @@ class InvoiceFields(InputModel):
     tax_rate: Percent | None = None
     discount_percent: Percent | None = None
     discount_fixed: Money | None = None
-    issue_date: date | None = None
-    due_date: date | None = None
+    # Bounded: the due date is computed from them (issueDate 9999-12-31 + 30 days overflowed: a 500
+    # at send) and reporting and reminders work within the same range.
+    issue_date: CalendarDate | None = None
+    due_date: CalendarDate | None = None
     net_days: Annotated[int, Field(ge=0, le=365)] | None = None
 
     @model_validator(mode="after")
@@ -234,7 +250,8 @@ class PaymentOut(ApiModel):
 
 
 class OverdueScanRequest(InputModel):
-    as_of: date | None = Field(default=None, description="Mark what is past due as of this date (default: today, UTC).")
+    as_of: CalendarDate | None = Field(default=None,
+                                       description="Mark what is past due as of this date (default: today, UTC).")
 
 
 class OverdueScanResult(ApiModel):
@@ -282,7 +299,7 @@ class TemplateUpdate(_TemplateInput):
     company_name: str = Field(min_length=1, max_length=200)
     logo: None = Field(default=None, description="Read-only here: upload with POST /api/invoice-template/logo.")
     remove_logo: bool = False
-    version: Annotated[int, Field(ge=0)] | None = None
+    version: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None  # an INTEGER column
 
     @field_validator("company_name")
     @classmethod

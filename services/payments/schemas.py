@@ -7,8 +7,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from kit.web import MIN_DATE, utc_datetime
 
 MAX_AMOUNT = 10**13  # minor units; far above any invoice, far below int64
 
@@ -22,6 +32,14 @@ class InputModel(ApiModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
     )
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # PostgreSQL text cannot hold U+0000: refused here rather than failing the insert (a 500).
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("text must not contain NUL characters")
+        return value
+
 
 class ManualMethod(StrEnum):
     BANK_TRANSFER = "bank_transfer"
@@ -33,16 +51,18 @@ class ManualMethod(StrEnum):
 class MarkPaidRequest(InputModel):
     amount: Annotated[int, Field(gt=0, le=MAX_AMOUNT, strict=True, description="minor units (cents)")]
     method: ManualMethod
-    paid_at: datetime | None = None
+    # With its timezone (e.g. 2026-03-01T10:00:00Z), stored in UTC: an offset that takes the
+    # instant out of UTC's range (0001-01-01T00:00:00+14:00) is a 422, not a failed insert.
+    paid_at: Annotated[AwareDatetime, AfterValidator(utc_datetime)] | None = None
     reference: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     # Optional; when given it must be the invoice's currency (a payment takes the invoice's currency).
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{3}$", to_upper=True)] | None = None
 
     @field_validator("paid_at")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("paidAt needs a timezone (e.g. 2026-03-01T10:00:00Z)")
+    def _not_before_1970(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.date() < MIN_DATE:
+            raise ValueError(f"paidAt must be after {MIN_DATE}")
         return value
 
 
