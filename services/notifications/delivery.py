@@ -1,10 +1,15 @@
 """The delivery worker: claims due messages, fetches the PDF, renders, sends over SMTP, records.
 
 Crash safety: a message is claimed (status 'sending', lease until `next_attempt_at`) in its own
-transaction before anything is sent; its outcome is recorded after. A replica that dies in between
-leaves the lease to expire, and the message is sent again with the same Message-ID. Failures are
-retried with the platform's backoff (kit.worker.backoff_delay); after `max_attempts` the message is
-marked failed (and notification.failed published), never dropped.
+transaction before anything is sent; right before SMTP the send is marked on it (`send_attempt_id`,
+a tiny transaction of its own), and its outcome is recorded after against that mark. Recording the
+outcome of a send is retried (kit.worker.backoff_delay) until the database answers: the send itself
+is never repeated for a lost commit. A replica that dies between the send and the record leaves the
+lease to expire; the takeover sees the mark (logged as an `unknown` attempt) and sends again with the
+same Message-ID. SMTP failures are retried with the platform's backoff; after `max_attempts` the
+message is marked failed (and notification.failed published), never dropped. A message that cannot
+be built (a control character in a header, a template error, ...) fails at once: no retry can fix
+it, a person can (`POST /api/notifications/{id}/retry`).
 
 The loop itself is kit's PollingWorker: woken in-process when messages are queued, polling otherwise,
 backing off while the database is down.
@@ -13,13 +18,16 @@ backing off while the database is down.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 import uuid
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import structlog
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func
 
 from contracts import topics
@@ -33,7 +41,7 @@ from kit.worker import PollingWorker, backoff_delay
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
 from services.notifications.invoices import ClientDirectory
-from services.notifications.mailer import Attachment, SmtpMailer, SmtpSendError, build_message
+from services.notifications.mailer import Attachment, SmtpMailer, SmtpSendError, build_message, prepare
 from services.notifications.models import Notification
 from services.notifications.pdf import PdfFetcher, PdfUnavailable
 from services.notifications.service import SOURCE, SUBSCRIPTION_KINDS, NotificationService
@@ -43,6 +51,24 @@ log = structlog.get_logger(__name__)
 _REMINDERS = {NotificationKind.REMINDER_BEFORE_DUE.value, NotificationKind.REMINDER_OVERDUE.value}
 _FROM_EVENT_SNAPSHOT = {NotificationKind.INVOICE_SENT.value, NotificationKind.INVOICE_CANCELLED.value}
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+_RECORD_RETRY_INITIAL = 0.2  # seconds before the first retry of recording a send's outcome
+_RECORD_RETRY_MAX = 5.0
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A connection-level failure (down, restarting, connection lost): worth retrying as is."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # the exception and what it wraps
+        if seen is None:
+            return False
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, OSError | TimeoutError | sa_exc.DisconnectionError | sa_exc.OperationalError
+                      | sa_exc.InterfaceError | asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError
+                      | asyncpg.InterfaceError):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
 
 
 class DeliveryWorker(PollingWorker):
@@ -151,6 +177,14 @@ class DeliveryWorker(PollingWorker):
     async def deliver(self, n: Notification, token: uuid.UUID, invoice: repo.InvoiceInfo | None) -> str:
         """Handle one claimed message (`invoice`: its invoice's copy, if any); returns the outcome."""
         s = self.settings
+        if n.send_attempt_id is not None:
+            # The send before this claim began and its outcome was never recorded (its replica died):
+            # it may have gone out. Logged and counted as an attempt; sent again, same Message-ID.
+            if not await self._record_unknown_send(n, token):
+                return "lease_lost"
+            if n.attempts >= s.max_attempts:
+                return await self._fail(n, token, "the last sends' outcomes are unknown (the sender kept "
+                                        "stopping mid-send)")
 
         # Reminders only while the invoice still expects money (paid/cancelled since the scan: skip).
         if n.kind in _REMINDERS and (invoice is None or not invoice.open_for_reminders):
@@ -254,38 +288,113 @@ class DeliveryWorker(PollingWorker):
             )
             if not recipient.isascii():
                 raise ValueError(f"non-ASCII address {recipient!r} (SMTPUTF8 is not supported)")
+            outgoing = prepare(message)  # serialized now: what cannot be written fails here, not mid-send
         except Exception as exc:  # noqa: BLE001 - retrying cannot fix a message that cannot be built
-            log.exception("message_build_failed", notification_id=str(n.id))
-            return await self._fail(n, token, f"cannot build the message: {type(exc).__name__}: {exc}",
-                                    attempts=n.attempts)
+            log.warning("message_build_failed", notification_id=str(n.id), error=f"{type(exc).__name__}: {exc}")
+            return await self._fail(n, token, f"cannot build the message: {exc}", attempts=n.attempts,
+                                    recipient=recipient, recipient_name=recipient_name)
         attempts = n.attempts + 1
-        common = {
+        common: dict[str, Any] = {
             "subject": content_.subject, "recipient": recipient, "recipient_name": recipient_name,
             "attempts": attempts, "pdf_attempts": pdf_attempts, "attachment_missing": attachment_missing,
         }
+        attempt_id = uuid.uuid4()
+        if (outcome := await self._start_send(n, token, attempt_id)) is not None:
+            return outcome
         try:
-            await self.mailer.send(message)
+            await self.mailer.send(outgoing)
         except SmtpSendError as exc:
             error = str(exc)
             if attempts >= s.max_attempts:
-                return await self._fail(n, token, error, smtp_code=exc.code, **common)
+                return await self._record_send(n, attempt_id, "failed", error, smtp_code=exc.code,
+                                               event=self._failed_event(n, error, **common),
+                                               status="failed", failed_at=utcnow(), last_error=error,
+                                               claim_token=None, **common)
             delay = self.retry_delay(attempts, s.retry_base_delay)
             log.warning("smtp_send_retry", notification_id=str(n.id), attempt=attempts, error=error,
                         retry_in=round(delay.total_seconds(), 1))
-            return await self._finish(
-                n, token, "retry", error, smtp_code=exc.code, status="pending", last_error=error,
+            return await self._record_send(
+                n, attempt_id, "retry", error, smtp_code=exc.code, status="pending", last_error=error,
                 next_attempt_at=func.now() + delay, **common,
             )
         now = utcnow()
-        await self._finish(
-            n, token, "sent", None, status="sent", sent_at=now, claim_token=None,
+        outcome = await self._record_send(
+            n, attempt_id, "sent", None, status="sent", sent_at=now, claim_token=None,
             event=self._event(n, NotificationEventType.SENT, recipient, content_.subject, attempts,
                               sent_at=now, attachment_missing=attachment_missing),
             **common,
         )
         log.info("notification_sent", notification_id=str(n.id), kind=n.kind, invoice_id=n.invoice_id,
-                 attempt=attempts)
+                 attempt=attempts, recorded=outcome)
         return "sent"
+
+    # ------------------------------------------------------------------------------------------
+    # around the send
+
+    async def _record_unknown_send(self, n: Notification, token: uuid.UUID) -> bool:
+        """Log the send of unknown outcome found on this claim and count it; False: not ours any more."""
+        started = n.send_started_at.isoformat() if n.send_started_at else "?"
+        error = f"a send began at {started} and its outcome was never recorded; sending again, same Message-ID"
+        async with self.db.transaction() as uow:
+            if not await repo.finish_claim(uow.session, n.id, token, attempts=n.attempts + 1, send_attempt_id=None):
+                return False
+            await repo.add_attempt(uow.session, n.id, n.attempts + 1, "unknown", error)
+        log.warning("delivery_outcome_unknown", notification_id=str(n.id), started=started)
+        n.attempts += 1
+        n.send_attempt_id = None
+        return True
+
+    async def _start_send(self, n: Notification, token: uuid.UUID, attempt_id: uuid.UUID) -> str | None:
+        """Mark the send as begun, in its own transaction, just before SMTP (None: go ahead). Also
+        the last look at whether it still applies: no "please try again" for an invoice paid by now."""
+        async with self.db.transaction() as uow:
+            if n.kind == NotificationKind.PAYMENT_FAILED.value and n.invoice_id:
+                why = await repo.invoice_paid_reason(uow.session, n.invoice_id)
+                if why is not None:
+                    if not await repo.finish_claim(uow.session, n.id, token, status="skipped", claim_token=None,
+                                                   last_error=why):
+                        return "lease_lost"
+                    await repo.add_attempt(uow.session, n.id, n.attempts, "skipped", why)
+                    log.info("payment_failed_skipped_paid", notification_id=str(n.id), invoice_id=n.invoice_id)
+                    return "skipped"
+            if not await repo.start_send(uow.session, n.id, token, attempt_id):
+                log.warning("delivery_lease_lost", notification_id=str(n.id), outcome="not sent")
+                return "lease_lost"
+        return None
+
+    async def _record_send(
+        self,
+        n: Notification,
+        attempt_id: uuid.UUID,
+        outcome: str,
+        error: str | None,
+        *,
+        smtp_code: int | None = None,
+        event: CloudEvent | None = None,
+        **values: Any,
+    ) -> str:
+        """Record what our SMTP send did, retrying while the database does not answer: the message
+        went out (or not) already, only its bookkeeping is left, and giving up would send it again
+        once the lease expires. Lands even after a takeover claimed it, unless that one is sending."""
+        for retry in itertools.count(1):
+            try:
+                async with self.db.transaction() as uow:
+                    if not await repo.finish_send(uow.session, n.id, attempt_id, **values):
+                        log.warning("delivery_taken_over_mid_send", notification_id=str(n.id), outcome=outcome)
+                        return "lease_lost"
+                    await repo.add_attempt(uow.session, n.id, int(values.get("attempts", n.attempts)), outcome,
+                                           error, smtp_code)
+                    if event is not None:
+                        self._publish(uow, n, event)
+                return outcome
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                delay = backoff_delay(retry, initial=_RECORD_RETRY_INITIAL, maximum=_RECORD_RETRY_MAX)
+                log.warning("delivery_record_retry", notification_id=str(n.id), outcome=outcome, retry=retry,
+                            retry_in=round(delay, 2), error=f"{type(exc).__name__}: {exc}"[:300])
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------------------------------
     # helpers
@@ -295,20 +404,22 @@ class DeliveryWorker(PollingWorker):
             return False
         return n.kind == NotificationKind.INVOICE_SENT.value or n.kind in self.settings.reminder_kinds_with_pdf
 
+    def _failed_event(self, n: Notification, error: str, **values: Any) -> CloudEvent:
+        log.error("notification_failed", notification_id=str(n.id), kind=n.kind, error=error)
+        return self._event(
+            n, NotificationEventType.FAILED, values.get("recipient") or n.recipient or "",
+            values.get("subject") or n.subject or "", int(values.get("attempts", n.attempts)), failed_at=utcnow(),
+            error=error, attachment_missing=bool(values.get("attachment_missing")),
+        )
+
     async def _fail(
         self, n: Notification, token: uuid.UUID, error: str, smtp_code: int | None = None, **values: Any
     ) -> str:
-        now = utcnow()
+        """Failed before any send (nothing to build it from, or it cannot be built)."""
         values.setdefault("attempts", n.attempts)
-        event = self._event(
-            n, NotificationEventType.FAILED, values.get("recipient") or n.recipient or "",
-            values.get("subject") or n.subject or "", values["attempts"], failed_at=now, error=error,
-            attachment_missing=bool(values.get("attachment_missing")),
-        )
-        log.error("notification_failed", notification_id=str(n.id), kind=n.kind, error=error)
         return await self._finish(
-            n, token, "failed", error, smtp_code=smtp_code, status="failed", failed_at=now, last_error=error,
-            claim_token=None, event=event, **values,
+            n, token, "failed", error, smtp_code=smtp_code, status="failed", failed_at=utcnow(), last_error=error,
+            claim_token=None, event=self._failed_event(n, error, **values), **values,
         )
 
     async def _finish(

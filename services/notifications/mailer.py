@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from email import policy as email_policy
 from email.charset import QP, Charset
+from email.generator import BytesGenerator
 from email.header import Header
 from email.message import Message
 from email.mime.application import MIMEApplication
@@ -50,6 +54,22 @@ def _header(value: str) -> str | Header:
     return value if value.isascii() else Header(value, "utf-8")
 
 
+# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: none may be in a header
+# (a CR/LF would start a header of its own; the others break or fool mail clients).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class MessageBuildError(ValueError):
+    """The message cannot be built from what we have (no retry can fix that; a person must)."""
+
+
+def check_header_text(what: str, value: str) -> None:
+    """Refuse a control character in text that becomes a header, naming what it is in."""
+    if match := _CONTROL.search(value):
+        raise MessageBuildError(f"the {what} contains a control character (U+{ord(match.group()):04X}), "
+                                "which cannot go into an email header")
+
+
 def build_message(
     *,
     mail_from: str,
@@ -78,6 +98,11 @@ def build_message(
             msg.attach(part)
     else:
         msg = body
+    check_header_text("recipient's name", recipient_name or "")
+    check_header_text("recipient's address", recipient)
+    check_header_text("subject", content.subject)
+    for key, value in (headers or {}).items():
+        check_header_text(f"{key} header", value)
     name, address = (recipient_name or "").strip(), recipient.strip()
     from_name, from_address = parseaddr(mail_from)
     msg["From"] = formataddr((from_name, from_address), charset="utf-8") if from_name else from_address
@@ -88,6 +113,31 @@ def build_message(
     for key, value in (headers or {}).items():
         msg[key] = value
     return msg
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message ready for SMTP: envelope and the exact bytes sent."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+def prepare(message: Message) -> Outgoing:
+    """Serialize a built message as SMTP will carry it (CRLF, compat32 as aiosmtplib does). Anything
+    that cannot be written (a header the email package refuses) fails here, before any send, as a
+    MessageBuildError."""
+    try:
+        buffer = io.BytesIO()
+        BytesGenerator(buffer, policy=email_policy.compat32.clone(linesep="\r\n")).flatten(message)
+    except Exception as exc:
+        raise MessageBuildError(f"the message cannot be written: {type(exc).__name__}: {exc}") from exc
+    recipients = tuple(addr for _, addr in getaddresses([str(v) for v in message.get_all("To", [])]))
+    sender = parseaddr(str(message.get("From", "")))[1]
+    if not recipients or not sender:
+        raise MessageBuildError("the message has no sender or no recipient address")
+    return Outgoing(sender=sender, recipients=recipients, data=buffer.getvalue())
 
 
 class SmtpSendError(Exception):
@@ -155,16 +205,15 @@ class SmtpMailer:
         with contextlib.suppress(Exception):
             conn.client.close()
 
-    async def send(self, message: Message) -> str:
-        """Send one message; returns the server's reply. Raises SmtpSendError on any failure."""
-        recipients = [addr for _, addr in getaddresses([str(v) for v in message.get_all("To", [])])]
+    async def send(self, mail: Outgoing) -> str:
+        """Send one prepared message; returns the server's reply. Raises SmtpSendError on any failure."""
         async with self._slots:
             for fresh_retry in (False, True):
                 conn: _Connection | None = None
                 reused = False
                 try:
                     conn, reused = await self._checkout()
-                    errors, reply = await conn.client.send_message(message, recipients=recipients)
+                    errors, reply = await conn.client.sendmail(mail.sender, list(mail.recipients), mail.data)
                     if errors:  # some recipients refused (we only have one, so this means refused)
                         code, text = next(iter(errors.values()))
                         raise SmtpSendError(f"recipient refused: {code} {text}", code)

@@ -5,7 +5,11 @@ Exactly-once rules live in constraints:
   * `reminders (invoice_id, kind, sequence)` is unique: each reminder is claimed by one scan only;
   * a message is sent only by the replica holding its lease (`status='sending'`, `next_attempt_at`
     in the future, `claim_token`); an expired lease (crash) makes it claimable again, and the resend
-    reuses the stored `smtp_message_id`.
+    reuses the stored `smtp_message_id`;
+  * a send in flight is marked (`send_attempt_id`, in its own transaction just before SMTP) and its
+    outcome is recorded against that mark, retried until the database answers: a message the server
+    accepted is never sent again for a lost commit, and a takeover that finds the mark knows a send
+    of unknown outcome came before it.
 """
 
 from __future__ import annotations
@@ -106,6 +110,20 @@ class PaidStripeInvoice(Base):
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class SettlingPayment(Base):
+    """Money settled on an invoice: a payment (payment.succeeded / payment.recorded, amount > 0) or a
+    refund (payment.refunded, amount < 0; its id is the refund's). Kept so a "please try again" is
+    not mailed for an invoice paid before its copy says PAID (payment events can overtake it)."""
+
+    __tablename__ = "invoice_payments"
+    __table_args__ = (Index("ix_invoice_payments_invoice", "invoice_id", "recorded_at"),)
+
+    payment_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    invoice_id: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Reminder(Base):
     """One row per (invoice, kind, sequence): the claim that makes each reminder happen once.
 
@@ -159,6 +177,10 @@ class Notification(Base):
     attachment_missing: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     claim_token: Mapped[uuid.UUID | None] = mapped_column()
+    # Set just before an SMTP send, cleared when its outcome is recorded: still set on a claim means
+    # the send before it ended with no outcome recorded (the replica died), so it may have gone out.
+    send_attempt_id: Mapped[uuid.UUID | None] = mapped_column()
+    send_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -171,7 +193,8 @@ class Notification(Base):
 
 
 class DeliveryAttempt(Base):
-    """Each try at a message, for the log: sent, retry (SMTP error), pdf_retry, deferred, failed, skipped."""
+    """Each try at a message, for the log: sent, retry (SMTP error), pdf_retry, deferred, failed, skipped,
+    unknown (a send whose outcome was never recorded: the replica stopped mid-send)."""
 
     __tablename__ = "delivery_attempts"
 

@@ -22,6 +22,7 @@ from services.notifications.models import (
     Notification,
     PaidStripeInvoice,
     Reminder,
+    SettlingPayment,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +122,37 @@ async def stripe_invoice_paid(session: AsyncSession, stripe_invoice_id: str) -> 
     return status == InvoiceStatus.PAID
 
 
+# ----------------------------------------------------------------------------------------------
+# payments that settled an invoice (no "please try again" once it is paid)
+
+
+async def record_settling_payment(session: AsyncSession, payment_id: str, invoice_id: str, amount: int) -> None:
+    """A payment (amount > 0) or a refund (amount < 0) of the invoice, once per payment (refund) id."""
+    await session.execute(
+        insert(SettlingPayment).values(payment_id=payment_id, invoice_id=invoice_id, amount=amount)
+        .on_conflict_do_nothing(index_elements=[SettlingPayment.payment_id])
+    )
+
+
+async def invoice_paid_reason(session: AsyncSession, invoice_id: str) -> str | None:
+    """Why the invoice needs no more money, or None: its copy says PAID, or the payments seen for it
+    (payment.succeeded / payment.recorded, less payment.refunded) cover its total, the invoice's own
+    events not having caught up yet. Without a copy: None (nothing known to be due)."""
+    copy = (await session.execute(
+        select(InvoiceCopy.status, InvoiceCopy.total).where(InvoiceCopy.id == invoice_id)
+    )).first()
+    if copy is None:
+        return None
+    if copy.status == InvoiceStatus.PAID:
+        return "invoice is PAID"
+    settled = await session.scalar(
+        select(func.coalesce(func.sum(SettlingPayment.amount), 0)).where(SettlingPayment.invoice_id == invoice_id)
+    )
+    if copy.total > 0 and int(settled or 0) >= copy.total:
+        return "invoice paid (the payments seen for it cover its total)"
+    return None
+
+
 async def skip_pending(session: AsyncSession, dedupe_key: str, why: str) -> bool:
     """A queued message that no longer applies is not sent (one being sent right now still goes)."""
     stmt = (
@@ -190,6 +222,36 @@ async def finish_claim(
         update(Notification)
         .where(Notification.id == notification_id, Notification.claim_token == held_token)
         .values(updated_at=func.now(), **values)
+        .returning(Notification.id)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def start_send(
+    session: AsyncSession, notification_id: uuid.UUID, held_token: uuid.UUID, attempt_id: uuid.UUID, /,
+    **values: Any,
+) -> bool:
+    """Mark a send as begun (just before SMTP) if we still hold the claim and nothing recorded an
+    outcome meanwhile. False: not ours any more, send nothing."""
+    stmt = (
+        update(Notification)
+        .where(Notification.id == notification_id, Notification.claim_token == held_token,
+               Notification.status == "sending")
+        .values(send_attempt_id=attempt_id, send_started_at=func.now(), updated_at=func.now(), **values)
+        .returning(Notification.id)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def finish_send(session: AsyncSession, notification_id: uuid.UUID, attempt_id: uuid.UUID, /,
+                      **values: Any) -> bool:
+    """Record the outcome of our send: matched on the send's mark, not the claim, so it still lands
+    when a takeover has claimed the message but not started its own send (which then finds the
+    outcome and sends nothing). False: a takeover has started its own send."""
+    stmt = (
+        update(Notification)
+        .where(Notification.id == notification_id, Notification.send_attempt_id == attempt_id)
+        .values(send_attempt_id=None, updated_at=func.now(), **values)
         .returning(Notification.id)
     )
     return (await session.execute(stmt)).first() is not None
@@ -301,7 +363,7 @@ async def requeue_failed(session: AsyncSession, notification_id: uuid.UUID) -> N
         .where(Notification.id == notification_id, Notification.status == "failed")
         .values(
             status="pending", attempts=0, pdf_attempts=0, defer_count=0, failed_at=None,
-            next_attempt_at=func.now(), claim_token=None, updated_at=func.now(),
+            next_attempt_at=func.now(), claim_token=None, send_attempt_id=None, updated_at=func.now(),
         )
         .returning(Notification)
     )

@@ -188,6 +188,7 @@ class NotificationService:
             PaymentEventType.SUCCEEDED: self.on_payment_event,
             PaymentEventType.RECORDED: self.on_payment_event,
             PaymentEventType.FAILED: self.on_payment_event,
+            PaymentEventType.REFUNDED: self.on_payment_refunded,
             SubscriptionEventType.TRIAL_WILL_END: self.on_trial_will_end,
             SubscriptionEventType.PAST_DUE: self.on_subscription_past_due,
             StripeEventType.INVOICE_PAYMENT_FAILED: self.on_stripe_payment_failed,
@@ -225,11 +226,10 @@ class NotificationService:
 
     async def on_payment_event(self, uow: UnitOfWork, event: CloudEvent) -> None:
         payment = event.data_as(PaymentEventV1)
-        kind = (
-            NotificationKind.PAYMENT_FAILED
-            if event.type == PaymentEventType.FAILED.value
-            else NotificationKind.PAYMENT_RECEIPT
-        )
+        failed = event.type == PaymentEventType.FAILED.value
+        kind = NotificationKind.PAYMENT_FAILED if failed else NotificationKind.PAYMENT_RECEIPT
+        if not failed:  # money settled: kept, so a stale failure of this invoice mails nothing
+            await repo.record_settling_payment(uow.session, payment.payment_id, payment.invoice_id, payment.amount)
         invoice = await repo.get_invoice(uow.session, payment.invoice_id)
         values = self.message_values(
             kind=kind,
@@ -244,7 +244,16 @@ class NotificationService:
             invoice_snapshot=invoice.snapshot if invoice else None,
             correlation_id=event.correlationid,
         )
+        # An older attempt's failure (another PaymentIntent) after the invoice was paid: payments has
+        # recorded it; "please try again" would be wrong. Logged as skipped; delivery checks again.
+        if failed and (why := await repo.invoice_paid_reason(uow.session, payment.invoice_id)) is not None:
+            values |= {"status": "skipped", "last_error": why}
         await self._add(uow, values)
+
+    async def on_payment_refunded(self, uow: UnitOfWork, event: CloudEvent) -> None:
+        """No email; money back off the invoice (a later failure may be worth a "please try again")."""
+        refund = event.data_as(PaymentEventV1)
+        await repo.record_settling_payment(uow.session, refund.payment_id, refund.invoice_id, -abs(refund.amount))
 
     async def on_subscription_notice(self, uow: UnitOfWork, event: CloudEvent) -> None:
         """subscription.created/.activated/.canceled: a short notice, one per event."""
@@ -341,6 +350,9 @@ class NotificationService:
         notification_id = await repo.insert_notification(uow.session, values)
         if notification_id is None:
             log.info("notification_duplicate_skipped", dedupe_key=values["dedupe_key"])
+        elif values["status"] == "skipped":
+            log.info("notification_not_applicable", kind=values["kind"], invoice_id=values["invoice_id"],
+                     notification_id=str(notification_id), why=values.get("last_error"))
         else:
             log.info("notification_queued", kind=values["kind"], invoice_id=values["invoice_id"],
                      notification_id=str(notification_id))
@@ -357,12 +369,19 @@ class NotificationService:
         return n, await repo.list_attempts(uow.session, notification_id)
 
     async def retry(self, uow: UnitOfWork, notification_id: uuid.UUID) -> Notification:
-        """Queue a failed message again (same Message-ID, attempts counted afresh); only a failed one."""
+        """Queue a failed message again (same Message-ID, attempts counted afresh); only a failed one.
+
+        An invoice's message takes the client's name and address from the invoice's copy as it is now:
+        a retry after the cause was fixed (a name that could not go into a header, a wrong address)
+        uses the fixed one."""
         n = await repo.requeue_failed(uow.session, notification_id)
         if n is None:
             if await repo.get_notification(uow.session, notification_id) is None:
                 raise NotFound("No such notification.")
             raise Conflict("Only a failed notification can be retried.")
+        copy = await repo.get_invoice(uow.session, n.invoice_id) if n.invoice_id else None
+        if copy is not None and copy.client_email:
+            n.recipient, n.recipient_name = copy.client_email, copy.client_name
         return n
 
     # ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import email
 import email.policy
 import json
+import shutil
 import socket
 import threading
 import time
@@ -26,7 +27,7 @@ from starlette.routing import Route
 
 from contracts.envelope import CloudEvent
 from contracts.invoice import InvoiceSnapshotV1, InvoiceStatus
-from deploy.infra import MailSink, free_port
+from deploy.infra import MailSink, PostgresServer, free_port
 from deploy.testing import KafkaEventLog as TopicReader
 from deploy.testing import publish_event as publish  # noqa: F401  (re-exported for the tests)
 from kit.db import Database
@@ -135,6 +136,23 @@ def make_settings(
         return NotificationsSettings(**values)
 
     return factory
+
+
+@pytest.fixture
+def own_postgres(infra_dir: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, to stop and restart (the session's one is shared).
+    Durable (fsync and synchronous commit on): a fast-mode server loses its last commits in a crash."""
+    server = PostgresServer(infra_dir / f"pg-own-{uuid.uuid4().hex[:8]}", free_port())
+    server.ensure_installed()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def stop_immediately(server: PostgresServer) -> None:
+    """`pg_ctl stop -m immediate`: a crash (every backend killed, recovery on the next start)."""
+    server._as_postgres("pg_ctl", "stop", "-D", str(server.data_dir), "-m", "immediate", "-w", "-t", "60")
 
 
 async def migrated_db(settings: NotificationsSettings, pool_size: int = 5) -> Database:

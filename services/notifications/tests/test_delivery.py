@@ -139,10 +139,12 @@ async def test_invoice_sent_delivers_one_email_with_the_pdf(
 async def test_payment_cancel_and_failure_emails(harness: Harness, mailbox: Mailbox) -> None:
     snap = snapshot(number="2026-0102")
     await harness.consumer.apply(invoice_event("invoice.sent", snap))
-    pay = payment_event("payment.succeeded", snap["id"], 120_00)
+    # A part paid: the failure of a card payment for the rest still asks to try again (after a
+    # payment of the whole amount it would not: test_stale_payment_failure_of_a_paid_invoice_mails_nothing).
+    pay = payment_event("payment.succeeded", snap["id"], 50_00)
     await harness.consumer.apply(pay)
     # The same payment announced again under another event id: still one receipt.
-    again = payment_event("payment.succeeded", snap["id"], 120_00, payment_id=pay.data["paymentId"])
+    again = payment_event("payment.succeeded", snap["id"], 50_00, payment_id=pay.data["paymentId"])
     await harness.consumer.apply(again)
     await harness.consumer.apply(
         payment_event("payment.failed", snap["id"], 120_00, failureReason="Your card was declined.")
@@ -350,3 +352,37 @@ async def test_smtp_credentials_from_settings_are_used(
     finally:
         await h.worker.stop()
         await h.db.dispose()
+
+
+async def test_payment_failure_queued_before_the_invoice_was_paid_is_skipped_just_before_sending(
+    idle_harness: Harness, mailbox: Mailbox
+) -> None:
+    h = idle_harness
+    snap = snapshot(number="2026-0130")
+    await h.consumer.apply(invoice_event("invoice.sent", snap))
+    await h.consumer.apply(payment_event("payment.failed", snap["id"], 120_00, failureReason="Declined."))
+    failure = await h.message(invoice_id=snap["id"], kind="payment_failed")
+    assert failure.status == "pending"  # nothing said it was paid when it was queued
+    await h.consumer.apply(invoice_event("invoice.paid", {**snap, "status": "PAID", "amountPaid": 120_00,
+                                                          "amountDue": 0, "version": 3}))
+    await h.worker.drain()
+    failure = await h.message(id=failure.id)
+    assert (failure.status, failure.last_error) == ("skipped", "invoice is PAID")
+    assert await h.attempts(failure.id) == [("skipped", None)]
+    assert [m["X-Billing-Kind"] for m in mailbox.for_invoice(snap["id"])] == ["invoice_sent"]
+
+
+async def test_payment_failure_after_a_refund_still_asks_to_try_again(idle_harness: Harness, mailbox: Mailbox) -> None:
+    """Paid, then refunded (the invoice's own events not arrived yet): money is due again, so the
+    failure of the next attempt is mailed."""
+    h = idle_harness
+    snap = snapshot(number="2026-0131")
+    await h.consumer.apply(invoice_event("invoice.sent", snap))
+    await h.consumer.apply(payment_event("payment.succeeded", snap["id"], 120_00))
+    await h.consumer.apply(payment_event("payment.refunded", snap["id"], 120_00, status="refunded"))
+    await h.consumer.apply(payment_event("payment.failed", snap["id"], 120_00, failureReason="Declined."))
+    await h.worker.drain()
+    failure = await h.message(invoice_id=snap["id"], kind="payment_failed")
+    assert failure.status == "sent"
+    assert "please try again" in next(m for m in mailbox.for_invoice(snap["id"])
+                                      if m["X-Billing-Kind"] == "payment_failed")["Subject"]

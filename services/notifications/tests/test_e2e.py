@@ -218,3 +218,70 @@ async def test_smtp_refusing_for_a_while_loses_no_email(
     assert outcomes[-1] == ("sent", None) and outcomes.count(("retry", 451)) >= 3
     assert len(mailbox.for_invoice(snap["id"])) == 1
     await notification_events.wait_for(event_type="notification.sent", invoiceId=snap["id"])
+
+
+async def test_a_name_with_cr_lf_fails_its_email_at_once_visibly_and_can_be_retried_once_fixed(
+    replicas: Replicas, producer: AIOKafkaProducer, mailbox: Mailbox, notification_events: TopicReader
+) -> None:
+    """A client name that cannot go into a header (published as is, past the invoice service's 422):
+    failed at once with 0 attempts and the reason in the log, never retried by itself; once the
+    name is fixed (a newer copy), a retry by hand sends it with the same Message-ID."""
+    snap = snapshot(number="2027-0200", email_="e2e-crlf@acme.example.com", name="Evil Ltd\r\nBcc: victim@example.com")
+    await publish(producer, "billing.invoice", invoice_event("invoice.sent", snap), snap["id"])
+    [item] = await replicas.wait_log(snap["id"], lambda items: bool(items) and items[0]["status"] == "failed",
+                                     "the message failed at once", timeout=30)
+    assert item["attempts"] == 0
+    assert "recipient's name contains a control character (U+000D)" in item["lastError"]
+    await notification_events.wait_for(event_type="notification.failed", invoiceId=snap["id"])
+    await asyncio.sleep(2.0)  # several delivery polls: nothing retries it by itself
+    async with replicas.client(1) as http:
+        detail = (await http.get(f"/api/notifications/{item['id']}")).json()
+    assert (detail["status"], detail["attempts"]) == ("failed", 0)
+    assert [(a["outcome"], a["attempt"]) for a in detail["deliveryAttempts"]] == [("failed", 0)]
+    assert "U+000D" in detail["deliveryAttempts"][0]["error"]
+    assert mailbox.for_invoice(snap["id"]) == []
+
+    fixed = {**snap, "clientName": "Evil Ltd", "status": "VIEWED", "version": snap["version"] + 1}
+    await publish(producer, "billing.invoice", invoice_event("invoice.viewed", fixed), snap["id"])
+    await asyncio.sleep(1.0)  # the copy takes the fixed name
+    async with replicas.client(0) as http:
+        response = await http.post(f"/api/notifications/{item['id']}/retry")
+        assert response.status_code == 200, response.text
+    await mailbox.wait(lambda ms: bool(mailbox.for_invoice(snap["id"])), "the email after the fix", timeout=30)
+    [mail] = mailbox.for_invoice(snap["id"])
+    assert mail["Message-ID"] == item["smtpMessageId"]
+    assert [(a.display_name, a.addr_spec) for a in mail["To"].addresses] == [("Evil Ltd", "e2e-crlf@acme.example.com")]
+    assert mail["Bcc"] is None
+
+
+async def test_a_stale_payment_failure_of_a_paid_invoice_mails_nothing(
+    replicas: Replicas, producer: AIOKafkaProducer, mailbox: Mailbox
+) -> None:
+    """Paid with one PaymentIntent, then the failure of an earlier one arrives (payments records it
+    and publishes payment.failed): no "please try again", whether the invoice's copy says PAID yet
+    or only the payment.succeeded has been seen."""
+    paid = snapshot(number="2027-0300", email_="e2e-stale-paid@acme.example.com")
+    early = snapshot(number="2027-0301", email_="e2e-stale-early@acme.example.com")
+    for snap in (paid, early):
+        await publish(producer, "billing.invoice", invoice_event("invoice.sent", snap), snap["id"])
+        await publish(producer, "billing.payment", payment_event(
+            "payment.succeeded", snap["id"], 120_00, stripePaymentIntentId="pi_second"), snap["id"])
+    await publish(producer, "billing.invoice", invoice_event(
+        "invoice.paid", {**paid, "status": "PAID", "amountPaid": 120_00, "amountDue": 0, "version": 3}), paid["id"])
+    await replicas.wait_log(paid["id"], lambda items: len([i for i in items if i["status"] == "sent"]) == 2,
+                            "invoice email and receipt")
+    for snap in (paid, early):  # the first PaymentIntent's failure, late
+        await publish(producer, "billing.payment", payment_event(
+            "payment.failed", snap["id"], 120_00, stripePaymentIntentId="pi_first",
+            failureReason="Your card was declined."), snap["id"])
+    for snap in (paid, early):
+        items = await replicas.wait_log(snap["id"], lambda items: any(i["kind"] == "payment_failed" for i in items),
+                                        "the failure logged")
+        [failure] = [i for i in items if i["kind"] == "payment_failed"]
+        assert failure["status"] == "skipped" and "paid" in failure["lastError"].lower(), failure
+    await publish(producer, "billing.invoice", invoice_event(
+        "invoice.paid", {**early, "status": "PAID", "amountPaid": 120_00, "amountDue": 0, "version": 3}), early["id"])
+    await asyncio.sleep(2.0)  # anything queued would have gone out by now
+    for snap in (paid, early):
+        assert sorted(m["X-Billing-Kind"] for m in mailbox.for_invoice(snap["id"])) == [
+            "invoice_sent", "payment_receipt"]
