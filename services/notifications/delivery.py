@@ -6,7 +6,8 @@ a tiny transaction of its own), and its outcome is recorded after against that m
 outcome of a send is retried (kit.worker.backoff_delay) until the database answers: the send itself
 is never repeated for a lost commit. A replica that dies between the send and the record leaves the
 lease to expire; the takeover sees the mark (logged as an `unknown` attempt) and sends again with the
-same Message-ID. SMTP failures are retried with the platform's backoff; after `max_attempts` the
+same Message-ID (a late record of the first send that lands before the takeover's own send starts
+stops it). SMTP failures are retried with the platform's backoff; after `max_attempts` the
 message is marked failed (and notification.failed published), never dropped. A message that cannot
 be built (a control character in a header, a template error, ...) fails at once: no retry can fix
 it, a person can (`POST /api/notifications/{id}/retry`).
@@ -177,14 +178,13 @@ class DeliveryWorker(PollingWorker):
     async def deliver(self, n: Notification, token: uuid.UUID, invoice: repo.InvoiceInfo | None) -> str:
         """Handle one claimed message (`invoice`: its invoice's copy, if any); returns the outcome."""
         s = self.settings
-        if n.send_attempt_id is not None:
-            # The send before this claim began and its outcome was never recorded (its replica died):
-            # it may have gone out. Logged and counted as an attempt; sent again, same Message-ID.
-            if not await self._record_unknown_send(n, token):
-                return "lease_lost"
-            if n.attempts >= s.max_attempts:
-                return await self._fail(n, token, "the last sends' outcomes are unknown (the sender kept "
-                                        "stopping mid-send)")
+        # A send before this claim began and its outcome is not recorded (its replica died, or is
+        # still waiting for the database to record it): it may have gone out. Counted as an attempt;
+        # the mark stays until our own send starts, so a late record of it still stops ours.
+        unknown = n.send_attempt_id is not None
+        if unknown and n.attempts + 1 >= s.max_attempts:
+            return await self._fail(n, token, "the outcome of the last send is unknown (its sender stopped "
+                                    "mid-send) and no attempts are left", attempts=n.attempts + 1)
 
         # Reminders only while the invoice still expects money (paid/cancelled since the scan: skip).
         if n.kind in _REMINDERS and (invoice is None or not invoice.open_for_reminders):
@@ -293,7 +293,7 @@ class DeliveryWorker(PollingWorker):
             log.warning("message_build_failed", notification_id=str(n.id), error=f"{type(exc).__name__}: {exc}")
             return await self._fail(n, token, f"cannot build the message: {exc}", attempts=n.attempts,
                                     recipient=recipient, recipient_name=recipient_name)
-        attempts = n.attempts + 1
+        attempts = n.attempts + (1 if unknown else 0) + 1
         common: dict[str, Any] = {
             "subject": content_.subject, "recipient": recipient, "recipient_name": recipient_name,
             "attempts": attempts, "pdf_attempts": pdf_attempts, "attachment_missing": attachment_missing,
@@ -331,22 +331,10 @@ class DeliveryWorker(PollingWorker):
     # ------------------------------------------------------------------------------------------
     # around the send
 
-    async def _record_unknown_send(self, n: Notification, token: uuid.UUID) -> bool:
-        """Log the send of unknown outcome found on this claim and count it; False: not ours any more."""
-        started = n.send_started_at.isoformat() if n.send_started_at else "?"
-        error = f"a send began at {started} and its outcome was never recorded; sending again, same Message-ID"
-        async with self.db.transaction() as uow:
-            if not await repo.finish_claim(uow.session, n.id, token, attempts=n.attempts + 1, send_attempt_id=None):
-                return False
-            await repo.add_attempt(uow.session, n.id, n.attempts + 1, "unknown", error)
-        log.warning("delivery_outcome_unknown", notification_id=str(n.id), started=started)
-        n.attempts += 1
-        n.send_attempt_id = None
-        return True
-
     async def _start_send(self, n: Notification, token: uuid.UUID, attempt_id: uuid.UUID) -> str | None:
         """Mark the send as begun, in its own transaction, just before SMTP (None: go ahead). Also
-        the last look at whether it still applies: no "please try again" for an invoice paid by now."""
+        the last look at whether it still applies: no "please try again" for an invoice paid by now.
+        A send of unknown outcome before this claim is logged here, as the mark is replaced."""
         async with self.db.transaction() as uow:
             if n.kind == NotificationKind.PAYMENT_FAILED.value and n.invoice_id:
                 why = await repo.invoice_paid_reason(uow.session, n.invoice_id)
@@ -357,9 +345,16 @@ class DeliveryWorker(PollingWorker):
                     await repo.add_attempt(uow.session, n.id, n.attempts, "skipped", why)
                     log.info("payment_failed_skipped_paid", notification_id=str(n.id), invoice_id=n.invoice_id)
                     return "skipped"
-            if not await repo.start_send(uow.session, n.id, token, attempt_id):
+            previous = n.send_attempt_id
+            if not await repo.start_send(uow.session, n.id, token, attempt_id, previous):
                 log.warning("delivery_lease_lost", notification_id=str(n.id), outcome="not sent")
                 return "lease_lost"
+            if previous is not None:
+                started = n.send_started_at.isoformat() if n.send_started_at else "?"
+                await repo.add_attempt(uow.session, n.id, n.attempts + 1, "unknown",
+                                       f"a send began at {started} and its outcome was never recorded; "
+                                       "sending again, same Message-ID")
+                log.warning("delivery_outcome_unknown", notification_id=str(n.id), started=started)
         return None
 
     async def _record_send(

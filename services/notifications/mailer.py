@@ -87,8 +87,9 @@ def build_message(
     modern policy, which matters at thousands of reminders per scan.
     """
     body = MIMEMultipart("alternative")
-    body.attach(MIMEText(content.text, "plain", _UTF8_QP))
-    body.attach(MIMEText(content.html, "html", _UTF8_QP))
+    # A Charset object is accepted at runtime (typeshed says str): it is what makes the bodies QP.
+    body.attach(MIMEText(content.text, "plain", _UTF8_QP))  # type: ignore[arg-type]
+    body.attach(MIMEText(content.html, "html", _UTF8_QP))  # type: ignore[arg-type]
     if attachments:
         msg: Message = MIMEMultipart("mixed")
         msg.attach(body)
@@ -107,7 +108,7 @@ def build_message(
     from_name, from_address = parseaddr(mail_from)
     msg["From"] = formataddr((from_name, from_address), charset="utf-8") if from_name else from_address
     msg["To"] = formataddr((name, address), charset="utf-8") if name else address
-    msg["Subject"] = _header(content.subject)
+    msg["Subject"] = _header(content.subject)  # type: ignore[assignment]  # compat32 takes a Header
     msg["Message-ID"] = message_id
     msg["Date"] = format_datetime(date or utcnow())
     for key, value in (headers or {}).items():
@@ -233,8 +234,8 @@ class SmtpMailer:
                         exc, aiosmtplib.SMTPServerDisconnected | ConnectionError
                     ):
                         continue
-                    text, code = _describe(exc)
-                    raise SmtpSendError(text, code) from exc
+                    description, reply_code = _describe(exc)
+                    raise SmtpSendError(description, reply_code) from exc
         raise SmtpSendError("unreachable")  # pragma: no cover
 
     async def _reset_or_discard(self, conn: _Connection, broken: bool = False) -> None:

@@ -228,16 +228,18 @@ async def finish_claim(
 
 
 async def start_send(
-    session: AsyncSession, notification_id: uuid.UUID, held_token: uuid.UUID, attempt_id: uuid.UUID, /,
-    **values: Any,
+    session: AsyncSession, notification_id: uuid.UUID, held_token: uuid.UUID, attempt_id: uuid.UUID,
+    previous: uuid.UUID | None, /,
 ) -> bool:
     """Mark a send as begun (just before SMTP) if we still hold the claim and nothing recorded an
-    outcome meanwhile. False: not ours any more, send nothing."""
+    outcome meanwhile (`previous`: the mark of an earlier send of unknown outcome found on the claim,
+    replaced now and counted as an attempt). False: not ours to send any more."""
     stmt = (
         update(Notification)
         .where(Notification.id == notification_id, Notification.claim_token == held_token,
-               Notification.status == "sending")
-        .values(send_attempt_id=attempt_id, send_started_at=func.now(), updated_at=func.now(), **values)
+               Notification.status == "sending", Notification.send_attempt_id.is_not_distinct_from(previous))
+        .values(send_attempt_id=attempt_id, send_started_at=func.now(), updated_at=func.now(),
+                attempts=Notification.attempts + (1 if previous is not None else 0))
         .returning(Notification.id)
     )
     return (await session.execute(stmt)).first() is not None

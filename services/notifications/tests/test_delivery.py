@@ -386,3 +386,51 @@ async def test_payment_failure_after_a_refund_still_asks_to_try_again(idle_harne
     assert failure.status == "sent"
     assert "please try again" in next(m for m in mailbox.for_invoice(snap["id"])
                                       if m["X-Billing-Kind"] == "payment_failed")["Subject"]
+
+
+async def test_a_send_of_unknown_outcome_is_logged_and_sent_again_with_the_same_message_id(
+    make_settings: Callable[..., NotificationsSettings], mailbox: Mailbox
+) -> None:
+    """Replica A marked its send and died before recording it: after the lease, the takeover logs an
+    `unknown` attempt (counted) and sends again, same Message-ID (at least once, never lost)."""
+    h = await make_harness(make_settings(lease_seconds=1.5))
+    try:
+        snap = snapshot(number="2026-0140")
+        await h.consumer.apply(invoice_event("invoice.cancelled", {**snap, "status": "CANCELLED"}))
+        token = uuid.uuid4()
+        async with h.db.transaction() as uow:
+            [claimed] = await repo.claim_batch(uow.session, limit=10, lease=timedelta(seconds=1.5), claim_token=token)
+        async with h.db.transaction() as uow:
+            assert await repo.start_send(uow.session, claimed.id, token, uuid.uuid4(), None)
+        await asyncio.sleep(1.6)
+        assert await h.worker.run_once() == 1
+        n = await h.message(id=claimed.id)
+        assert (n.status, n.attempts, n.send_attempt_id) == ("sent", 2, None)
+        outcomes = await h.attempts(n.id)
+        assert outcomes == [("unknown", None), ("sent", None)]
+        [mail] = mailbox.for_invoice(snap["id"])
+        assert mail["Message-ID"] == claimed.smtp_message_id
+    finally:
+        await h.worker.stop()
+        await h.db.dispose()
+
+
+async def test_a_late_record_of_a_send_stops_the_takeover_that_has_not_sent_yet(idle_harness: Harness) -> None:
+    """A's record lands after its lease expired and B claimed the message, before B's send starts:
+    the message is sent (A's), and B sends nothing."""
+    h = idle_harness
+    snap = snapshot(number="2026-0141")
+    await h.consumer.apply(invoice_event("invoice.cancelled", {**snap, "status": "CANCELLED"}))
+    token_a, token_b, send_a = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with h.db.transaction() as uow:
+        [claimed] = await repo.claim_batch(uow.session, limit=10, lease=timedelta(seconds=0), claim_token=token_a)
+        assert await repo.start_send(uow.session, claimed.id, token_a, send_a, None)
+    async with h.db.transaction() as uow:  # A's lease is over: B takes it
+        [taken] = await repo.claim_batch(uow.session, limit=10, lease=timedelta(seconds=60), claim_token=token_b)
+        assert taken.id == claimed.id and taken.send_attempt_id == send_a
+    async with h.db.transaction() as uow:  # A's record, retried until the database answered, lands
+        assert await repo.finish_send(uow.session, claimed.id, send_a, status="sent", attempts=1, claim_token=None)
+    async with h.db.transaction() as uow:  # B is about to send: not any more
+        assert not await repo.start_send(uow.session, claimed.id, token_b, uuid.uuid4(), send_a)
+    n = await h.message(id=claimed.id)
+    assert (n.status, n.attempts, n.send_attempt_id) == ("sent", 1, None)
