@@ -85,8 +85,9 @@ class CpuMeter:
         self.own = os.getpid()
         self.tick = os.sysconf("SC_CLK_TCK")
 
-    def sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def sample(self) -> dict[int, tuple[str, float]]:
+        """pid -> (role, CPU seconds so far) of every process of the stack."""
+        out: dict[int, tuple[str, float]] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -103,12 +104,16 @@ class CpuMeter:
             else:
                 role = self.sessions.get(session)
             if role is not None:
-                out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / self.tick
+                out[pid] = (role, (int(fields[11]) + int(fields[12])) / self.tick)
         return out
 
     @staticmethod
-    def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        return {role: after[role] - before.get(role, 0.0) for role in after}
+    def spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+        """CPU seconds per role between two samples (a process that ended in between is not counted)."""
+        out: dict[str, float] = {}
+        for pid, (role, cpu) in after.items():
+            out[role] = out.get(role, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
+        return out
 
 
 def _pid_of_cmdline(*needles: str) -> int | None:
