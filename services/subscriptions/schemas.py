@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from pydantic.alias_generators import to_camel
 
 from contracts.subscription import BillingInterval, CollectionMethod, SubscriptionStatus
+from kit.web import UtcDateTime
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _CURRENCIES = frozenset(list_currencies())
@@ -242,7 +243,7 @@ class PortalOut(ApiModel):
 
 
 class ClockAdvance(InputModel):
-    to: datetime
+    to: UtcDateTime  # an offset that pushes it past year 9999 in UTC is a 422, not an overflow
 
     @field_validator("to")
     @classmethod

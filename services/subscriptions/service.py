@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,6 +67,7 @@ from services.subscriptions.schemas import (
 from services.subscriptions.stripe_client import CheckoutSession, InvoicePreview, StripeBilling
 
 log = structlog.get_logger(__name__)
+MAX_CLOCK_STEP = timedelta(days=730)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,13 @@ class SubscriptionService:
                            code="clock_backwards", details={"frozenTime": clock.frozen_time.isoformat()})
         if clock.frozen_time is not None and target == clock.frozen_time:
             return clock
+        # Stripe refuses to move a test clock more than about two billing intervals at once; we allow
+        # up to two years per step, so a typo such as year 9999 is a 422, not thousands of years of renewals.
+        start = clock.frozen_time or utcnow()
+        if target - start > MAX_CLOCK_STEP:
+            raise InvalidInput(f"A test clock moves at most {MAX_CLOCK_STEP.days} days at once (it is at "
+                               f"{start.isoformat()}); advance in smaller steps.", code="clock_step_too_large",
+                               details=[{"field": "to", "message": "more than two years ahead of the clock"}])
         advanced = await self.stripe.advance_test_clock(clock.stripe_id, int(target.timestamp()))
         clock.frozen_time = advanced.frozen_time or target
         clock.status = advanced.status
