@@ -11,7 +11,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -276,7 +276,10 @@ class NotificationService:
             "amount": sub.unit_amount * sub.quantity if sub.unit_amount is not None else None,
             "currency": sub.currency, "interval": sub.interval, "interval_count": sub.interval_count,
         }, "eventType": event.type}
-        key = f"{NotificationKind.TRIAL_WILL_END}:{sub.id}:{sub.trial_end.isoformat()}"
+        # Keyed by Stripe's subscription and the trial end to the second in UTC: two snapshots of one
+        # Stripe subscription (e.g. mirrored twice under load) must not mail the client twice.
+        trial_end = sub.trial_end.astimezone(UTC).replace(microsecond=0).isoformat()
+        key = f"{NotificationKind.TRIAL_WILL_END}:{sub.stripe_subscription_id}:{trial_end}"
         await self._add(uow, self._subscription_message(NotificationKind.TRIAL_WILL_END, key, sub, context, event))
 
     async def on_subscription_past_due(self, uow: UnitOfWork, event: CloudEvent) -> None:
