@@ -22,6 +22,7 @@ from kit.db import Database
 from kit.pagination import Page, PageParams, PageResult
 from kit.service import PeriodicJob, ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork
+from services.notifications import invitations
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
 from services.notifications.consumers import register_consumers
@@ -231,7 +232,8 @@ def create_app(settings: NotificationsSettings | None = None) -> FastAPI:
         runtime,
         title="Notifications service",
         description="Emails for invoices and payments, payment reminders, open tracking, the message log.",
-        routers=[notifications_router, reminders_router, tracking_router],
+        # Invitations before the log's /{notification_id} routes.
+        routers=[invitations.router, notifications_router, reminders_router, tracking_router],
     )
     app.state.notifications = parts
     return app

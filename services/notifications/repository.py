@@ -350,6 +350,10 @@ async def get_notification(session: AsyncSession, notification_id: uuid.UUID) ->
     return await session.get(Notification, notification_id)
 
 
+async def get_notification_by_dedupe_key(session: AsyncSession, dedupe_key: str) -> Notification | None:
+    return (await session.scalars(select(Notification).where(Notification.dedupe_key == dedupe_key))).one_or_none()
+
+
 async def list_attempts(session: AsyncSession, notification_id: uuid.UUID) -> list[DeliveryAttempt]:
     stmt = (
         select(DeliveryAttempt)

@@ -36,6 +36,8 @@ from kit.db import Database, UnitOfWork
 from kit.errors import Conflict, NotFound
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
+from services.notifications.invitations import ACTION_LABEL as INVITATION_ACTION
+from services.notifications.invitations import INVITATION_KIND, InvitationContext
 from services.notifications.invoices import OverdueAuthority
 from services.notifications.mailer import new_message_id
 from services.notifications.models import DeliveryAttempt, Notification
@@ -583,6 +585,13 @@ class NotificationService:
         if card:
             card = {**card, "amount": money(card.get("amount"), card.get("currency")),
                     "next_attempt": long_date(card.get("next_attempt"))}
+        view_url = f"{public}/t/l/{token}"
+        invitation = None
+        if kind == INVITATION_KIND:
+            invitation = InvitationContext.model_validate(context["invitation"])
+            # The link itself, not the tracked redirect: it is a one-time credential (opens are
+            # still seen through the pixel).
+            view_url = invitation.link
         return {
             "company": self.settings.company_name,
             "kind": kind,
@@ -595,9 +604,10 @@ class NotificationService:
             "subscription": subscription,
             "card": card,
             "reason": context.get("reason"),
-            "view_url": f"{public}/t/l/{token}",
+            "invitation": invitation,
+            "view_url": view_url,
             "pixel_url": f"{public}/t/o/{token}.gif",
             "show_pay_button": show_pay,
-            "action_label": _ACTION_LABELS.get(kind),
+            "action_label": INVITATION_ACTION if invitation else _ACTION_LABELS.get(kind),
             "attachment_missing": attachment_missing,
         }
