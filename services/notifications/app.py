@@ -9,7 +9,6 @@ tracked portal link `/t/l/{token}`.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +20,7 @@ from kit.actor import AdminActor
 from kit.db import Database
 from kit.pagination import Page, PageParams, PageResult
 from kit.service import PeriodicJob, ServiceRuntime, create_service_app, make_broker
-from kit.web import RequestUnitOfWork
+from kit.web import RequestUnitOfWork, UtcDateTime
 from services.notifications import invitations
 from services.notifications import repository as repo
 from services.notifications.config import NotificationsSettings
@@ -111,8 +110,8 @@ async def list_notifications(
     status: NotificationStatus | None = None,
     recipient: Annotated[str | None, Query(max_length=320)] = None,
     opened: bool | None = None,
-    created_from: Annotated[datetime | None, Query(alias="createdFrom")] = None,
-    created_to: Annotated[datetime | None, Query(alias="createdTo")] = None,
+    created_from: Annotated[UtcDateTime | None, Query(alias="createdFrom")] = None,
+    created_to: Annotated[UtcDateTime | None, Query(alias="createdTo")] = None,
 ) -> Page[NotificationOut]:
     """The message log, newest first: to, subject, kind, invoice, sent/failed/opened times."""
     f = repo.NotificationFilter(

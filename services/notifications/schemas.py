@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
+from kit.web import CalendarDate
+
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
@@ -58,7 +60,7 @@ class NotificationDetail(NotificationOut):
 
 
 class ReminderRunRequest(InputModel):
-    as_of: date | None = None
+    as_of: CalendarDate | None = None
 
 
 class ReminderCreated(ApiModel):
