@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+import ipaddress
+
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from kit.settings import ServiceSettings
@@ -33,7 +35,8 @@ class GatewaySettings(ServiceSettings):
     # upstream has closed it.
     upstream_keepalive_expiry: float = 4.0
 
-    # Auth. No secret configured: one is generated per process (tokens die with it; warned at start).
+    # Auth. No secret configured: one is generated per process (tokens die with it; warned at start),
+    # which only a gateway on loopback (`make run`, the tests: local mode) may do; see _require_jwt_secret.
     jwt_secret: str | None = None
     jwt_ttl_seconds: int = 3600
     jwt_issuer: str = "billing-gateway"
@@ -70,5 +73,25 @@ class GatewaySettings(ServiceSettings):
     openapi_retry_seconds: float = 5.0
     openapi_fetch_timeout: float = 3.0
 
+    @model_validator(mode="after")
+    def _require_jwt_secret(self) -> GatewaySettings:
+        # Reachable beyond this machine means it may be one of several replicas behind a proxy: a
+        # per-process key would make every token fail on the next replica, so refuse to start.
+        if not self.jwt_secret and not _is_loopback(self.host):
+            raise ValueError(
+                f"GATEWAY_JWT_SECRET is required when the gateway listens on {self.host} (not loopback): "
+                "every replica must sign tokens with the same key (e.g. `openssl rand -hex 32`)"
+            )
+        return self
+
     def upstream_urls(self) -> dict[str, str]:
         return {name: getattr(self, f"{name}_url") for name in UPSTREAM_NAMES}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
