@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.middleware import Middleware
@@ -17,16 +17,18 @@ from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
 from kit.db import Database
-from kit.errors import Forbidden, NotFound, Unauthorized
+from kit.errors import Forbidden, InvalidInput, NotFound, Unauthorized
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
-from kit.web import BodyLimit, RequestUnitOfWork, StrictQuery
+from kit.web import BodyLimit, RequestUnitOfWork, StrictQuery, UtcDateTime
 from services.gateway import admin, portal
 from services.gateway import routes as route_table
+from services.gateway.audit import AuditAction, AuditEntryOut, AuditLog, list_entries
 from services.gateway.config import GatewaySettings
 from services.gateway.middleware import GatewayMiddleware
 from services.gateway.openapi import BEARER_SCHEME, OpenApiAggregator
 from services.gateway.proxy import ANONYMOUS, ForwardedActor, UpstreamPool
+from services.gateway.repository import AuditFilter
 from services.gateway.schemas import (
     CreateUserRequest,
     ErrorResponse,
@@ -52,6 +54,7 @@ class GatewayContext:
     upstreams: UpstreamPool
     openapi: OpenApiAggregator
     throttle: LoginThrottle
+    audit: AuditLog
 
 
 async def get_context(request: Request) -> GatewayContext:
@@ -129,8 +132,38 @@ async def me(claims: Claims, auth: Auth) -> UserOut:
     "/users", response_model=UserOut, status_code=201, tags=["users"], summary="Create a login (admin)",
     responses=_errors(401, 403, 409, 503),
 )
-async def create_user(body: CreateUserRequest, _: AdminClaims, auth: Auth) -> UserOut:
-    return await auth.create_user(body)
+async def create_user(body: CreateUserRequest, claims: AdminClaims, auth: Auth, uow: RequestUnitOfWork,
+                      ctx: Context, request: Request) -> UserOut:
+    user = await auth.create_user(body)
+    await ctx.audit.record_own(uow, request, user_id=claims.user_id, status=201, created=str(user.id),
+                               body=body.model_dump(mode="json", by_alias=True))
+    return user
+
+
+@api.get(
+    "/audit", response_model=Page[AuditEntryOut], tags=["audit"], summary="The audit log (admin), newest first",
+    description="Every admin action that changed (or, on money, tried to change) money or documents: who, "
+    "when, what (action, method, path, target ids, the service's status, a bounded summary of the body "
+    "with secrets removed), the request's correlation id and Idempotency-Key. Append-only. `actor` is a "
+    "user id or an email; `target` any id the action was about; `from` is inclusive, `to` exclusive.",
+    responses=_errors(401, 403),
+)
+async def audit_log(
+    _: AdminClaims, uow: RequestUnitOfWork, page: PageParams,
+    actor: Annotated[str | None, Query(min_length=1, max_length=320, description="A user id or an email.")] = None,
+    action: Annotated[AuditAction | None, Query(description="An action name.")] = None,
+    target: Annotated[str | None, Query(min_length=1, max_length=200, description="Any id the action was about.")
+                      ] = None,
+    occurred_from: Annotated[UtcDateTime | None, Query(alias="from", description="At or after this instant.")
+                             ] = None,
+    occurred_to: Annotated[UtcDateTime | None, Query(alias="to", description="Before this instant.")] = None,
+) -> Page[AuditEntryOut]:
+    if occurred_from and occurred_to and occurred_from > occurred_to:
+        raise InvalidInput("`from` must not be after `to`.",
+                           details=[{"field": "from", "message": "after to", "type": "value_error"}])
+    filters = AuditFilter(actor=actor, action=action.value if action else None, target=target,
+                          occurred_from=occurred_from, occurred_to=occurred_to)
+    return await list_entries(uow, filters, page)
 
 
 @api.get(
@@ -183,6 +216,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         keepalive_expiry=settings.upstream_keepalive_expiry,
     )
     passwords = Passwords()
+    audit = AuditLog(db, upstream_urls=settings.upstream_urls())
+    upstreams.observers.append(audit.observe)  # admin actions, via the proxy and the admin pages alike
     idempotency = IdempotencyService(
         db,
         ttl_seconds=settings.idempotency_ttl_seconds,
@@ -239,7 +274,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.version = "1.0.0"
     app.state.gateway = GatewayContext(
         settings=settings, tokens=tokens, passwords=passwords, idempotency=idempotency, upstreams=upstreams,
-        openapi=aggregator, throttle=throttle,
+        openapi=aggregator, throttle=throttle, audit=audit,
     )
     admin.configure(app, secret=secret, tokens=tokens, upstreams=upstreams,
                     cookie_secure=settings.admin_cookie_secure)

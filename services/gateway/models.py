@@ -1,4 +1,4 @@
-"""Gateway tables: users (logins), idempotency keys and the login throttle's counters."""
+"""Gateway tables: users (logins), idempotency keys, the login throttle's counters, the audit log."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     DateTime,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -16,7 +18,7 @@ from sqlalchemy import (
     Uuid,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ROLE_ADMIN = "admin"
@@ -99,3 +101,41 @@ class LoginCounter(Base):
     locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lockouts: Mapped[int] = mapped_column(Integer, default=0)  # each one twice as long as the last
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+OUTCOME_SUCCEEDED = "succeeded"  # the service answered 2xx
+OUTCOME_REFUSED = "refused"  # the service answered 4xx (kept for actions on money)
+OUTCOME_UNKNOWN = "unknown"  # a 5xx, a timeout or a broken answer: it may or may not have happened
+OUTCOMES = (OUTCOME_SUCCEEDED, OUTCOME_REFUSED, OUTCOME_UNKNOWN)
+
+
+class AuditEntry(Base):
+    """One admin action that changed (or tried to change) money or documents. Append-only: a trigger
+    (migration 0004) refuses every UPDATE, DELETE and TRUNCATE of the table."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        CheckConstraint("outcome IN ('succeeded', 'refused', 'unknown')", name="ck_audit_log_outcome"),
+        Index("ix_audit_log_occurred_at", "occurred_at", "id"),
+        Index("ix_audit_log_actor", "actor_user_id", "occurred_at"),
+        Index("ix_audit_log_action", "action", "occurred_at"),
+        Index("ix_audit_log_target_ids", "target_ids", postgresql_using="gin"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    actor_user_id: Mapped[str] = mapped_column(String(64))
+    # A copy, not a reference: the entry keeps saying who it was after the login changes or goes.
+    actor_email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    actor_role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(10))
+    path: Mapped[str] = mapped_column(String(2048))
+    upstream: Mapped[str] = mapped_column(String(32))  # the service that did it ("gateway" for its own)
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: no answer at all
+    targets: Mapped[dict[str, str]] = mapped_column(JSONB)  # path parameter (or created id) -> value
+    target_ids: Mapped[list[str]] = mapped_column(ARRAY(String(200)))  # the values, for the target filter
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    correlation_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +27,9 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {
     "host", "content-length", "authorization", "accept-encoding", "forwarded", "x-forwarded-for",
     "x-forwarded-host", "x-forwarded-proto", "x-real-ip", CORRELATION_HEADER.lower(), INTERNAL_TOKEN_HEADER.lower(),
+    # The trace context a service continues is the gateway's own (kit.tracing injects it), never a
+    # caller's: with the gateway's tracing off, a forged traceparent would reach the services.
+    "traceparent", "tracestate", "baggage",
 }
 _TRUSTED_PREFIX = "x-actor-"  # every X-Actor-* header is ours alone, known or future
 # httpx hands us the decoded body, so length and encoding are ours to set; server/date come from
@@ -34,6 +37,10 @@ _TRUSTED_PREFIX = "x-actor-"  # every X-Actor-* header is ours alone, known or f
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date", CORRELATION_HEADER.lower()}
 
 ANONYMOUS_ROLE = "anonymous"
+
+# Told of every call to a service once its outcome is known: the answer, or the error it became.
+# The public proxy and the admin pages both call through the pool, so the audit log listens here.
+ExchangeObserver = Callable[[str, httpx.Request, "httpx.Response | None", "AppError | None"], Awaitable[None]]
 
 
 class UpstreamUnavailable(AppError):
@@ -122,6 +129,7 @@ class UpstreamPool:
             )
             for name, url in self.urls.items()
         }
+        self.observers: list[ExchangeObserver] = []
 
     def client(self, upstream: str) -> httpx.AsyncClient:
         try:
@@ -144,7 +152,25 @@ class UpstreamPool:
         return out
 
     async def send(self, upstream: str, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
-        """Send with errors mapped to 503 (unreachable), 504 (too slow) or 502 (broken answer)."""
+        """Send with errors mapped to 503 (unreachable), 504 (too slow) or 502 (broken answer);
+        the observers hear of the outcome before the caller does."""
+        try:
+            response = await self._send(upstream, request, stream=stream)
+        except AppError as exc:
+            await self._notify(upstream, request, None, exc)
+            raise
+        await self._notify(upstream, request, response, None)
+        return response
+
+    async def _notify(self, upstream: str, request: httpx.Request, response: httpx.Response | None,
+                      error: AppError | None) -> None:
+        for observer in self.observers:
+            try:
+                await observer(upstream, request, response, error)
+            except Exception as exc:  # an observer never breaks the call it watches
+                log.error("upstream_observer_failed", upstream=upstream, error=repr(exc))
+
+    async def _send(self, upstream: str, request: httpx.Request, *, stream: bool) -> httpx.Response:
         client = self.client(upstream)
         try:
             return await client.send(request, stream=stream)

@@ -1,4 +1,5 @@
-"""Data access for users, idempotency keys and login throttle counters (one AsyncSession, no commits here)."""
+"""Data access for users, idempotency keys, login throttle counters and the audit log (one AsyncSession,
+no commits here)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from services.gateway.models import (
     STATE_COMPLETED,
     STATE_IN_PROGRESS,
     STATE_UNKNOWN,
+    AuditEntry,
     IdempotencyKey,
     LoginCounter,
     User,
@@ -188,3 +190,61 @@ class LoginCounterRepository:
             )
         )
         return int(getattr(result, "rowcount", 0) or 0)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """`actor` is a user id or an email; `target` any id the action was about."""
+
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None
+    occurred_from: datetime | None = None
+    occurred_to: datetime | None = None
+
+    def scope(self) -> str:
+        """Names the filters, so a cursor of one filtered list is refused by another."""
+        bounds = [b.isoformat() if b else "" for b in (self.occurred_from, self.occurred_to)]
+        return "audit:" + "\x1f".join([self.actor or "", self.action or "", self.target or "", *bounds])
+
+
+class AuditRepository:
+    """Appends and reads; the table refuses anything else (its trigger)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def append(self, *, actor_user_id: str, actor_role: str, action: str, outcome: str, method: str,
+                     path: str, upstream: str, status: int | None, targets: dict[str, str],
+                     summary: dict[str, Any] | None, correlation_id: str | None,
+                     idempotency_key: str | None) -> None:
+        # The email as the users table has it now, copied in the same statement.
+        try:
+            email: Any = select(User.email).where(User.id == uuid.UUID(actor_user_id)).scalar_subquery()
+        except ValueError:
+            email = None
+        await self.session.execute(insert(AuditEntry).values(
+            actor_user_id=actor_user_id, actor_email=email, actor_role=actor_role, action=action,
+            outcome=outcome, method=method, path=path, upstream=upstream, status=status, targets=targets,
+            target_ids=sorted(set(targets.values())), summary=summary, correlation_id=correlation_id,
+            idempotency_key=idempotency_key,
+        ))
+
+    async def list_page(self, filters: AuditFilter, page: PageRequest) -> PageResult[AuditEntry]:
+        """Newest first (the id breaks ties of one instant)."""
+        stmt = select(AuditEntry)
+        if filters.actor:
+            try:
+                stmt = stmt.where(AuditEntry.actor_user_id == str(uuid.UUID(filters.actor)))
+            except ValueError:
+                stmt = stmt.where(AuditEntry.actor_email == filters.actor.strip().lower())
+        if filters.action:
+            stmt = stmt.where(AuditEntry.action == filters.action)
+        if filters.target:
+            stmt = stmt.where(AuditEntry.target_ids.contains([filters.target]))
+        if filters.occurred_from:
+            stmt = stmt.where(AuditEntry.occurred_at >= filters.occurred_from)
+        if filters.occurred_to:
+            stmt = stmt.where(AuditEntry.occurred_at < filters.occurred_to)
+        order = [SortKey(AuditEntry.occurred_at, descending=True), SortKey(AuditEntry.id, descending=True)]
+        return await paginate(self.session, stmt, order=order, page=page, scope=filters.scope())
