@@ -4,10 +4,12 @@ The sign-in runs the gateway's own login (AuthService, the same code as `POST /a
 keeps the access token it issues in the session cookie. A client login is refused with a 403 that
 sends it to the portal, and gets no cookie.
 
-Invitations: there is no API that sends an arbitrary email (the notifications service mails what
-events cause), so inviting a client creates its login with an unusable random password and gives the
-admin a one-time link to pass on. The link is signed with the gateway's secret over the login's
-current password hash, so it stops working the moment the password is set (and after its expiry).
+Invitations: inviting a client creates its login with an unusable random password and a one-time
+link to choose one, which the notifications service emails (services.gateway.admin.clients). The link
+is signed with the gateway's secret over the login's current password hash, so it stops working the
+moment the password is set (and after its expiry). It expires at the end of the UTC day a week on:
+every invitation of one login on one day is the same link, which the notifications service mails
+once, so a repeated click sends nothing new; the next day a fresh one can be sent.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from kit.errors import AppError
+from kit.errors import AppError, retry_after_headers
 from kit.web import RequestUnitOfWork
 from services.gateway.admin.web import (
     COOKIE_PATH,
@@ -39,6 +41,7 @@ from services.gateway.admin.web import (
 )
 from services.gateway.repository import UserRepository
 from services.gateway.schemas import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
+from services.gateway.security import client_address
 from services.gateway.service import AuthService
 
 router = APIRouter()
@@ -51,9 +54,11 @@ def _text(form: Any, name: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def auth_service(request: Request, uow: Any) -> AuthService:
+def auth_service(request: Request, uow: Any, *, throttled: bool = False) -> AuthService:
+    """The gateway's AuthService; `throttled`: with the API login's throttle (same counts, same limits)."""
     gateway = request.app.state.gateway
-    return AuthService(uow, gateway.passwords, gateway.tokens, gateway.upstreams)
+    return AuthService(uow, gateway.passwords, gateway.tokens, gateway.upstreams,
+                       throttle=gateway.throttle if throttled else None)
 
 
 @router.get("/login")
@@ -61,7 +66,8 @@ async def login_page(request: Request, next_path: Next = None) -> Response:
     claims = read_claims(request)
     if claims is not None and claims.role == "admin":
         return redirect(request, safe_next(next_path))
-    return render(request, "login.html", {"next": safe_next(next_path), "email": "", "error": None})
+    return render(request, "login.html", {"next": safe_next(next_path), "email": "", "error": None,
+                                          "retry_after": None})
 
 
 @router.post("/login", dependencies=[Csrf])
@@ -70,14 +76,18 @@ async def login(request: Request, uow: RequestUnitOfWork) -> Response:
     email, password = _text(form, "email").strip(), _text(form, "password")
     next_path = safe_next(_text(form, "next"))
     if not email or not password:
-        return render(request, "login.html", {"next": next_path, "email": email,
+        return render(request, "login.html", {"next": next_path, "email": email, "retry_after": None,
                                               "error": "Enter your email and password."}, status_code=422)
     try:
-        result = await auth_service(request, uow).login(email, password[:PASSWORD_MAX_LENGTH])
+        # Throttled as `POST /api/auth/login` is, in the same counters: the sign-in page is no way
+        # around the API's limit (per account and per client address).
+        result = await auth_service(request, uow, throttled=True).login(
+            email, password[:PASSWORD_MAX_LENGTH], address=client_address(request))
     except AppError as exc:
         message = "Wrong email or password." if exc.status_code == 401 else exc.message
-        return render(request, "login.html", {"next": next_path, "email": email, "error": message},
-                      status_code=exc.status_code)
+        return render(request, "login.html", {"next": next_path, "email": email, "error": message,
+                                              "retry_after": getattr(exc, "retry_after", None)},
+                      status_code=exc.status_code, headers=retry_after_headers(exc))
     if result.user.role != "admin":
         return render(request, "forbidden.html", status_code=403)
     response = redirect(request, next_path)
@@ -107,8 +117,13 @@ def _signature(key: bytes, user_id: str, expires: int, password_hash: str) -> st
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
+def invitation_expiry(now: float) -> int:
+    """The end of the UTC day `INVITE_TTL_SECONDS` from `now` (so one day's links are all the same)."""
+    return (int(now + INVITE_TTL_SECONDS) // 86400 + 1) * 86400
+
+
 def invitation_token(request: Request, user_id: str, password_hash: str, now: float | None = None) -> str:
-    expires = int((now if now is not None else time.time()) + INVITE_TTL_SECONDS)
+    expires = invitation_expiry(now if now is not None else time.time())
     return f"{user_id}.{expires}.{_signature(config(request).invite_key, user_id, expires, password_hash)}"
 
 
