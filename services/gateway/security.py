@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from starlette.requests import Request
 
 from kit.errors import Unauthorized
 
@@ -102,6 +103,12 @@ class TokenCodec:
             raise Unauthorized("The access token is invalid.", code="invalid_token")
         return TokenClaims(user_id=sub, role=role, client_id=cid if role == "client" else None,
                            expires_at=int(payload["exp"]))
+
+
+def client_address(request: Request) -> str | None:
+    """The caller's address as uvicorn saw it (X-Forwarded-For only from a trusted proxy): the key of
+    the login throttle's per-address count, for the API login and the admin sign-in page alike."""
+    return request.client.host if request.client else None
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -128,9 +128,13 @@ async def create_client(body: ClientCreate, svc: Service, _: AdminActor) -> Clie
 
 
 @clients.get("", response_model=Page[ClientOut])
-async def list_clients(svc: Service, actor: CurrentActor, page: PageParams) -> Page[ClientOut]:
-    """Clients, newest first (a client login sees its own); `total` counts them all."""
-    result = await svc.list_clients(actor, page)
+async def list_clients(
+    svc: Service, actor: CurrentActor, page: PageParams,
+    q: Annotated[str | None, Query(max_length=100, description="Only clients whose name or email contains this "
+                                   "text (any case; `%` and `_` match themselves).")] = None,
+) -> Page[ClientOut]:
+    """Clients, newest first (a client login sees its own); `total` counts them all (that match `q`)."""
+    result = await svc.list_clients(actor, page, search=q.strip() if q and q.strip() else None)
     return Page[ClientOut](items=[ClientOut.model_validate(c) for c in result.items], next_cursor=result.next_cursor,
                            has_more=result.has_more, total=result.total)
 

@@ -11,7 +11,7 @@ from datetime import date
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, func, select, text, update
+from sqlalchemy import Select, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import QueryableAttribute
@@ -71,14 +71,20 @@ class ClientRepository:
     async def get(self, client_id: uuid.UUID) -> Client | None:
         return await self.session.get(Client, client_id)
 
-    async def page(self, page: PageRequest, only: uuid.UUID | None = None) -> PageResult[Client]:
-        """Newest first. `only`: the one client a client login may see."""
+    async def page(self, page: PageRequest, only: uuid.UUID | None = None, search: str | None = None
+                   ) -> PageResult[Client]:
+        """Newest first. `only`: the one client a client login may see; `search`: name or email
+        contains it, in any case, literally (a picker's type-ahead: the clients of an agency, no index)."""
         stmt = select(Client)
         if only is not None:
             stmt = stmt.where(Client.id == only)
+        if search:
+            pattern = f"%{like_escape(search)}%"
+            stmt = stmt.where(or_(Client.name.ilike(pattern, escape="\\"),
+                                  Client.email.ilike(pattern, escape="\\")))
         order = [SortKey(Client.created_at, descending=True), SortKey(Client.id, descending=True)]
         return await paginate(self.session, stmt, order=order, page=page, with_total=True,
-                              scope=f"clients:only={only}")
+                              scope=f"clients:only={only}:q={search or ''}")
 
     def add(self, client: Client) -> None:
         self.session.add(client)

@@ -127,12 +127,12 @@ class InvoiceService:
             raise NotFound(f"Client {client_id} not found.")
         return client
 
-    async def list_clients(self, actor: Actor, page: PageRequest) -> PageResult[Client]:
+    async def list_clients(self, actor: Actor, page: PageRequest, *, search: str | None = None) -> PageResult[Client]:
         if actor.is_admin:
-            return await self.clients.page(page)
+            return await self.clients.page(page, search=search)
         if actor.client_id is None:  # e.g. an anonymous caller: nobody's clients
             return PageResult(items=[], next_cursor=None, has_more=False, total=0)
-        return await self.clients.page(page, only=uuid.UUID(actor.client_id))
+        return await self.clients.page(page, only=uuid.UUID(actor.client_id), search=search)
 
     # -- reading ---------------------------------------------------------------------------------
 

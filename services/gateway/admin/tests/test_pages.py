@@ -151,7 +151,7 @@ async def test_sign_in_sets_a_strict_session_cookie_and_refuses_client_logins(
     tokens = gateway_app.state.gateway.tokens
 
     class FakeAuth:
-        async def login(self, email: str, password: str) -> LoginResponse:
+        async def login(self, email: str, password: str, *, address: str | None = None) -> LoginResponse:
             role = "admin" if email.startswith("admin") else "client"
             user = UserOut(id=uuid.uuid4(), email=email, role=role, client_id=None if role == "admin" else "c1")
             token = tokens.issue(user_id=str(user.id), role=role, client_id=user.client_id)
@@ -160,7 +160,7 @@ async def test_sign_in_sets_a_strict_session_cookie_and_refuses_client_logins(
     async def no_uow() -> AsyncIterator[None]:
         yield None
 
-    monkeypatch.setattr(auth, "auth_service", lambda request, uow: FakeAuth())
+    monkeypatch.setattr(auth, "auth_service", lambda request, uow, throttled=False: FakeAuth())
     gateway_app.dependency_overrides[request_unit_of_work] = no_uow
     try:
         token = await csrf_token(http, "/admin/login")
