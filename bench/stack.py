@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from deploy.infra import (
     RUN_DIR,
@@ -25,6 +26,18 @@ from deploy.infra import (
     make_traversable,
 )
 from deploy.services import SERVICES, InfraEndpoints, make_service_process, service_by_name
+
+
+class LoadObserver(Protocol):
+    """Watches the service processes while a bench's measured load runs (bench.profile's py-spy)."""
+
+    def start(self, stack: Stack) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+# Set by `python -m bench.profile`; None in a plain run, so the hooks below cost nothing.
+OBSERVER: LoadObserver | None = None
 
 
 @dataclass
@@ -43,6 +56,16 @@ class Stack:
         process.start()
         self.processes[name] = process
         return process
+
+    def load_begins(self) -> None:
+        """A bench calls this as its measured load on the services starts (after setup and the bare run)."""
+        if OBSERVER is not None:
+            OBSERVER.start(self)
+
+    def load_ends(self) -> None:
+        """...and this when it is over, before it stops any process; called again at the stack's exit."""
+        if OBSERVER is not None:
+            OBSERVER.stop()
 
 
 @contextlib.contextmanager
@@ -87,7 +110,10 @@ def running_stack(services: Sequence[str], *, durable: bool = True, with_stripe:
         for name in services:
             stack.start_service(name)
             stops.append(stack.processes[name].stop)
-        yield stack
+        try:
+            yield stack
+        finally:
+            stack.load_ends()
     finally:
         for stop in reversed(stops):
             with contextlib.suppress(Exception):
