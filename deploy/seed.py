@@ -4,8 +4,9 @@
 
 Idempotent: when the demo client already exists, its data is left alone; the demo plan is created
 when no plan of its name exists. Creates two clients, a client login, invoices in several states
-(draft, sent, part-paid, paid, overdue) and the plan "Maintenance" (monthly and yearly, in the demo
-client's currency, 14 trial days) that the client can subscribe to from the portal's Subscription page.
+(draft, sent, part-paid, paid, overdue), the plan "Maintenance" (monthly and yearly, in the demo
+client's currency, 14 trial days) that the client can subscribe to from the portal's Subscription page,
+and the demo client on its monthly price (invoiced, no trial), so every report shows a figure.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ class Seeder:
         """Every client, following the list's cursor page by page."""
         return self.pages("/api/clients")
 
-    def pages(self, path: str) -> Iterator[dict[str, Any]]:
+    def pages(self, path: str, **filters: str) -> Iterator[dict[str, Any]]:
         """Every item of a cursor-paged list."""
-        params: dict[str, Any] = {"limit": 100}
+        params: dict[str, Any] = {"limit": 100, **filters}
         while True:
             page = self.call("GET", path, params=params)
             yield from page["items"]
@@ -66,8 +67,23 @@ class Seeder:
             demo = self.demo_data()
         try:
             self.demo_plan(str(demo["currency"]))
+            self.demo_subscription(str(demo["id"]))
         except RuntimeError as exc:  # subscriptions service not running: the rest of the demo still stands
             print(f"[seed] demo plan skipped: {exc}")
+
+    def demo_subscription(self, client_id: str) -> None:
+        """The demo client on the monthly plan, invoiced (no card needed) and without a trial, so the
+        MRR report and the dashboard show a figure from the first run: 150 EUR MRR, 1,800 EUR ARR."""
+        if any(True for _ in self.pages("/api/subscriptions", clientId=client_id)):
+            print("[seed] demo subscription already present")
+            return
+        plan = next(plan for plan in self.pages("/api/plans") if plan["name"] == DEMO_PLAN)
+        monthly = next(price for price in plan["prices"] if price["interval"] == "month")
+        self.call("POST", "/api/subscriptions", json={
+            "clientId": client_id, "priceId": monthly["id"], "trialDays": 0,
+            "collectionMethod": "send_invoice", "daysUntilDue": 14,
+        })
+        print(f"[seed] demo subscription created: {DEMO_PLAN!r} monthly, invoiced, due in 14 days")
 
     def demo_plan(self, currency: str) -> None:
         """The plan the demo client can subscribe to (a re-run finds it by name and leaves it)."""

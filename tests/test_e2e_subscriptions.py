@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from deploy.infra import MailSink, ServiceProcess, StripeStandin
-from deploy.seed import CLIENT_LOGIN, DEMO_PLAN, Seeder
+from deploy.seed import CLIENT_LOGIN, DEMO_CLIENT_EMAIL, DEMO_PLAN, Seeder
 from deploy.services import GATEWAY, InfraEndpoints
 from tests.conftest import login, wait_until
 
@@ -385,6 +385,12 @@ async def test_the_seed_offers_the_demo_plan_once_and_the_demo_client_can_subscr
     prices = sorted((p["currency"], p["interval"], p["amount"], p["trialDays"], p["active"])
                     for p in plans[0]["prices"])
     assert prices == [("EUR", "month", 15_000, 14, True), ("EUR", "year", 150_000, 14, True)]
+    # ... and the demo client on the monthly price, once (the second run found it), so MRR shows.
+    demo_client = next(c for c in (await admin.get("/api/clients", params={"limit": 100})).json()["items"]
+                       if c["email"] == DEMO_CLIENT_EMAIL)
+    subs = (await admin.get("/api/subscriptions", params={"clientId": demo_client["id"]})).json()["items"]
+    assert [(s["planName"], s["interval"], s["status"], s["collectionMethod"], s["mrr"]) for s in subs] == [
+        (DEMO_PLAN, "month", "active", "send_invoice", 15_000)]
     demo = await login(stack[GATEWAY].url, *CLIENT_LOGIN)
     try:
         offered = (await demo.get("/api/plans", params={"limit": 100})).json()["items"]
