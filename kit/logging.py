@@ -1,37 +1,95 @@
-"""Structured logs (structlog) carrying the correlation id of the request or event being handled."""
+"""Structured logs (structlog) carrying the correlation id of the request or event being handled.
+
+One format for every line a service writes: structlog's own events and stdlib records (uvicorn,
+aiokafka, FastStream, SQLAlchemy, ...) both go through structlog's ProcessorFormatter on one root
+handler. JSON with `<PREFIX>LOG_JSON=true` (the containers set it), otherwise key=value console lines,
+coloured only on a terminal (never in a file or a pipe, nor with NO_COLOR set).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
 
+import httpx
 import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CORRELATION_HEADER = "X-Correlation-Id"
+# Libraries whose INFO lines are routine chatter (consumer-group joins, one line per internal HTTP
+# call: the access line of the service called says it): warnings and errors still come through.
+QUIET_LIBRARIES = ("aiokafka", "kafka", "httpx", "httpcore")
+# Libraries that install a stream handler of their own at import (and stop propagation).
+OWN_HANDLER_LIBRARIES = ("faststream", "faststream.access", "faststream.access.kafka")
 
 
-def configure_logging(service: str, level: str = "INFO", json: bool = False) -> None:
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+class _Handler(logging.StreamHandler[IO[str]]):
+    """Ours, so that configuring again replaces it and leaves other handlers (pytest's) alone."""
+
+
+def configure_logging(service: str, level: str = "INFO", json: bool = False, *, stream: IO[str] | None = None) -> None:
+    out = stream or sys.stderr
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+
+    def add_service(_: Any, __: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        event_dict.setdefault("service", service)  # also on lines from threads that bound nothing
+        return event_dict
+
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        add_service,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor
+    if json:
+        renderer = structlog.processors.JSONRenderer()
+        tail: list[structlog.typing.Processor] = [structlog.processors.format_exc_info, renderer]
+    else:
+        colours = out.isatty() and "NO_COLOR" not in os.environ
+        renderer = structlog.dev.ConsoleRenderer(colors=colours)
+        tail = [renderer]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[*shared, structlog.processors.StackInfoRenderer(),
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_message_copy],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+    )
+    handler = _Handler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for existing in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    for name in OWN_HANDLER_LIBRARIES:  # their coloured stdout handler goes; the root handler takes over
+        library = logging.getLogger(name)
+        for own in [h for h in library.handlers if type(h) is logging.StreamHandler]:
+            library.removeHandler(own)
+        library.propagate = True
     structlog.contextvars.bind_contextvars(service=service)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+def _drop_message_copy(_: Any, __: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    # ExtraAdder also picks up the `message` the stdlib formatter set on the record: it is the event.
+    if event_dict.get("message") == event_dict.get("event"):
+        event_dict.pop("message", None)
+    return event_dict
 
 
 def current_correlation_id() -> str | None:
@@ -67,3 +125,15 @@ class CorrelationMiddleware:
             await self.app(scope, receive, send_with_header)
         finally:
             structlog.contextvars.unbind_contextvars("correlation_id")
+
+
+async def _forward_correlation_id(request: httpx.Request) -> None:
+    correlation_id = current_correlation_id()
+    if correlation_id and CORRELATION_HEADER not in request.headers:
+        request.headers[CORRELATION_HEADER] = correlation_id
+
+
+def correlation_hooks() -> dict[str, list[Callable[[httpx.Request], Awaitable[None]]]]:
+    """`httpx.AsyncClient(event_hooks=correlation_hooks())`: every internal call carries the correlation
+    id of the request or event being handled, so one id follows it across services."""
+    return {"request": [_forward_correlation_id]}

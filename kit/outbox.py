@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy import inspect as sa_inspect
 
 from kit.db import OUTBOX_CHANNEL, Database, OutboxMixin
+from kit.metrics import OUTBOX_RELAYED
 from kit.worker import PollingWorker, WorkerState, asyncpg_dsn
 
 __all__ = ["OutboxRelay", "RelayThread", "asyncpg_dsn"]
@@ -52,6 +53,7 @@ class OutboxRelay(PollingWorker):
         self._model: type[OutboxMixin] = db.outbox_model
         self._broker = broker
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
+        self._relayed = OUTBOX_RELAYED.labels(service)
         self._relay_batch = batch_size
 
     async def run_once(self) -> int:
@@ -97,6 +99,7 @@ class OutboxRelay(PollingWorker):
             await conn.execute(
                 update(table).where(table.c.id.in_([r.id for r in rows])).values(published_at=func.now())
             )
+        self._relayed.inc(len(rows))  # counted once the marking committed with the block above
         log.debug("outbox_published", count=len(rows))
         return len(rows)
 

@@ -1,14 +1,17 @@
 """Process wiring shared by every service: logging, errors, health, DB, Kafka, outbox relay, jobs.
 
 `/readyz` is 503 while the database or Kafka does not answer, or while the outbox relay or a worker
-registered in `ServiceRuntime.workers` is dead, stuck or deaf (kit.worker.PollingWorker.state()); its
-body reports each of them (running, listening, consecutive failures, age of the last successful run).
+registered in `ServiceRuntime.workers` is dead, stuck or deaf (kit.worker.PollingWorker.state()), or a
+Kafka consumer is dead (its consume tasks ended) or stuck (a partition it holds has lag and no progress
+for `consumer_stuck_after` seconds, kit.metrics.ConsumerWatch); its body reports each of them.
+`/metrics` serves the Prometheus metrics (kit.metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,11 +25,26 @@ from aiokafka.errors import TopicAlreadyExistsError
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from prometheus_client import REGISTRY
+from starlette.responses import Response
 
 from contracts import topics
 from kit.db import Database
 from kit.errors import install_error_handlers
 from kit.logging import CorrelationMiddleware, configure_logging
+from kit.metrics import (
+    CONTENT_TYPE_LATEST,
+    ConsumerLag,
+    DbPoolSource,
+    HttpMetrics,
+    MetricSource,
+    OutboxSource,
+    Subscription,
+    WorkerSource,
+    broker_subscriptions,
+    exposition,
+)
 from kit.migrations import upgrade_to_head_async
 from kit.outbox import RelayThread
 from kit.settings import ServiceSettings
@@ -45,6 +63,12 @@ def make_broker(settings: ServiceSettings) -> KafkaBroker:
         acks="all",
         linger_ms=2,
         graceful_timeout=10.0,
+        # Through the root handler (kit.logging's one format) instead of FastStream's own coloured
+        # stdout handler; its per-message "Received/Processed" lines at DEBUG, not one INFO per event.
+        logger=logging.getLogger("faststream.kafka"),
+        log_level=logging.DEBUG,
+        middlewares=[KafkaPrometheusMiddleware(registry=REGISTRY, app_name=settings.service_name,
+                                               metrics_prefix="billing_faststream")],
     )
 
 
@@ -108,9 +132,27 @@ class ServiceRuntime:
     workers: list[Watched] = field(default_factory=list)
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Gauges of the service's own (kit.metrics.MetricSource: a webhook backlog, an email queue), served
+    # at /metrics next to kit's (DB pool, workers, outbox, consumer lag).
+    metrics: list[MetricSource] = field(default_factory=list)
+    # Consumers FastStream does not run (reporting's feed): their lag is reported and judged too.
+    consumers: list[Subscription] = field(default_factory=list)
+    # /readyz: a consumer whose partition has lag and no progress for this long is stuck.
+    consumer_stuck_after: float = 60.0
+    consumer_lag_ttl: float = 5.0
+    consumer_lag: ConsumerLag | None = None
+    _kit_metrics: list[MetricSource] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    def metric_sources(self) -> list[MetricSource]:
+        return [*self._kit_metrics, *self.metrics]
+
     async def start(self) -> None:
+        service = self.settings.service_name
+        self._kit_metrics = [DbPoolSource(service, self.db),
+                             WorkerSource(service, lambda: [*([self.relay] if self.relay else []), *self.workers])]
+        if self.db.outbox_model is not None:
+            self._kit_metrics.append(OutboxSource(service, self.db))
         if self.settings.migrate_on_start and self.migrations is not None:
             await upgrade_to_head_async(self.migrations, self.settings.database_url)
         if self.settings.kafka_enabled:
@@ -122,6 +164,11 @@ class ServiceRuntime:
                     service=self.settings.service_name, poll_interval=self.settings.outbox_poll_interval,
                 )
                 await self.relay.start()
+            self.consumer_lag = ConsumerLag(
+                self.settings.kafka_bootstrap, lambda: [*broker_subscriptions(self.broker), *self.consumers],
+                ttl=self.consumer_lag_ttl, stuck_after=self.consumer_stuck_after,
+            )
+            self._kit_metrics.append(self.consumer_lag)
         for hook in self.on_startup:
             await hook()
         self._tasks = [asyncio.create_task(self._loop(job), name=job.name) for job in self.jobs]
@@ -137,6 +184,8 @@ class ServiceRuntime:
             await hook()
         if self.relay is not None:
             await self.relay.stop()
+        if self.consumer_lag is not None:
+            await self.consumer_lag.close()
         if self.settings.kafka_enabled:
             await self.broker.stop()
         await self.db.dispose()
@@ -167,7 +216,11 @@ class ServiceRuntime:
             except Exception as exc:
                 checks["kafka"] = f"error: {exc}"
         workers: dict[str, WorkerState] = {}
-        for watched in [*([self.relay] if self.relay is not None else []), *self.workers]:
+        consumers: list[Watched] = []
+        if self.consumer_lag is not None:
+            await self.consumer_lag.refresh()  # cached: a probe every second asks the broker every few
+            consumers = list(self.consumer_lag.watches())
+        for watched in [*([self.relay] if self.relay is not None else []), *self.workers, *consumers]:
             state = watched.state()
             name, n = state.name, 2
             while name in workers:  # two loops of one kind: both reported
@@ -203,6 +256,8 @@ def create_service_app(
     app.state.runtime = runtime
     app.state.internal_token = settings.internal_token
     app.add_middleware(BodyLimit, limit=max_body, limits=body_limits)
+    # Inside the correlation id (its access line carries it), outside everything that may answer.
+    app.add_middleware(HttpMetrics, service=settings.service_name)
     app.add_middleware(CorrelationMiddleware)
     install_error_handlers(app)
 
@@ -215,10 +270,18 @@ def create_service_app(
         readiness = await runtime.readiness()
         return JSONResponse(readiness.body(), status_code=200 if readiness.ready else 503)
 
+    render_metrics = exposition(runtime.metric_sources)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(await render_metrics(), media_type=CONTENT_TYPE_LATEST)
+
     for router in routers:
         app.include_router(router)
     return app
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    # log_config=None: uvicorn's records go to the root handler (kit.logging's format), not to its own
+    # handlers; the access line is kit.metrics.HttpMetrics', so uvicorn's stays off.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False, log_config=None)

@@ -56,6 +56,8 @@ class WorkerState:
     last_success_age: float | None  # seconds since the last successful run; None: none yet
     last_error: str | None
     problem: str | None
+    runs: int = 0  # since the process started (billing_worker_runs_total)
+    failures: int = 0  # failed runs since the process started
 
     @property
     def ok(self) -> bool:
@@ -121,6 +123,8 @@ class PollingWorker:
         self._last_error: str | None = None
         self.consecutive_failures = 0
         self.last_success: float | None = None
+        self._runs_total = 0
+        self._failures_total = 0
 
     async def run_once(self) -> int:
         raise NotImplementedError
@@ -176,6 +180,7 @@ class PollingWorker:
         with self._state_lock:
             started_at, deaf_since = self._started_at, self._deaf_since
             failures, last_success, last_error = self.consecutive_failures, self.last_success, self._last_error
+            runs, failures_total = self._runs_total, self._failures_total
         listening = self.listening if self._listens else None
         running = self.running
         problem: str | None = None
@@ -194,17 +199,20 @@ class PollingWorker:
             name=self.name, started=started_at is not None, running=running, listening=listening,
             consecutive_failures=failures,
             last_success_age=None if last_success is None else max(0.0, now - last_success),
-            last_error=last_error, problem=problem,
+            last_error=last_error, problem=problem, runs=runs, failures=failures_total,
         )
 
     def _record_success(self) -> None:
         with self._state_lock:
+            self._runs_total += 1
             self.consecutive_failures = 0
             self.last_success = time.monotonic()
             self._last_error = None
 
     def _record_failure(self, exc: BaseException) -> int:
         with self._state_lock:
+            self._runs_total += 1
+            self._failures_total += 1
             self.consecutive_failures += 1
             self._last_error = f"{type(exc).__name__}: {exc}"[:500]
             return self.consecutive_failures

@@ -18,6 +18,7 @@ from starlette.routing import Route as StarletteRoute
 
 from kit.db import Database
 from kit.errors import Forbidden, InvalidInput, NotFound, Unauthorized
+from kit.metrics import ROUTE_SCOPE_KEY
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.web import BodyLimit, RequestUnitOfWork, StrictQuery, UtcDateTime
@@ -185,6 +186,7 @@ async def proxy(request: Request) -> Response:
     route = route_table.resolve(path)
     if route is None:
         raise NotFound(f"No route for {request.method} {path}.")
+    request.scope[ROUTE_SCOPE_KEY] = f"{route.prefix}*"  # metrics: the route's pattern, never the raw path
     if route.auth is route_table.Auth.PUBLIC:
         actor = ANONYMOUS
     else:
