@@ -15,20 +15,25 @@ error or CSP violation, and is saved as a screenshot under .run/test-artifacts/a
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import io
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from babel.numbers import format_currency
+from PIL import Image
 from pypdf import PdfReader
 
-from deploy.infra import RUN_DIR, ServiceProcess
+from deploy.infra import RUN_DIR, MailSink, ServiceProcess
 from deploy.services import GATEWAY, InfraEndpoints
 from tests.conftest import wait_until
 from tests.test_portal_browser import PLAYWRIGHT_IMPORT_ERROR, TIMEOUT_MS, browser  # noqa: F401  (a fixture)
@@ -54,6 +59,31 @@ async def submitted(page: Page, pattern: str) -> None:
 
 async def read_bytes(download: Any) -> bytes:
     return await asyncio.to_thread(Path(await download.path()).read_bytes)
+
+
+async def mails_to(sink: MailSink, address: str, count: int = 1, timeout: float = 30) -> list[EmailMessage]:
+    """The sink's messages to `address`, once there are at least `count` (polled, with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for path in sink.paths():
+            try:
+                message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            except FileNotFoundError:
+                continue
+            assert isinstance(message, EmailMessage)
+            if address in [a.addr_spec for a in message["To"].addresses]:
+                found.append(message)
+        if len(found) >= count:
+            return found
+        assert time.monotonic() < deadline, f"{len(found)} email(s) to {address} in {timeout} s"
+        await asyncio.sleep(0.2)
+
+
+def plain_text(message: EmailMessage) -> str:
+    part = message.get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())
 
 
 def eur(minor: int) -> str:
@@ -363,6 +393,78 @@ async def test_the_template_preview_is_the_real_pdf_and_saving_makes_a_version(
     assert (await admin.put("/api/invoice-template", json=restore)).status_code == 200
 
 
+def png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def pdf_image_count(data: bytes) -> int:
+    return sum(len(p.images) for p in PdfReader(io.BytesIO(data)).pages)
+
+
+async def test_a_logo_upload_shows_in_the_preview_and_bad_files_are_refused_plainly(
+    tab: AdminTab, admin: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    page = tab.page
+    before = (await admin.get("/api/invoice-template")).json()
+    if before["logo"] is not None:  # start without one: the preview must gain the image
+        restore = {k: v for k, v in before.items() if k not in ("version", "createdAt", "createdBy", "logo")}
+        assert (await admin.put("/api/invoice-template", json=restore | {"removeLogo": True})).status_code == 200
+    await page.goto("/admin/template")
+    src = await page.get_by_test_id("preview-frame").get_attribute("src")
+    assert src
+    assert pdf_image_count(await (await page.request.get(src)).body()) == 0
+    await expect(page.get_by_test_id("current-logo")).to_have_count(0)
+
+    # Not an image: a plain sentence next to the field, the page itself (no 500, no JSON).
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a logo")
+    await page.get_by_test_id("logo-file").set_input_files(str(notes))
+    await page.get_by_test_id("upload-logo").click()
+    await expect(page.get_by_test_id("error-logo")).to_have_text(
+        "This file is not an image the invoices can show: choose a PNG, JPEG or SVG file.")
+    fake = tmp_path / "fake.png"  # named and typed as a PNG, but not one
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
+    await page.get_by_test_id("logo-file").set_input_files(str(fake))
+    await page.get_by_test_id("upload-logo").click()
+    await expect(page.get_by_test_id("error-logo")).to_have_text(
+        "This file could not be read as a PNG, JPEG or SVG image: choose another file.")
+    await tab.check("14b-logo-refused")
+    # Too large: said before anything is sent.
+    big = tmp_path / "big.png"
+    big.write_bytes(png(16, 16) + b"\0" * (1024 * 1024))
+    await page.get_by_test_id("logo-file").set_input_files(str(big))
+    await page.get_by_test_id("upload-logo").click()
+    await expect(page.get_by_test_id("error-logo")).to_have_text("The logo may be 1 MB at most: choose a smaller file.")
+    assert (await admin.get("/api/invoice-template")).json()["logo"] is None
+    # ... and refused by the server too when a script sends it anyway (a page, not a 500).
+    csrf = await page.locator('meta[name="csrf-token"]').get_attribute("content")
+    assert csrf
+    sent = await page.request.post("/admin/template/logo", headers={"X-CSRF-Token": csrf}, multipart={
+        "logo": {"name": "big.png", "mimeType": "image/png", "buffer": big.read_bytes()}})
+    assert sent.status == 422 and "The logo may be 1 MB at most" in await sent.text()
+
+    logo = tmp_path / "logo.png"
+    logo.write_bytes(png(120, 40))
+    await page.get_by_test_id("logo-file").set_input_files(str(logo))
+    await page.get_by_test_id("upload-logo").click()
+    await page.wait_for_url(re.compile(r"/admin/template\?saved=\d+&logo=1$"))
+    await expect(page.get_by_test_id("notice")).to_contain_text("Logo uploaded")
+    after = (await admin.get("/api/invoice-template")).json()
+    assert after["logo"] is not None and after["logo"]["width"] == 120
+    thumbnail = page.get_by_test_id("current-logo")
+    await expect(thumbnail).to_be_visible()
+    assert await thumbnail.evaluate("img => img.complete && img.naturalWidth") == 120
+    src = await page.get_by_test_id("preview-frame").get_attribute("src")
+    assert src
+    preview = await page.request.get(src)
+    assert preview.status == 200 and pdf_image_count(await preview.body()) >= 1  # the preview shows it
+    await tab.check("14c-logo")
+    restore = {k: v for k, v in after.items() if k not in ("version", "createdAt", "createdBy", "logo")}
+    assert (await admin.put("/api/invoice-template", json=restore | {"removeLogo": True})).status_code == 200
+
+
 async def test_plans_and_a_subscription_with_a_previewed_plan_change(
     tab: AdminTab, state: dict[str, Any], admin: httpx.AsyncClient
 ) -> None:
@@ -502,19 +604,43 @@ async def test_payments_emails_and_reminders_pages(tab: AdminTab, state: dict[st
     await tab.check("26-reminders")
 
 
-async def test_invite_to_portal_gives_a_one_time_password_link(
-    tab: AdminTab, state: dict[str, Any], browser: Browser, stack: dict[str, ServiceProcess]  # noqa: F811
+async def test_invite_to_portal_emails_a_one_time_password_link_once(
+    tab: AdminTab, state: dict[str, Any], browser: Browser, stack: dict[str, ServiceProcess],  # noqa: F811
+    fresh_mail_sink: MailSink, admin: httpx.AsyncClient,
 ) -> None:
     page = tab.page
     await page.goto(f"/admin/clients/{state['client_id']}")
     email = f"invited-{uuid.uuid4().hex[:6]}@script.example.com"
     await page.get_by_test_id("invite-email").fill(email)
     await page.get_by_test_id("invite").click()
+    await expect(page.get_by_test_id("invite-emailed")).to_have_attribute("data-outcome", "sent")
+    await expect(page.get_by_test_id("invite-emailed")).to_have_text(f"Invitation emailed to {email}.")
     link = await page.get_by_test_id("invite-link").input_value()
-    assert "/admin/invite/" in link
+    assert link.startswith(f"{stack[GATEWAY].url}/admin/invite/")
     await expect(page.get_by_test_id("client-invoices")).to_be_visible()  # its invoices (20 newest) beside it
     await expect(page.get_by_role("link", name=re.compile(r"^All \d+ invoices$"))).to_be_visible()
     await tab.check("27-invite")
+
+    # The email: to the client's new login, in the client's (script) name as text, with the link.
+    [mail] = await mails_to(fresh_mail_sink, email)
+    assert "client portal" in mail["Subject"] and mail["X-Billing-Kind"] == "portal_invitation"
+    assert mail["To"].addresses[0].display_name == state["client_name"]
+    text = plain_text(mail)
+    assert f"Set your password: {link}" in text
+    assert f"{stack[GATEWAY].url}/portal" in text
+    html = mail.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert f'href="{link}"' in html and "<script>" not in html
+
+    # A repeated click sends nothing new: the same link, the one message of the log, one email.
+    await page.get_by_test_id("invite").click()
+    await expect(page.get_by_test_id("invite-emailed")).to_have_attribute("data-outcome", "already")
+    assert await page.get_by_test_id("invite-link").input_value() == link
+    logged = await wait_until(admin, f"/api/notifications?kind=portal_invitation&recipient={email}",
+                              lambda b: b["total"] == 1 and b["items"][0]["status"] == "sent")
+    assert logged["items"][0]["recipient"] == email
+    assert len(await mails_to(fresh_mail_sink, email)) == 1
+    await page.goto("/admin/emails?kind=portal_invitation")
+    await expect(page.get_by_test_id("email-table")).to_contain_text(email)
 
     guest = await new_tab(browser, stack[GATEWAY].url)
     try:
@@ -566,3 +692,47 @@ async def test_the_script_name_is_inert_on_every_page(tab: AdminTab, state: dict
         await expect(page.locator("main")).to_contain_text(XSS)
         assert await page.locator("main script").count() == 0, path
     assert tab.dialogs == []
+
+
+async def test_the_client_pickers_search_finds_clients_beyond_the_first_page(
+    tab: AdminTab, state: dict[str, Any], admin: httpx.AsyncClient
+) -> None:
+    """Last in the module: it adds more clients than the picker's page (100) holds."""
+    tag = uuid.uuid4().hex[:6]
+    target = (await admin.post("/api/clients", json={
+        "name": f"Zephyr {tag} GmbH", "email": f"ap-{tag}@zephyr.example.com", "currency": "CHF"})).json()
+    for i in range(101):  # the target is older than the newest 100: not in the picker until searched for
+        created = await admin.post("/api/clients", json={"name": f"Filler {tag} {i:03d}",
+                                                         "email": f"filler-{i}@example.com"})
+        assert created.status_code == 201
+    page = tab.page
+    await page.goto("/admin/invoices/new")
+    picker = page.get_by_test_id("client")
+    await expect(picker.locator(f'option[value="{target["id"]}"]')).to_have_count(0)
+
+    await page.get_by_test_id("client-search").fill(f"zephyr {tag}")  # any case
+    await expect(picker.locator("option")).to_have_count(2)  # "Choose a client…" and the one match
+    await expect(page.get_by_test_id("client-search-status")).to_have_text(f"1 client matches “zephyr {tag}”.")
+    await picker.select_option(target["id"])
+    await expect(page.get_by_test_id("currency-code")).to_have_text("CHF")  # the form follows the choice
+    await tab.check("30-client-search")
+    # By email, and the chosen client stays chosen while searching on.
+    await page.get_by_test_id("client-search").fill(f"ap-{tag}@")
+    await expect(picker.locator("option")).to_have_count(2)
+    await page.get_by_test_id("client-search").fill(f"filler {tag} 00")
+    await expect(page.get_by_test_id("client-search-status")).to_have_text(f"10 clients match “filler {tag} 00”.")
+    await expect(picker).to_have_value(target["id"])
+    await page.get_by_test_id("client-search").fill("no such client at all")
+    await expect(page.get_by_test_id("client-search-status")).to_have_text("No client matches “no such client at all”.")
+    # A script name found by search is text in the options.
+    await page.get_by_test_id("client-search").fill(state["client_name"][-6:])
+    await expect(picker.locator("option", has_text=XSS)).to_have_count(1)
+    assert tab.dialogs == []
+
+    await page.goto("/admin/subscriptions/new")
+    sub_picker = page.get_by_test_id("sub-client")
+    await page.get_by_test_id("client-search").fill(f"Zephyr {tag}")
+    await expect(sub_picker.locator(f'option[value="{target["id"]}"]')).to_have_count(1)
+    await sub_picker.select_option(target["id"])
+    await expect(sub_picker).to_have_value(target["id"])
+    await tab.check("31-subscription-client-search")

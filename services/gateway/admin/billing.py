@@ -27,7 +27,7 @@ EMAIL_STATUSES = [("", "Any status"), ("pending", "Pending"), ("sending", "Sendi
 EMAIL_KINDS = [("", "Any kind"), ("invoice_sent", "Invoice sent"), ("payment_receipt", "Payment receipt"),
                ("payment_failed", "Payment failed"), ("reminder_before_due", "Reminder before due"),
                ("reminder_overdue", "Overdue notice"), ("invoice_cancelled", "Invoice cancelled"),
-               ("subscription", "Subscription")]
+               ("subscription", "Subscription"), ("portal_invitation", "Portal invitation")]
 
 
 @router.get("/payments")

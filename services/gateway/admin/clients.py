@@ -9,15 +9,26 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from kit.db import UnitOfWork
 from kit.errors import AppError
-from kit.web import RequestUnitOfWork
+from kit.web import request_database
 from services.gateway.admin import formatting
 from services.gateway.admin.api import ApiError
 from services.gateway.admin.auth import auth_service, invitation_token, unusable_password
-from services.gateway.admin.common import api, first_error, idempotency_headers, query_pairs, text
+from services.gateway.admin.common import (
+    CLIENT_PICKER_LIMIT,
+    api,
+    first_error,
+    idempotency_headers,
+    query_pairs,
+    search_clients,
+    text,
+    with_selected,
+)
 from services.gateway.admin.invoices import _uuid_or_none
-from services.gateway.admin.models import Client, Invoice, Page, Subscription
+from services.gateway.admin.models import Client, Invoice, Notification, Page, Subscription
 from services.gateway.admin.web import AdminSession, Csrf, redirect, render
+from services.gateway.models import User
 from services.gateway.repository import UserRepository
 from services.gateway.schemas import CreateUserRequest
 
@@ -52,6 +63,31 @@ def _client_form(request: Request, session: AdminSession, values: dict[str, str]
 @router.get("/clients/new")
 async def new_client(request: Request, session: AdminSession) -> Response:
     return _client_form(request, session, {"currency": "EUR"}, {})
+
+
+@router.get("/clients/options")
+async def client_options(
+    request: Request, session: AdminSession,
+    client_search: Annotated[str | None, Query(max_length=100)] = None,
+    client_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """The client picker's options for what was typed in its search field (htmx swaps them into the
+    <select>); the client chosen so far stays chosen. Rendered by Jinja, so names are text."""
+    a = api(request, session)
+    search = (client_search or "").strip()
+    selected = _uuid_or_none(client_id or "") or ""
+    failure, matches, total = None, [], 0
+    try:
+        found = await (search_clients(a, search) if search else a.get(Page[Client], "/api/clients",
+                                                                          {"limit": CLIENT_PICKER_LIMIT}))
+        matches, total = found.items, found.total if found.total is not None else len(found.items)
+    except ApiError as exc:
+        failure = "The client list is not available right now." if exc.unavailable else first_error(exc)
+    shown = await with_selected(a, matches, selected) if failure is None else []
+    return render(request, "partials/client_options.html", {
+        "clients": shown, "matches": len(matches), "total": total, "selected": selected, "search": search,
+        "failure": failure,
+    }, session=session)
 
 
 CLIENT_FIELDS = {"name": "name", "email": "email", "address": "address", "currency": "currency", "taxId": "tax_id"}
@@ -129,31 +165,63 @@ async def client_detail(request: Request, session: AdminSession, client_id: str,
 
 
 @router.post("/clients/{client_id}/invite", dependencies=[Csrf])
-async def invite_client(request: Request, session: AdminSession, client_id: str, uow: RequestUnitOfWork) -> Response:
-    """Create the client's portal login (or renew the link of its existing one) and show the one-time link."""
+async def invite_client(request: Request, session: AdminSession, client_id: str) -> Response:
+    """Create the client's portal login (or renew the link of its existing one) and email the invitation.
+
+    The login is committed (its own unit of work) before the notifications service is asked to mail
+    the link, so an emailed link always names a login that exists. The link is shown to the admin
+    too: when the email cannot be queued (notifications down) it can be passed on by hand.
+    """
     raw = await request.form()
     email = text(raw, "email").strip().lower()
     if _uuid_or_none(client_id) is None:
         return await _client_page(request, session, client_id)
+    a = api(request, session)
+    try:
+        client = await a.get(Client, f"/api/clients/{client_id}")
+    except ApiError:
+        return await _client_page(request, session, client_id)  # its error page: unknown or unavailable
+    async with request_database(request).transaction() as uow:
+        login = await _portal_login(request, uow, client_id, email)
+    if isinstance(login, str):
+        return await _client_page(request, session, client_id, status_code=422,
+                                  invite={"email": email, "error": login})
+    base = str(request.base_url).rstrip("/")
+    link = f"{base}/admin/invite/{invitation_token(request, str(login.id), login.password_hash)}"
+    invite: dict[str, Any] = {"email": email, "link": link}
+    try:
+        answer = await a.request("POST", "/api/notifications/invitations", json={
+            "clientId": client.id, "email": email, "name": client.name, "link": link, "portalUrl": f"{base}/portal",
+        })
+        message = Notification.model_validate_json(answer.content)
+    except ApiError as exc:
+        invite["email_error"] = ("The notifications service is not available right now." if exc.unavailable
+                                 else first_error(exc))
+    except ValidationError:
+        invite["email_error"] = "The notifications service gave an answer that was not understood."
+    else:
+        invite["emailed"] = "sent" if answer.status_code == 201 else "already"
+        invite["message"] = message
+    return await _client_page(request, session, client_id, invite=invite)
+
+
+async def _portal_login(request: Request, uow: UnitOfWork, client_id: str, email: str) -> User | str:
+    """The client's login for `email`, created when there is none; a sentence for the admin otherwise."""
     users = UserRepository(uow.session)
     existing = await users.get_by_email(email) if email else None
     if existing is not None and existing.client_id != client_id:
-        return await _client_page(request, session, client_id, status_code=422, invite={
-            "email": email, "error": "This email already has a login of someone else."})
-    if existing is None:
-        try:
-            request_body = CreateUserRequest(email=email, password=unusable_password(), role="client",
-                                             client_id=client_id)
-        except ValidationError:
-            return await _client_page(request, session, client_id, status_code=422, invite={
-                "email": email, "error": "Enter a valid email address."})
-        try:
-            await auth_service(request, uow).create_user(request_body)
-        except AppError as exc:
-            return await _client_page(request, session, client_id, status_code=422, invite={
-                "email": email, "error": exc.message})
-        existing = await users.get_by_email(email)
-        assert existing is not None
-    token = invitation_token(request, str(existing.id), existing.password_hash)
-    link = str(request.base_url).rstrip("/") + f"/admin/invite/{token}"
-    return await _client_page(request, session, client_id, invite={"email": email, "link": link})
+        return "This email already has a login of someone else."
+    if existing is not None:
+        return existing
+    try:
+        request_body = CreateUserRequest(email=email, password=unusable_password(), role="client",
+                                         client_id=client_id)
+    except ValidationError:
+        return "Enter a valid email address."
+    try:
+        await auth_service(request, uow).create_user(request_body)
+    except AppError as exc:
+        return exc.message
+    created = await users.get_by_email(email)
+    assert created is not None
+    return created

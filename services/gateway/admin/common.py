@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +30,23 @@ async def recent_clients(client_api: Api) -> list[Client]:
     """The newest clients, for a picker (the client list page pages through all of them)."""
     page = await client_api.get(Page[Client], "/api/clients", {"limit": CLIENT_PICKER_LIMIT})
     return page.items
+
+
+async def with_selected(client_api: Api, clients: list[Client], selected: str) -> list[Client]:
+    """`clients` with the `selected` one first when it is not among them (an older client than the
+    picker's newest, chosen by search or by a link): a form never silently loses its client."""
+    if not selected or any(c.id == selected for c in clients):
+        return clients
+    try:
+        uuid.UUID(selected)
+    except ValueError:  # typed into a form by hand: not a client, and never a path to ask for
+        return clients
+    return [*(await clients_by_id(client_api, [selected])).values(), *clients]
+
+
+async def search_clients(client_api: Api, text_: str) -> Page[Client]:
+    """The clients whose name or email contains `text_` (the invoice service searches), newest first."""
+    return await client_api.get(Page[Client], "/api/clients", {"limit": CLIENT_PICKER_LIMIT, "q": text_})
 
 
 async def clients_by_id(client_api: Api, ids: Iterable[str], known: Iterable[Client] = ()) -> dict[str, Client]:

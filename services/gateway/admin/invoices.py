@@ -23,6 +23,7 @@ from services.gateway.admin.common import (
     query_pairs,
     recent_clients,
     text,
+    with_selected,
 )
 from services.gateway.admin.formatting import MoneyInputError, parse_major
 from services.gateway.admin.invoice_form import Checked, InvoiceForm, add_totals, api_errors, check
@@ -156,8 +157,9 @@ async def _form_page(
         clients = []
         failure = failure or ("The invoice service is not available right now." if exc.unavailable
                               else first_error(exc))
-    if invoice is not None and all(c.id != invoice.client_id for c in clients):
-        clients = [*(await clients_by_id(a, [invoice.client_id])).values(), *clients]
+    if invoice is not None:
+        clients = await with_selected(a, clients, invoice.client_id)
+    clients = await with_selected(a, clients, form.client_id)
     currency = await _currency_of(a, form.client_id, clients) if form.client_id else None
     if checked is None:
         checked = await add_totals(a, check(form, currency, locale, require_client=False), currency)

@@ -19,7 +19,15 @@ from starlette.responses import Response
 
 from services.gateway.admin import formatting
 from services.gateway.admin.api import ApiError
-from services.gateway.admin.common import api, clients_by_id, first_error, query_pairs, recent_clients, text
+from services.gateway.admin.common import (
+    api,
+    clients_by_id,
+    first_error,
+    query_pairs,
+    recent_clients,
+    text,
+    with_selected,
+)
 from services.gateway.admin.formatting import MoneyInputError, parse_major
 from services.gateway.admin.invoices import _uuid_or_none
 from services.gateway.admin.models import ChangePreview, Client, Page, Plan, Price, Subscription
@@ -214,6 +222,7 @@ async def _subscription_form(request: Request, session: AdminSession, values: di
                              errors: dict[str, str], status_code: int = 200, failure: str | None = None) -> Response:
     a = api(request, session)
     (prices, price_failure), clients = await asyncio.gather(_price_options(request, session), _clients(a))
+    clients = await with_selected(a, clients, values.get("client_id", ""))
     return render(request, "subscription_form.html", {
         "values": values, "errors": errors, "failure": failure or price_failure,
         "price_options": [("", "Choose a plan and price…"), *prices],

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from services.gateway.admin.api import ApiError
 from services.gateway.admin.common import api, first_error
 from services.gateway.admin.models import Template
-from services.gateway.admin.web import FRAMABLE_HEADERS, AdminSession, Csrf, redirect, render
+from services.gateway.admin.web import FRAMABLE_HEADERS, SECURITY_HEADERS, AdminSession, Csrf, redirect, render
 
 router = APIRouter()
 
@@ -50,6 +50,11 @@ COLOR_FIELDS = {"brand_color": ("brandColor", "Brand colour"), "accent_color": (
 LOCALE_CHOICES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pt_PT", "sv_SE", "ja_JP")
 PAGE_SIZES = [("auto", "By locale (A4 or Letter)"), ("A4", "A4"), ("LETTER", "Letter")]
 MAX_PREVIEW_QUERY = 12_000  # characters of the iframe's address
+LOGO_MAX_BYTES = 1024 * 1024  # the invoice service's limit too
+LOGO_TYPES = ("image/png", "image/jpeg", "image/svg+xml")
+LOGO_TOO_LARGE = "The logo may be 1 MB at most: choose a smaller file."
+NOT_AN_IMAGE = "This file is not an image the invoices can show: choose a PNG, JPEG or SVG file."
+UNREADABLE_IMAGE = "This file could not be read as a PNG, JPEG or SVG image: choose another file."
 
 
 def values_of(template: Template) -> dict[str, str]:
@@ -150,7 +155,8 @@ def _page(request: Request, session: AdminSession, template: Template | None, va
 
 @router.get("/template")
 async def template_page(request: Request, session: AdminSession,
-                        saved: Annotated[str | None, Query(max_length=12)] = None) -> Response:
+                        saved: Annotated[str | None, Query(max_length=12)] = None,
+                        logo: Annotated[str | None, Query(max_length=1)] = None) -> Response:
     try:
         template = await api(request, session).get(Template, "/api/invoice-template")
     except ApiError as exc:
@@ -160,6 +166,8 @@ async def template_page(request: Request, session: AdminSession,
     body, _, _ = settings_from(values)
     body["removeLogo"] = False
     notice = f"Saved as version {saved}. Invoices sent before keep the version they were sent with." if saved else None
+    if saved and logo:
+        notice = f"Logo uploaded: {notice}"
     return _page(request, session, template, values, {}, notice=notice, preview=encode_preview(body))
 
 
@@ -244,19 +252,23 @@ async def upload_logo(request: Request, session: AdminSession) -> Response:
     if not isinstance(upload, UploadFile) or not upload.filename:
         error = "Choose an image file (PNG, JPEG or SVG)."
     else:
-        data = await upload.read(1024 * 1024 + 1)
-        content_type = upload.content_type or "application/octet-stream"
-        if len(data) > 1024 * 1024:
-            error = "The logo may be 1 MB at most."
+        data = await upload.read(LOGO_MAX_BYTES + 1)
+        content_type = (upload.content_type or "").split(";", 1)[0].strip().lower()
+        if len(data) > LOGO_MAX_BYTES:
+            error = LOGO_TOO_LARGE
+        elif content_type not in LOGO_TYPES:
+            error = NOT_AN_IMAGE
         else:
             try:
                 saved = await a.request("POST", "/api/invoice-template/logo", content=data,
                                         headers={"Content-Type": content_type})
             except ApiError as exc:
-                error = first_error(exc)
+                # The service's words are for API callers (media types, field names): say it plainly.
+                error = {413: LOGO_TOO_LARGE, 415: NOT_AN_IMAGE, 422: UNREADABLE_IMAGE}.get(exc.status,
+                                                                                        first_error(exc))
             else:
                 version = Template.model_validate_json(saved.content).version
-                return redirect(request, f"/admin/template?saved={version}")
+                return redirect(request, f"/admin/template?saved={version}&logo=1")
     try:
         template = await a.get(Template, "/api/invoice-template")
     except ApiError as exc:
@@ -264,3 +276,20 @@ async def upload_logo(request: Request, session: AdminSession) -> Response:
                       status_code=503, session=session)
     values = values_of(template)
     return _page(request, session, template, values, {"logo": error or ""}, status_code=422)
+
+
+@router.get("/template/logo")
+async def logo_image(request: Request, session: AdminSession,
+                     version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None) -> Response:
+    """The template's logo (of `version`), for the editor's thumbnail: same origin, as the CSP wants."""
+    try:
+        upstream = await api(request, session).request(
+            "GET", "/api/invoice-template/logo", params={"version": version} if version else None)
+    except ApiError as exc:
+        return Response(status_code=404 if exc.status == 404 else 502, headers=SECURITY_HEADERS)
+    media_type = upstream.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in LOGO_TYPES:
+        return Response(status_code=502, headers=SECURITY_HEADERS)
+    # Shown by an <img> only; opened on its own, nothing in it runs (an SVG's scripts included).
+    return Response(upstream.content, media_type=media_type,
+                    headers={**SECURITY_HEADERS, "Content-Security-Policy": "default-src 'none'; sandbox"})

@@ -42,3 +42,23 @@ function showProblem(text) {
   }
   box.textContent = text;
 }
+
+// A file too large for its form (data-max-bytes) is refused here, in the field's error slot, before
+// megabytes travel only to be refused (past the gateway's body limit that refusal would not be a page).
+document.addEventListener("submit", (event) => {
+  const form = event.target;
+  if (!(form instanceof HTMLFormElement)) return;
+  for (const input of form.querySelectorAll("input[type=file][data-max-bytes]")) {
+    const limit = Number(input.dataset.maxBytes);
+    const file = input.files && input.files[0];
+    if (!file || !(file.size > limit)) continue;
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    delete form.dataset.submitting;
+    const slot = document.getElementById((input.getAttribute("aria-describedby") || "").split(" ")[0]);
+    if (slot) slot.textContent = input.dataset.tooLarge || "This file is too large.";
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+    return;
+  }
+}, true);
