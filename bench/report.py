@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from bench.stack import LoadResult
+from bench.stack import LoadResult, percentile
 
 Better = Literal["higher", "lower"]
 
@@ -49,6 +49,17 @@ class Report:
         if show:
             print(f"check {name:<48} {'ok  ' if ok else 'FAIL'}  {detail}")
         return ok
+
+    def spread(self, name: str, seconds: list[float], unit: Literal["ms", "s"] = "ms", *,
+               with_max: bool = True) -> str:
+        """Record p50, p99 (and max) of durations given in seconds; the printable 'p50 .. p99 .. max ..'."""
+        scale = 1000.0 if unit == "ms" else 1.0
+        digits = 1 if unit == "ms" else 2
+        shown = [("p50", percentile(seconds, 50)), ("p99", percentile(seconds, 99))]
+        if with_max:
+            shown.append(("max", max(seconds, default=float("nan"))))
+        return "   ".join(f"{label} {self.figure(f'{name} {label}', value * scale, unit):.{digits}f} {unit}"
+                          for label, value in shown)
 
     def load(self, name: str, result: LoadResult, unit: str = "req/s") -> LoadResult:
         """Rate, p50, p99, count and errors of one load phase, under `name`."""

@@ -1,19 +1,26 @@
-"""Issue 3 benchmark: Stripe webhook ingestion by the payments service.
+"""Issue 3 / 13 benchmark: Stripe webhook ingestion by the payments service, as a burst and at a steady rate.
 
-    python -m bench.webhook_bench [--events 2000] [--concurrency 16] [--duplicates 0.1] [--via-gateway]
+    python -m bench.webhook_bench [--mode both|burst|steady] [--events 2000] [--concurrency 16]
+        [--rate 200] [--steady-seconds 30] [--duplicates 0.1] [--via-gateway] [--split-worker]
 
 Starts Postgres (fsync on), Kafka, stripe-mock, the invoice and payments services and the gateway
-(the same launch path as `make run`), creates `--events` SENT invoices, then posts one signed
-`checkout.session.completed` per invoice at a fixed concurrency (plus `--duplicates` of them delivered
-a second time, as Stripe does). Prints:
+(the same launch path as `make run`) and creates SENT invoices, each to be paid by one signed
+`checkout.session.completed` (plus `--duplicates` of them delivered a second time, as Stripe does).
 
-* accepted/s and p50/p99 of the ack (the 200) for the webhook endpoint, and for a bare FastAPI
-  endpoint fed the same bodies at the same concurrency in the same run, and their ratio (target >= 40%);
-* p50/p99 time from posting an event until its invoice is PAID: when invoice.paid reaches Kafka, which
-  is after the invoice service committed PAID (so a read shows PAID no later than that); every
-  invoice is then read back through the gateway to check it really reads PAID;
-* lost / doubled payments: every invoice must have exactly one Stripe payment in the payments
-  database, exactly one payment.succeeded on Kafka, and amountPaid == total through the gateway.
+* burst: `--events` invoices posted from `--concurrency` workers, each sending the next as soon as it
+  has its answer (closed loop); accepted/s and p50/p99 of the ack (the 200) for the webhook endpoint
+  and for a bare FastAPI endpoint fed the same bodies at the same concurrency, and their ratio
+  (target >= 45%); p50/p99 from posting until the invoice is PAID (target p99 < 4 s).
+* steady: `--rate` deliveries a second for `--steady-seconds`, open loop: each request is fired at its
+  due time by the clock whatever became of the earlier ones; the rate achieved, the sender's own
+  lateness (due -> fired, so a slow load generator is visible), the ack and due -> PAID p50/p99
+  (target p99 < 1 s).
+
+PAID is when invoice.paid reaches Kafka (after the invoice service committed PAID, so a read shows
+PAID no later than that; the event's own time, just before that commit, is shown too). Checks per
+mode: every invoice reads PAID with amountPaid == total through the gateway, exactly one Stripe
+payment each in the payments database, exactly one payment.succeeded and one invoice.paid each on
+Kafka, created -> sent -> paid in that order on billing.invoice; and the invoice numbers are gapless.
 """
 
 from __future__ import annotations
@@ -27,14 +34,16 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.stack import LoadResult, Stack, percentile, running_stack
+from bench.report import Report, current, number_gaps, out_of_order
+from bench.stack import LoadResult, Stack, running_stack
 from contracts.envelope import CloudEvent
 from deploy.infra import ServiceProcess, free_port
 from deploy.services import make_service_process, service_by_name
@@ -121,13 +130,17 @@ async def wait_for_copies(payments_db: str, ids: list[str], timeout: float = 120
 
 
 class KafkaClock:
-    """Receive time of invoice.paid per invoice and the count of payment.succeeded per invoice."""
+    """Per invoice: receive time of invoice.paid (wall clock), its own time (just before the PAID commit),
+    the count of invoice.paid and payment.succeeded, and the order of the types on billing.invoice."""
 
-    def __init__(self, bootstrap: str, ids: set[str]) -> None:
-        self.ids = ids
+    def __init__(self, bootstrap: str) -> None:
+        self.ids: set[str] = set()
         self.paid_at: dict[str, float] = {}
+        self.paid_time: dict[str, float] = {}
+        self.paid_count: Counter[str] = Counter()
         self.succeeded: Counter[str] = Counter()
         self.succeeded_at: dict[str, float] = {}
+        self.sequence: dict[str, list[str]] = {}
         self._consumer = AIOKafkaConsumer("billing.invoice", "billing.payment", bootstrap_servers=bootstrap,
                                           auto_offset_reset="latest", group_id=f"bench-{uuid.uuid4().hex[:6]}")
         self._task: asyncio.Task[None] | None = None
@@ -138,25 +151,29 @@ class KafkaClock:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._consumer.getmany(timeout_ms=100)
-            now = loop.time()
+            now = time.time()
             for records in batch.values():
                 for record in records:
                     event = CloudEvent.model_validate_json(record.value)
-                    if event.subject not in self.ids:
+                    if event.subject is None:
                         continue
+                    if record.topic == "billing.invoice":
+                        # Recorded for every invoice: ours are only known once created.
+                        self.sequence.setdefault(event.subject, []).append(event.type)
                     if event.type == "invoice.paid":
+                        self.paid_count[event.subject] += 1
                         self.paid_at.setdefault(event.subject, now)
+                        self.paid_time.setdefault(event.subject, event.time.timestamp())
                     elif event.type == "payment.succeeded":
                         self.succeeded[event.subject] += 1
                         self.succeeded_at.setdefault(event.subject, now)
 
-    async def wait_all_paid(self, timeout: float) -> None:
+    async def wait_all_paid(self, ids: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while len(self.paid_at) < len(self.ids) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a dict
-            await asyncio.sleep(0.1)
+        while any(i not in self.paid_at for i in ids) and time.monotonic() < deadline:  # noqa: ASYNC110 - a dict
+            await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
         if self._task:
@@ -198,79 +215,234 @@ async def payments_per_invoice(payments_db: str, ids: list[str]) -> Counter[str]
         await engine.dispose()
 
 
-async def bench(stack: Stack, bare_url: str, args: argparse.Namespace) -> int:
-    secret = stack.endpoints.stripe_webhook_secret
-    print(f"creating {args.events} SENT invoices...", flush=True)
-    ids = await create_invoices(stack, args.events, args.concurrency)
-    await wait_for_copies(stack.endpoints.database_urls["payments"], ids)
-
-    bodies = {
-        invoice_id: stripe_events.encode_event(stripe_events.build_event(
-            "checkout.session.completed",
-            stripe_events.checkout_session(invoice_id=invoice_id, amount_total=AMOUNT, currency="eur")))
-        for invoice_id in ids
-    }
-    rng = random.Random(42)
-    deliveries = list(ids) + rng.sample(ids, int(len(ids) * args.duplicates))
+def deliveries_for(ids: list[str], duplicates: float, rng: random.Random) -> list[str]:
+    """Every invoice once plus `duplicates` of them a second time (as Stripe redelivers), shuffled."""
+    deliveries = list(ids) + rng.sample(ids, int(len(ids) * duplicates))
     rng.shuffle(deliveries)
+    return deliveries
+
+
+@dataclass
+class SteadyResult:
+    sent: int
+    acks: list[float]  # due time -> 200, seconds
+    lateness: list[float]  # due time -> the request leaving the sender, seconds
+    errors: int
+    send_span: float  # first due -> last request fired
+    ack_span: float  # first due -> last answer
+    max_in_flight: int
+
+
+async def steady_load(label: str, items: Sequence[Any], send: Callable[[Any, float], Awaitable[None]],
+                      rate: float) -> SteadyResult:
+    """Open loop: item k is fired at start + k / rate by the clock, whether or not earlier ones were answered.
+
+    `send(item, due)` gets its due time (time.time() scale). A sender that cannot keep up shows as
+    lateness, not as a lower rate hidden behind the answers' latency."""
+    loop = asyncio.get_running_loop()
+    to_wall = time.time() - loop.time()
+    start = loop.time() + 0.2
+    acks: list[float] = []
+    lateness: list[float] = []
+    errors = 0
+    in_flight = max_in_flight = 0
+    last_fired = last_answer = start
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def fire(item: Any, due: float) -> None:
+        nonlocal errors, in_flight, max_in_flight, last_fired, last_answer
+        last_fired = loop.time()
+        lateness.append(last_fired - due)
+        in_flight += 1
+        max_in_flight = max(max_in_flight, in_flight)
+        try:
+            await send(item, due + to_wall)
+        except Exception as exc:
+            errors += 1
+            if errors <= 3:
+                print(f"  [{label}] error: {exc!r}", file=sys.stderr)
+        else:
+            last_answer = loop.time()
+            acks.append(last_answer - due)
+        finally:
+            in_flight -= 1
+
+    for k, item in enumerate(items):
+        due = start + k / rate
+        if (wait := due - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        task = loop.create_task(fire(item, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    return SteadyResult(len(items), acks, lateness, errors, last_fired - start, last_answer - start, max_in_flight)
+
+
+def signed_headers(body: bytes, secret: str) -> dict[str, str]:
+    return {"Stripe-Signature": stripe_events.sign_payload(body, secret), "Content-Type": "application/json"}
+
+
+async def verify(rep: Report, mode: str, stack: Stack, clock: KafkaClock, ids: list[str],
+                 posted_at: dict[str, float], concurrency: int) -> bool:
+    """Figures post -> PAID from `posted_at` and the checks for one mode's invoices."""
+    to_paid = [clock.paid_at[i] - posted_at[i] for i in ids if i in clock.paid_at]
+    to_committed = [clock.paid_time[i] - posted_at[i] for i in ids if i in clock.paid_time]
+    to_succeeded = [clock.succeeded_at[i] - posted_at[i] for i in ids if i in clock.succeeded_at]
+    print(f"post -> invoice PAID (invoice.paid on Kafka):  {rep.spread(f'{mode} post->PAID', to_paid, 's')}"
+          f"   n={len(to_paid)}/{len(ids)}")
+    print(f"  post -> PAID committed (invoice.paid's time): "
+          f"{rep.spread(f'{mode} post->PAID committed', to_committed, 's', with_max=False)}")
+    print(f"  of which post -> payment.succeeded on Kafka (payments' share): "
+          f"{rep.spread(f'{mode} post->payment.succeeded', to_succeeded, 's', with_max=False)}")
+    good, bad = await check_through_gateway(stack, ids, concurrency)
+    per_invoice = await payments_per_invoice(stack.endpoints.database_urls["payments"], ids)
+    lost = sum(1 for i in ids if per_invoice[i] == 0)
+    doubled = sum(1 for i in ids if per_invoice[i] > 1)
+    kafka_lost = sum(1 for i in ids if clock.succeeded[i] == 0)
+    kafka_doubled = sum(1 for i in ids if clock.succeeded[i] > 1)
+    paid_doubled = sum(1 for i in ids if clock.paid_count[i] > 1)
+    disorder = out_of_order({i: clock.sequence.get(i, []) for i in ids},
+                            ["invoice.created", "invoice.sent", "invoice.paid"])
+    checks = [
+        rep.check(f"{mode}: PAID through the gateway", not bad and good == len(ids),
+                  f"{good} PAID with amountPaid == total, {bad} not"),
+        rep.check(f"{mode}: payments lost (payments DB)", not lost, f"{lost} of {len(ids)}"),
+        rep.check(f"{mode}: payments doubled (payments DB)", not doubled, f"{doubled}"),
+        rep.check(f"{mode}: payment.succeeded lost (Kafka)", not kafka_lost, f"{kafka_lost}"),
+        rep.check(f"{mode}: payment.succeeded doubled (Kafka)", not kafka_doubled, f"{kafka_doubled}"),
+        rep.check(f"{mode}: invoice.paid doubled (Kafka)", not paid_doubled, f"{paid_doubled}"),
+        rep.check(f"{mode}: per-invoice order (created, sent, paid)", not disorder,
+                  f"{disorder} invoices out of order on billing.invoice"),
+    ]
+    return all(checks)
+
+
+async def run_burst(rep: Report, stack: Stack, bare_url: str, args: argparse.Namespace, clock: KafkaClock,
+                    ids: list[str], bodies: dict[str, bytes]) -> tuple[dict[str, float], bool]:
+    """The bare endpoint, then the webhooks, each delivery sent as soon as a worker is free."""
+    secret = stack.endpoints.stripe_webhook_secret
+    deliveries = deliveries_for(ids, args.duplicates, random.Random(42))
     target = stack.url("gateway") if args.via_gateway else stack.url("payments")
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
 
     async with httpx.AsyncClient(base_url=bare_url, limits=limits, timeout=30) as bare_http:
         async def bare(invoice_id: str) -> None:
             body = bodies[invoice_id]
-            (await bare_http.post("/bare", content=body, headers={
-                "Stripe-Signature": stripe_events.sign_payload(body, secret),
-                "Content-Type": "application/json"})).raise_for_status()
+            (await bare_http.post("/bare", content=body, headers=signed_headers(body, secret))).raise_for_status()
 
         await fixed_load("warm-up", deliveries[:200], bare, args.concurrency)
         bare_result = await fixed_load("bare FastAPI endpoint", deliveries, bare, args.concurrency)
 
-    clock = KafkaClock(stack.kafka.bootstrap, set(ids))
-    await clock.start()
     posted_at: dict[str, float] = {}
-    loop = asyncio.get_running_loop()
+    stack.load_begins()
     async with httpx.AsyncClient(base_url=target, limits=limits, timeout=30) as http:
         async def deliver(invoice_id: str) -> None:
             body = bodies[invoice_id]
-            posted_at.setdefault(invoice_id, loop.time())
-            response = await http.post("/webhooks/stripe", content=body, headers={
-                "Stripe-Signature": stripe_events.sign_payload(body, secret),
-                "Content-Type": "application/json"})
+            posted_at.setdefault(invoice_id, time.time())
+            response = await http.post("/webhooks/stripe", content=body, headers=signed_headers(body, secret))
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code} {response.text[:200]}")
 
         label = "webhook via gateway" if args.via_gateway else "webhook (payments service)"
         hook_result = await fixed_load(label, deliveries, deliver, args.concurrency)
+    await clock.wait_all_paid(ids, timeout=180)
 
-    await clock.wait_all_paid(timeout=180)
-    await asyncio.sleep(2.0)  # any doubled payment.succeeded would show up by now
-    await clock.stop()
-    to_paid = [clock.paid_at[i] - posted_at[i] for i in ids if i in clock.paid_at]
-    to_succeeded = [clock.succeeded_at[i] - posted_at[i] for i in ids if i in clock.succeeded_at]
-    good, bad = await check_through_gateway(stack, ids, args.concurrency)
-    per_invoice = await payments_per_invoice(stack.endpoints.database_urls["payments"], ids)
-
-    lost = sum(1 for i in ids if per_invoice[i] == 0)
-    doubled = sum(1 for i in ids if per_invoice[i] > 1)
-    kafka_lost = sum(1 for i in ids if clock.succeeded[i] == 0)
-    kafka_doubled = sum(1 for i in ids if clock.succeeded[i] > 1)
-
-    print(f"\n== webhook ingestion, {len(ids)} invoices, {len(deliveries)} deliveries "
-          f"({len(deliveries) - len(ids)} redelivered), concurrency {args.concurrency}, 2-core machine, fsync on ==")
+    print(f"\n== webhook burst: {len(ids)} invoices, {len(deliveries)} deliveries "
+          f"({len(deliveries) - len(ids)} redelivered), concurrency {args.concurrency}, "
+          f"{os.cpu_count()}-core machine, fsync on ==")
     print(bare_result.line())
     print(hook_result.line())
-    ratio = hook_result.rate / bare_result.rate if bare_result.rate else 0.0
-    print(f"ratio webhook acks / bare:              {ratio:6.1%}  (target >= 40%)")
-    print(f"post -> invoice PAID (invoice.paid on Kafka): p50 {percentile(to_paid, 50):.2f} s   "
-          f"p99 {percentile(to_paid, 99):.2f} s   max {max(to_paid, default=float('nan')):.2f} s   "
-          f"n={len(to_paid)}/{len(ids)}")
-    print(f"  of which post -> payment.succeeded on Kafka (payments' share): p50 {percentile(to_succeeded, 50):.2f} s"
-          f"   p99 {percentile(to_succeeded, 99):.2f} s")
-    print(f"read back through the gateway:          {good} PAID with amountPaid == total, {bad} not")
-    print(f"payments in the payments DB:            lost {lost}, doubled {doubled}")
-    print(f"payment.succeeded on Kafka:             lost {kafka_lost}, doubled {kafka_doubled}")
-    ok = not (lost or doubled or kafka_lost or kafka_doubled or bad or hook_result.errors)
+    rep.load(f"burst bare c{args.concurrency}", bare_result)
+    rep.load(f"burst webhook acks c{args.concurrency}", hook_result)
+    ratio = rep.ratio("burst webhook acks / bare", hook_result.rate, bare_result.rate, target=">= 45%")
+    print(f"ratio webhook acks / bare:              {ratio:6.1%}  (target >= 45%)")
+    rep.check("burst: every delivery answered 200", not hook_result.errors, f"{hook_result.errors} errors")
+    return posted_at, not hook_result.errors
+
+
+async def run_steady(rep: Report, stack: Stack, args: argparse.Namespace, clock: KafkaClock,
+                     ids: list[str], bodies: dict[str, bytes]) -> tuple[dict[str, float], bool]:
+    """Deliveries at a fixed rate; each invoice's figures count from its first delivery's due time."""
+    secret = stack.endpoints.stripe_webhook_secret
+    deliveries = deliveries_for(ids, args.duplicates, random.Random(43))
+    target = stack.url("gateway") if args.via_gateway else stack.url("payments")
+    # No pool limit below the cap: a pool of N connections would make this a closed loop of N again.
+    limits = httpx.Limits(max_connections=args.max_in_flight, max_keepalive_connections=args.max_in_flight)
+    due_at: dict[str, float] = {}
+    stack.load_begins()
+    async with httpx.AsyncClient(base_url=target, limits=limits, timeout=30) as http:
+        async def deliver(invoice_id: str, due: float) -> None:
+            body = bodies[invoice_id]
+            due_at.setdefault(invoice_id, due)
+            response = await http.post("/webhooks/stripe", content=body, headers=signed_headers(body, secret))
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code} {response.text[:200]}")
+
+        result = await steady_load("steady webhooks", deliveries, deliver, args.rate)
+    await clock.wait_all_paid(ids, timeout=180)
+
+    print(f"\n== webhook steady rate: {args.rate:g} events/s for {args.steady_seconds:g} s, open loop, "
+          f"{len(ids)} invoices, {len(deliveries)} deliveries ({len(deliveries) - len(ids)} redelivered) ==")
+    send_rate = rep.figure("steady achieved send rate", result.sent / (result.send_span + 1 / args.rate), "req/s")
+    ack_rate = rep.figure("steady ack rate", len(result.acks) / result.ack_span if result.ack_span else 0.0,
+                          "req/s")
+    print(f"asked {args.rate:g}/s: fired {send_rate:.1f}/s, answered {ack_rate:.1f}/s, "
+          f"{result.errors} errors, at most {result.max_in_flight} in flight (cap {args.max_in_flight})")
+    print(f"sender lateness (due -> fired):   {rep.spread('steady sender lateness', result.lateness)}")
+    print(f"ack (due -> 200):                 {rep.spread('steady ack', result.acks)}")
+    rep.figure("steady max in flight", result.max_in_flight, "count")
+    rep.ratio("steady achieved / asked rate", send_rate, args.rate, target="100%")
+    rep.check("steady: every delivery answered 200", not result.errors, f"{result.errors} errors")
+    return due_at, not result.errors
+
+
+async def invoice_numbers(database_url: str) -> list[tuple[int, int]]:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT number_year, number_seq FROM invoices WHERE number_seq IS NOT NULL"))).all()
+        return [(int(year), int(seq)) for year, seq in rows]
+    finally:
+        await engine.dispose()
+
+
+async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Report) -> int:
+    burst_n = args.events if args.mode in ("burst", "both") else 0
+    steady_n = round(args.rate * args.steady_seconds / (1 + args.duplicates)) if args.mode in ("steady", "both") else 0
+    clock = KafkaClock(stack.kafka.bootstrap)
+    await clock.start()  # before the invoices exist, so per-invoice order covers created and sent too
+    print(f"creating {burst_n + steady_n} SENT invoices ({burst_n} burst, {steady_n} steady)...", flush=True)
+    ids = await create_invoices(stack, burst_n + steady_n, args.concurrency)
+    clock.ids.update(ids)
+    await wait_for_copies(stack.endpoints.database_urls["payments"], ids)
+    bodies = {
+        invoice_id: stripe_events.encode_event(stripe_events.build_event(
+            "checkout.session.completed",
+            stripe_events.checkout_session(invoice_id=invoice_id, amount_total=AMOUNT, currency="eur")))
+        for invoice_id in ids
+    }
+    ok = True
+    runs: list[tuple[str, list[str], dict[str, float]]] = []
+    try:
+        if burst_n:
+            posted_at, answered = await run_burst(rep, stack, bare_url, args, clock, ids[:burst_n], bodies)
+            runs.append(("burst", ids[:burst_n], posted_at))
+            ok = ok and answered
+        if steady_n:
+            due_at, answered = await run_steady(rep, stack, args, clock, ids[burst_n:], bodies)
+            runs.append(("steady", ids[burst_n:], due_at))
+            ok = ok and answered
+        stack.load_ends()  # the read-back below is not part of the profile
+        await asyncio.sleep(2.0)  # a doubled event would be right behind the last one
+    finally:
+        await clock.stop()
+    for mode, some, started_at in runs:
+        print(f"\n== {mode}: until PAID, and what reached the books ({len(some)} invoices)")
+        ok = await verify(rep, mode, stack, clock, some, started_at, args.concurrency) and ok
+    in_use, repeats, gaps = number_gaps(await invoice_numbers(stack.endpoints.database_urls["invoice"]))
+    ok = rep.check("invoice numbers gapless", not (repeats or gaps) and in_use == len(ids),
+                   f"{in_use} numbers for {len(ids)} sent, {repeats} repeated, {gaps} missing") and ok
     print("RESULT:", "no lost or doubled payments" if ok else "PAYMENTS LOST OR DOUBLED")
     return 0 if ok else 1
 
@@ -278,13 +450,20 @@ async def bench(stack: Stack, bare_url: str, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.webhook_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=2000, help="invoices, each paid by one checkout event")
+    parser.add_argument("--mode", choices=["burst", "steady", "both"], default="both")
+    parser.add_argument("--events", type=int, default=2000,
+                        help="burst: invoices, each paid by one checkout event")
+    parser.add_argument("--rate", type=float, default=200.0, help="steady: deliveries per second")
+    parser.add_argument("--steady-seconds", type=float, default=30.0, help="steady: seconds of deliveries")
+    parser.add_argument("--max-in-flight", type=int, default=1000,
+                        help="steady: connection cap (past it the sender waits, and shows as late)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duplicates", type=float, default=0.1, help="share of events delivered twice")
     parser.add_argument("--via-gateway", action="store_true", help="post the webhooks through the gateway")
     parser.add_argument("--split-worker", action="store_true",
                         help="run the payments service as an intake-only replica plus a separate worker process")
     args = parser.parse_args(argv)
+    rep = current("webhooks")
     print("starting Postgres, Kafka, stripe-mock, invoice, payments and the gateway...", flush=True)
     with running_stack(["invoice"], with_stripe=True) as stack:
         started: list[ServiceProcess] = []
@@ -299,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 worker.start()
                 started.append(worker)
+                stack.processes[worker.name] = worker  # profiled like the others
             else:
                 started.append(stack.start_service("payments", PAYMENTS_INVOICE_URL=stack.url("invoice")))
             started.append(stack.start_service("gateway"))
@@ -306,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             bare = ServiceProcess("bare", [sys.executable, "-m", "bench.bare_app", str(bare_port)],
                                   env=dict(os.environ), port=bare_port, log_path=stack.root / "logs" / "bare.log")
             bare.start()
-            return asyncio.run(bench(stack, bare.url, args))
+            return asyncio.run(bench(stack, bare.url, args, rep))
         finally:
             if bare is not None:
                 bare.stop()

@@ -22,6 +22,7 @@ from contracts.deadletter import EVENT_TYPE as DEADLETTER_TYPE
 from contracts.deadletter import SCHEMA_V1 as DEADLETTER_SCHEMA
 from contracts.deadletter import DeadLetterV1
 from contracts.envelope import CloudEvent
+from kit import tracing
 from kit.db import Database, UnitOfWork
 from kit.errors import AppError
 from kit.logging import bind_correlation_id
@@ -86,6 +87,12 @@ class EventConsumer:
         return True
 
     async def handle_message(self, message: KafkaMessage) -> None:
+        # A span continuing the trace of the relay's send (Kafka headers): its effects, and the events
+        # it publishes, join that trace.
+        with tracing.consuming(message, consumer=self.name):
+            await self._handle_message(message)
+
+    async def _handle_message(self, message: KafkaMessage) -> None:
         try:
             event = CloudEvent.model_validate_json(message.body)
         except ValidationError as exc:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import Mapped, declared_attr, mapped_column
 
 from contracts.envelope import CONTENT_TYPE, CloudEvent
+from kit import tracing
 
 OUTBOX_CHANNEL = "outbox"
 
@@ -70,6 +71,7 @@ class Database:
     ) -> None:
         self.url = url
         self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        tracing.instrument_engine(self.engine)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self.outbox_model = outbox_model
         self.inbox_model = inbox_model
@@ -128,6 +130,7 @@ class UnitOfWork:
         headers = {"content-type": CONTENT_TYPE, "ce_type": event.type}
         if event.correlationid:
             headers["correlation_id"] = event.correlationid
+        tracing.inject(headers)  # the relay's send, and so the consumers, continue the current trace
         row = self._db.outbox_model()  # a mixin's columns are set as attributes: typed, checked by mypy
         row.event_id = event.id
         row.event_type = event.type

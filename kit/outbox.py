@@ -19,6 +19,7 @@ from faststream.kafka import KafkaBroker
 from sqlalchemy import func, select, update
 from sqlalchemy import inspect as sa_inspect
 
+from kit import tracing
 from kit.db import OUTBOX_CHANNEL, Database, OutboxMixin
 from kit.metrics import OUTBOX_RELAYED
 from kit.worker import PollingWorker, WorkerState, asyncpg_dsn
@@ -84,18 +85,20 @@ class OutboxRelay(PollingWorker):
             ).all()
             if not rows:
                 return 0
-            futures = [
-                await self._broker.publish(
-                    row.payload,
-                    topic=row.topic,
-                    key=row.key.encode(),
-                    headers=row.headers,
-                    correlation_id=row.headers.get("correlation_id"),
-                    no_confirm=True,
-                )
-                for row in rows
-            ]
-            await asyncio.gather(*futures)  # acks=all for every record before we mark them
+            # Each send is a span continuing the trace stored with its row (kit.tracing), until acked.
+            with tracing.kafka_sends() as sends:
+                futures = [
+                    await self._broker.publish(
+                        row.payload,
+                        topic=row.topic,
+                        key=row.key.encode(),
+                        headers=sends.headers(row.topic, row.headers),
+                        correlation_id=row.headers.get("correlation_id"),
+                        no_confirm=True,
+                    )
+                    for row in rows
+                ]
+                await asyncio.gather(*futures)  # acks=all for every record before we mark them
             await conn.execute(
                 update(table).where(table.c.id.in_([r.id for r in rows])).values(published_at=func.now())
             )

@@ -30,6 +30,7 @@ from prometheus_client import REGISTRY
 from starlette.responses import Response
 
 from contracts import topics
+from kit import tracing
 from kit.db import Database
 from kit.errors import install_error_handlers
 from kit.logging import CorrelationMiddleware, configure_logging
@@ -243,6 +244,7 @@ def create_service_app(
     prefixes to their own limit)."""
     settings = runtime.settings
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
+    tracing.configure(settings.service_name)  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -260,6 +262,7 @@ def create_service_app(
     app.add_middleware(HttpMetrics, service=settings.service_name)
     app.add_middleware(CorrelationMiddleware)
     install_error_handlers(app)
+    tracing.instrument_app(app)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
