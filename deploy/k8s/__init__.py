@@ -1,0 +1,1 @@
+"""Kubernetes manifests (kustomize) and the helpers they run: settings catalogue, migration job."""
