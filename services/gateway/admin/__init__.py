@@ -12,7 +12,17 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from kit.web import StrictQuery
-from services.gateway.admin import auth, billing, clients, invoices, reports, static, subscriptions, template_editor
+from services.gateway.admin import (
+    audit,
+    auth,
+    billing,
+    clients,
+    invoices,
+    reports,
+    static,
+    subscriptions,
+    template_editor,
+)
 from services.gateway.admin.web import (
     AdminConfig,
     CsrfRefused,
@@ -29,7 +39,7 @@ from services.gateway.security import TokenCodec
 # Like every route of the gateway's own, a page refuses query parameters it does not declare.
 router = APIRouter(prefix="/admin", include_in_schema=False, dependencies=[StrictQuery])
 router.add_api_route("", reports.dashboard, methods=["GET"])  # /admin itself (an included router cannot)
-for module in (static, auth, reports, invoices, clients, billing, template_editor, subscriptions):
+for module in (static, auth, reports, invoices, clients, billing, template_editor, subscriptions, audit):
     router.include_router(module.router)
 
 

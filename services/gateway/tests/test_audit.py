@@ -197,3 +197,22 @@ async def test_the_route_is_in_the_merged_openapi(client: httpx.AsyncClient) -> 
     assert operation["security"] == [{"bearerAuth": []}]
     names = {p["name"] for p in operation["parameters"]}
     assert {"actor", "action", "target", "from", "to", "limit", "cursor"} <= names
+
+
+async def test_the_admin_page_lists_escaped_entries_with_filters(
+    gateway: Gateway, client: httpx.AsyncClient, admin_token: str
+) -> None:
+    invoice_id = f"<script>{uuid.uuid4().hex[:8]}"
+    sent = await client.post(f"/api/invoices/{invoice_id}/send", json={}, headers=bearer(admin_token))
+    assert sent.status_code == 200
+    async with httpx.AsyncClient(base_url=gateway.url, cookies={"admin_session": admin_token}, timeout=20) as pages:
+        page = await pages.get("/admin/audit", params={"target": invoice_id})
+        assert page.status_code == 200, page.text
+        assert page.text.count('data-testid="audit-row"') == 1 and "invoice.send" in page.text
+        assert invoice_id not in page.text and invoice_id.replace("<", "&lt;").replace(">", "&gt;") in page.text
+        assert 'href="/admin/audit"' in page.text  # the nav link
+        empty = await pages.get("/admin/audit", params={"target": invoice_id, "action": "invoice.cancel"})
+        assert empty.status_code == 200 and "No entries match." in empty.text
+        for bad in ({"from": "2026-13-40"}, {"action": "invoice.explode"}, {"from": "2026-02-01", "to": "2026-01-01"}):
+            refused = await pages.get("/admin/audit", params=bad)
+            assert refused.status_code == 422 and 'role="alert"' in refused.text
