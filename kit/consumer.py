@@ -8,6 +8,7 @@ skipped; a crash before commit leaves the offset uncommitted, so the event comes
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from kit import tracing
 from kit.db import Database, UnitOfWork
 from kit.errors import AppError
 from kit.logging import bind_correlation_id
+from kit.metrics import DEAD_LETTERED, EVENTS_HANDLED
 
 log = structlog.get_logger(__name__)
 
@@ -86,24 +88,26 @@ class EventConsumer:
                   attempts=attempts, error=str(error)[:500])
         return True
 
-    async def handle_message(self, message: KafkaMessage) -> None:
+    async def handle_message(self, message: KafkaMessage) -> str:
+        """Handle one delivery; returns its outcome (the `outcome` label of billing_consumer_handling_seconds)."""
         # A span continuing the trace of the relay's send (Kafka headers): its effects, and the events
         # it publishes, join that trace.
         with tracing.consuming(message, consumer=self.name):
-            await self._handle_message(message)
+            return await self._handle_message(message)
 
-    async def _handle_message(self, message: KafkaMessage) -> None:
+    async def _handle_message(self, message: KafkaMessage) -> str:
         try:
             event = CloudEvent.model_validate_json(message.body)
         except ValidationError as exc:
             log.error("event_malformed_dropped", consumer=self.name, error=str(exc)[:500])
             await message.ack()
-            return
+            return "malformed"
         bind_correlation_id(event.correlationid)
         for attempt, delay in enumerate((*self._retry_delays, None)):
             try:
                 applied = await self.apply(event)
                 self._failures.pop(event.id, None)
+                outcome = "applied" if applied else "duplicate" if event.type in self._handlers else "ignored"
                 if applied:
                     log.info("event_applied", consumer=self.name, event_type=event.type, subject=event.subject)
                 break
@@ -113,20 +117,24 @@ class EventConsumer:
                     "event_refused", consumer=self.name, event_id=event.id, event_type=event.type,
                     code=exc.code, reason=exc.message,
                 )
+                outcome = "refused"
                 break
             except Exception as exc:
                 if delay is None:
                     failures = self._failures.get(event.id, 0) + 1
                     if failures >= self._max_redeliveries and await self._dead_letter(event, exc, failures):
                         self._failures.pop(event.id, None)
+                        DEAD_LETTERED.labels(self.name, getattr(message.raw_message, "topic", "")).inc()
+                        outcome = "dead_lettered"
                         break  # parked: ack it so the partition moves on
                     self._failures[event.id] = failures
                     log.error("event_failed_will_redeliver", consumer=self.name, event_id=event.id, error=str(exc))
                     await message.nack()  # rewinds the partition: the event comes back
-                    return
+                    return "failed"
                 log.warning("event_retry", consumer=self.name, attempt=attempt + 1, error=str(exc))
                 await asyncio.sleep(delay)
         await message.ack()
+        return outcome
 
     def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str, workers: int = 3) -> None:
         """One subscriber per topic with `workers` consumers in the group: partitions are handled in
@@ -134,7 +142,10 @@ class EventConsumer:
 
         async def handler(body: Any, message: KafkaMessage) -> None:
             # The raw bytes are parsed here, so a malformed event is dropped with a log, not a crash loop.
-            await self.handle_message(message)
+            started = time.perf_counter()
+            outcome = await self.handle_message(message)
+            EVENTS_HANDLED.labels(self.name, getattr(message.raw_message, "topic", ""), group_id,
+                                  outcome).observe(time.perf_counter() - started)
 
         handler.__name__ = f"{self.name}_handler"
         for topic in topics:

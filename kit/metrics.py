@@ -494,7 +494,9 @@ class ConsumerLag(CachedSource):
                 position = max(positions.get(tp, begin[tp]), begin[tp])
                 lag = max(0, end[tp] - position)
                 previous = self._seen.get((group, tp))
-                since = previous[2] if previous is not None and previous[1] == position and lag else now
+                # since when it has been behind at this very position (progress, or none behind, resets it)
+                behind_before = previous is not None and previous[0] > 0 and previous[1] == position
+                since = previous[2] if behind_before and lag and previous is not None else now
                 self._seen[(group, tp)] = (lag, position, since)
                 family.add_metric([group, tp.topic, str(tp.partition)], float(lag))
         return [family]

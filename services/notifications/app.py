@@ -18,6 +18,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from kit.actor import AdminActor
 from kit.db import Database
+from kit.metrics import QueryGauge
 from kit.pagination import Page, PageParams, PageResult
 from kit.service import PeriodicJob, ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork, UtcDateTime
@@ -222,6 +223,12 @@ def build(settings: NotificationsSettings | None = None) -> tuple[ServiceRuntime
                              workers=[parts.worker])
     runtime.on_startup.append(parts.worker.start)
     runtime.on_shutdown.append(parts.close)
+    # /metrics: the email queue (sent messages are history, not queue: not counted here)
+    runtime.metrics.append(QueryGauge(
+        parts.db, "billing_notifications_emails",
+        "Emails by status: pending (queued), sending (leased by a replica), failed (given up, retry by hand).",
+        "SELECT status, count(*) FROM notifications WHERE status IN ('pending', 'sending', 'failed') GROUP BY status",
+        labels=["status"], fill=[("pending",), ("sending",), ("failed",)]))
     return runtime, parts
 
 

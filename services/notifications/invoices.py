@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from contracts.base import ContractModel
 from kit.actor import INTERNAL_TOKEN_HEADER
 from kit.errors import ServiceUnavailable
+from kit.logging import correlation_hooks
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +78,7 @@ class InvoiceServiceClient:
         if internal_token:
             headers[INTERNAL_TOKEN_HEADER] = internal_token
         self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
-                                         trust_env=False)
+                                         trust_env=False, event_hooks=correlation_hooks())
 
     async def mark_overdue(self, as_of: date) -> frozenset[str]:
         """One call: when it answers, nothing open and due before `as_of` is left unmarked."""

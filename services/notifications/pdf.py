@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 
 from kit.actor import INTERNAL_TOKEN_HEADER
+from kit.logging import correlation_hooks
 
 
 class PdfUnavailable(Exception):
@@ -16,7 +17,8 @@ class PdfFetcher:
         headers = {"Accept": "application/pdf"}
         if internal_token:
             headers[INTERNAL_TOKEN_HEADER] = internal_token
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
+                                         event_hooks=correlation_hooks())
 
     async def fetch(self, invoice_id: str) -> bytes:
         try:

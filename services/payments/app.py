@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, status
 from kit.actor import AdminActor, CurrentActor
 from kit.db import Database
 from kit.idempotency import IdempotentRoute
+from kit.metrics import QueryGauge
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork
@@ -184,6 +185,19 @@ def build_runtime(
         on_shutdown=[worker.stop, intake.stop, close_reader],
         workers=[worker],  # /readyz: 503 while it is dead, stuck or deaf
     )
+    runtime.metrics += [  # /metrics: the stored Stripe events the worker has not yet processed, and failures
+        QueryGauge(db, "billing_payments_webhook_events",
+                   "Stored Stripe webhook events by status: pending (the worker's backlog) and failed (given up).",
+                   "SELECT status, count(*) FROM stripe_events WHERE status IN ('pending', 'failed') GROUP BY status",
+                   labels=["status"], fill=[("pending",), ("failed",)]),
+        QueryGauge(db, "billing_payments_webhook_retrying",
+                   "Pending Stripe webhook events that have failed at least once (waiting for their next attempt).",
+                   "SELECT count(*) FROM stripe_events WHERE status = 'pending' AND attempts > 0"),
+        QueryGauge(db, "billing_payments_webhook_oldest_pending_age_seconds",
+                   "Age of the oldest Stripe webhook event not yet processed (0 when none waits).",
+                   "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(received_at)), 0) FROM stripe_events "
+                   "WHERE status = 'pending'"),
+    ]
     return runtime, ctx
 
 

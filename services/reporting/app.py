@@ -14,6 +14,7 @@ from sqlalchemy import text
 from kit.actor import AdminActor
 from kit.db import Database
 from kit.errors import InvalidInput
+from kit.metrics import Subscription
 from kit.pagination import Page, PageParams
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.web import RequestUnitOfWork, request_database
@@ -216,6 +217,11 @@ def build_runtime(settings: ReportingSettings | None = None) -> tuple[ServiceRun
         live = LiveFeed(Feed(db, default_zone=settings.timezone), settings)
         runtime.on_startup.append(live.start)
         runtime.on_shutdown.append(live.stop)
+        # /metrics: the feed's lag from the positions it keeps with the read models (it commits none
+        # to Kafka). Readiness does not judge it: which partitions this replica holds is the feed's.
+        runtime.consumers.append(Subscription(name=f"consumer:{settings.group_id}:feed", group=settings.group_id,
+                                              topics=tuple(settings.topics), assigned=set,
+                                              positions=live.feed.stored_positions))
     return runtime, live
 
 
