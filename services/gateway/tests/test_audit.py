@@ -216,3 +216,29 @@ async def test_the_admin_page_lists_escaped_entries_with_filters(
         for bad in ({"from": "2026-13-40"}, {"action": "invoice.explode"}, {"from": "2026-02-01", "to": "2026-01-01"}):
             refused = await pages.get("/admin/audit", params=bad)
             assert refused.status_code == 422 and 'role="alert"' in refused.text
+
+
+async def test_the_admin_pages_calls_are_audited_as_the_proxys(invoice_upstream: Upstream) -> None:
+    """The admin pages call the services through the same upstream pool: its observer records them."""
+    from services.gateway.admin.api import Api
+    from services.gateway.audit import AuditLog, Record
+    from services.gateway.proxy import ForwardedActor, UpstreamPool
+
+    records: list[Record] = []
+
+    class Recorder(AuditLog):
+        async def write(self, record: Record) -> bool:
+            records.append(record)
+            return True
+
+    pool = UpstreamPool({"invoice": invoice_upstream.url}, internal_token=None)
+    pool.observers.append(Recorder(db=None).observe)  # type: ignore[arg-type]
+    try:
+        api = Api(pool, ForwardedActor(role="admin", user_id="00000000-0000-0000-0000-000000000001"))
+        await api.request("POST", "/api/invoices/inv-7/cancel", json={}, headers={"Idempotency-Key": "form-1"})
+        await api.request("GET", "/api/invoices/inv-7")
+    finally:
+        await pool.close()
+    [record] = records
+    assert (record.action, record.targets, record.idempotency_key) == ("invoice.cancel", {"invoice_id": "inv-7"},
+                                                                       "form-1")
