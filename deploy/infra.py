@@ -565,6 +565,12 @@ class KafkaServer:
             self._proc.terminate(timeout)
             _say("kafka stopped")
 
+    def kill9(self) -> None:
+        """SIGKILL the broker now, no controlled shutdown (crash simulation); ``start()`` brings it back
+        on the same data dir (the broker recovers its logs as after a power cut)."""
+        self._proc.kill()
+        _say("kafka killed (SIGKILL)")
+
 
 # --------------------------------------------------------------------------------------------------
 # PostgreSQL
@@ -746,6 +752,15 @@ class PostgresServer:
         self._as_postgres("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", check=False)
         self._started = False
         _say("postgres stopped")
+
+    def crash_and_restart(self, down_seconds: float = 0.0, timeout: float = 60.0) -> None:
+        """``pg_ctl stop -m immediate`` (no checkpoint, every backend dropped: a crash), stay down
+        ``down_seconds``, then ``start()`` again; the server replays its WAL on the way up."""
+        self._as_postgres("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "immediate", "-w", "-t", "60")
+        _say("postgres stopped with -m immediate (crash)")
+        if down_seconds > 0:
+            time.sleep(down_seconds)
+        self.start(timeout)
 
     # databases --------------------------------------------------------------------------------
     def url(self, name: str) -> str:

@@ -229,7 +229,9 @@ class InvoiceCopies:
     async def refresh(self, copy: InvoiceCopy) -> InvoiceCopy:
         """Re-read the invoice (and which of our payments its ledger holds) from the invoice service when
         the copy may lag behind its events, say the invoice.sent event is still on its way. Used before
-        refusing something, and before any lock; if the invoice service cannot answer, the copy stands."""
+        refusing something, and before any lock. If the invoice service cannot answer, this is a 503
+        (InvoiceServiceUnavailable): a refusal read off a copy that may lag (a 409 "is a draft" for an
+        invoice sent meanwhile) is final for the caller, who would never retry a payment it owes."""
         if copy.id in self._fetched:
             return copy  # just read from the invoice service: nothing fresher to ask for
         try:
@@ -239,7 +241,7 @@ class InvoiceCopies:
             snap = await self.reader.fetch(copy.id)
         except InvoiceServiceUnavailable as exc:
             log.warning("invoice_refresh_failed", invoice_id=copy.id, error=exc.message)
-            return copy
+            raise
         if snap is None:
             return copy
         # Everything in that ledger is in the snapshot's amountPaid, so in the copy's once it is stored.
