@@ -11,8 +11,13 @@ Starts, as local processes listening on 127.0.0.1 only:
   mail sink       127.0.0.1:1025    SMTP; every message lands as an .eml file in .run/mail/
 then every service in deploy/services.py that has a __main__.py (invoice 8001, payments 8002,
 subscriptions 8003, notifications 8004, reporting 8005, gateway 8000), runs ``python -m deploy.seed``
-if it exists, prints the URLs and the demo login, and waits. Ctrl-C (or SIGTERM) stops the services,
+if it exists, prints the URLs and the demo login, and supervises (deploy/supervise.py): a service
+that dies is reported and restarted with a capped backoff (1 s doubling to 30 s), and so are
+PostgreSQL, Kafka, the Stripe stand-ins and the mail sink. Ctrl-C (or SIGTERM) stops the services,
 then the infrastructure, in reverse order, and exits 0. Logs: .run/logs/.
+
+Ports: all of the above are fixed; one already taken stops the run with a message naming it (stop
+the other `make run`, or whatever holds it). The services' ports are deploy/services.py's.
 
 Environment: BILLING_ADMIN_PASSWORD (default admin-password), STRIPE_WEBHOOK_SECRET (default
 whsec_local), STRIPE_SECRET_KEY (default sk_test_local). A fresh BILLING_INTERNAL_TOKEN is made per run.
@@ -49,6 +54,7 @@ from deploy.infra import (
     port_is_free,
 )
 from deploy.services import GATEWAY, SERVICES, InfraEndpoints, build_service_env, make_service_process
+from deploy.supervise import Supervisor, Unit
 
 POSTGRES_PORT = 55432
 KAFKA_PORT = 9092
@@ -103,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strict",
         action="store_true",
-        help="stop everything if a service fails to become healthy (default: go on without it)",
+        help="stop everything if a service fails to become healthy (default: go on without it and retry)",
+    )
+    parser.add_argument(
+        "--no-restart", action="store_true", help="report a process that dies, but do not restart it"
     )
     args = parser.parse_args(argv)
 
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     running: list[_Running] = []
     services: list[ServiceProcess] = []
+    supervisor = Supervisor()
     exit_code = 0
     try:
         specs = [] if args.infra_only else list(SERVICES)
@@ -133,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         postgres.ensure_installed()
         postgres.start()
         running.append(_Running("postgres", postgres.stop))
+        supervisor.watch_postgres(postgres)
         database_urls = {spec.name: postgres.create_database(spec.database_name) for spec in SERVICES}
 
         kafka = KafkaServer(
@@ -140,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         kafka.start()
         running.append(_Running("kafka", kafka.stop))
+        supervisor.watch_kafka(kafka)
 
         mail = MailSink(RUN_DIR / "mail", SMTP_PORT, log_path=log_dir / "mailsink.log")
         mail.start()
         running.append(_Running("mail sink", mail.stop))
+        supervisor.watch(Unit("mail sink", lambda: mail.running, mail.start, log_dir / "mailsink.log"))
 
         standin_url = f"http://127.0.0.1:{STRIPE_STANDIN_PORT}"
         infra = InfraEndpoints(
@@ -159,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             stripe_mock = StripeMock(STRIPE_MOCK_PORT, bin_dir=RUN_DIR / "bin", log_path=log_dir / "stripe-mock.log")
             stripe_mock.start()
             running.append(_Running("stripe-mock", stripe_mock.stop))
+            supervisor.watch(Unit("stripe-mock", lambda: stripe_mock.running, stripe_mock.start,
+                                  log_dir / "stripe-mock.log"))
             stripe_mock_url = stripe_mock.url
             if fresh_databases and STANDIN_STATE.exists():
                 # New databases know none of the Stripe objects a previous run left in the stand-in.
@@ -175,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             standin.start()
             running.append(_Running("stripe stand-in", standin.stop))
+            supervisor.watch(Unit("stripe stand-in", lambda: standin.running, standin.start,
+                                  log_dir / "stripe-standin.log"))
         failed: list[str] = []
         skipped: list[str] = []
         for spec in specs:
@@ -183,16 +200,19 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(spec.name)
                 continue
             service = make_service_process(spec, infra, log_dir)
+            running.append(_Running(spec.name, service.stop))
             try:
                 service.start()
             except InfraError as exc:
                 if args.strict:
                     raise
-                print(f"[run] WARNING: {exc}\n[run] going on without {spec.name}", flush=True)
+                print(f"[run] WARNING: {exc}\n[run] going on without {spec.name} (retried with backoff)",
+                      flush=True)
                 failed.append(spec.name)
+                supervisor.watch_service(service, running=False)
                 continue
             services.append(service)
-            running.append(_Running(spec.name, service.stop))
+            supervisor.watch_service(service)
 
         if services and not args.no_seed:
             seed_env = dict(os.environ)
@@ -202,16 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
         _banner(infra, stripe_mock_url, mail.directory, log_dir, postgres, [s.name for s in services], skipped,
                 failed, args)
-        reported: set[str] = set()
+        supervisor.restarts_enabled = not args.no_restart
         while True:
             time.sleep(1)
-            for service in services:
-                if not service.running and service.name not in reported:
-                    reported.add(service.name)
-                    print(
-                        f"[run] WARNING: {service.name} exited with code {service.returncode}; see {service.log_path}",
-                        flush=True,
-                    )
+            supervisor.tick()
     except KeyboardInterrupt:
         print("\n[run] stopping...", flush=True)
     except InfraError as exc:
