@@ -13,7 +13,7 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import httpx
 import structlog
@@ -32,7 +32,15 @@ class _Handler(logging.StreamHandler[IO[str]]):
     """Ours, so that configuring again replaces it and leaves other handlers (pytest's) alone."""
 
 
-def configure_logging(service: str, level: str = "INFO", json: bool = False, *, stream: IO[str] | None = None) -> None:
+class _NamedWriter(structlog.WriteLogger):
+    """structlog's writer with the logger's name, which add_logger_name reads as from a stdlib logger."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+def configure_logging(service: str, level: str = "INFO", json: bool = False, *, stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -57,11 +65,12 @@ def configure_logging(service: str, level: str = "INFO", json: bool = False, *, 
         colours = out.isatty() and "NO_COLOR" not in os.environ
         renderer = structlog.dev.ConsoleRenderer(colors=colours)
         tail = [renderer]
+    # structlog's own events are rendered and written directly: through stdlib logging each line cost
+    # ~5x more (two LogRecords, caller lookup), and the access line is written once per request.
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(),
-                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *tail],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        logger_factory=lambda *args: _NamedWriter(out, str(args[0]) if args else ""),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +42,6 @@ from kit.db import Database
 from kit.worker import WorkerState
 
 log = structlog.get_logger(__name__)
-access_log = structlog.get_logger("kit.access")
 
 __all__ = [
     "CONTENT_TYPE_LATEST", "ROUTE_SCOPE_KEY", "CachedSource", "ConsumerLag", "ConsumerWatch", "DbPoolSource",
@@ -93,8 +93,25 @@ def route_template(scope: Scope) -> str:
     named = scope.get(ROUTE_SCOPE_KEY)
     if isinstance(named, str):
         return named
-    path = getattr(scope.get("route"), "path", None)
+    route = scope.get("route")
+    if route is None and "endpoint" in scope:  # a plain Starlette route under FastAPI's router (/openapi.json)
+        route = _route_of(scope.get("router"), scope["endpoint"])
+    path = getattr(route, "path", None)
     return path if isinstance(path, str) else UNMATCHED
+
+
+def _route_of(router: Any, endpoint: Any) -> Any:
+    try:
+        return _ROUTE_OF_ENDPOINT[endpoint]
+    except (KeyError, TypeError):
+        pass
+    route = next((r for r in getattr(router, "routes", ()) if getattr(r, "endpoint", None) is endpoint), None)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: looked up again next time
+        _ROUTE_OF_ENDPOINT[endpoint] = route
+    return route
+
+
+_ROUTE_OF_ENDPOINT: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 class HttpMetrics:
@@ -108,6 +125,8 @@ class HttpMetrics:
         self.service = service
         self.log_requests = log_requests
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # Bound now (the app's stack is built after kit.logging.configure_logging), not cached at import.
+        self._access = structlog.get_logger("kit.access").bind()
 
     def _child(self, method: str, route: str, status: int) -> tuple[Any, Any]:
         key = (method, route, status)
@@ -142,7 +161,7 @@ class HttpMetrics:
             duration.observe(elapsed)
             if self.log_requests:
                 level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
-                access_log.log(level, "http_request", method=method, route=route, status=status,
+                self._access.log(level, "http_request", method=method, route=route, status=status,
                                duration_ms=round(elapsed * 1000, 2))
 
 

@@ -55,7 +55,7 @@ class Stack:
             response = await self.http.get("/readyz")
             if response.status_code == status:
                 return response.json()  # type: ignore[no-any-return]
-            assert asyncio.get_running_loop().time() < deadline, f"/readyz still {response.status_code}: {response.text}"
+            assert asyncio.get_running_loop().time() < deadline, f"/readyz {response.status_code}: {response.text}"
             await asyncio.sleep(0.1)
 
     async def metric(self, name: str, **labels: str) -> float | None:
