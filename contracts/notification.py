@@ -31,6 +31,7 @@ class NotificationKind(StrEnum):
     SUBSCRIPTION = "subscription"  # subscription.* notices
     TRIAL_WILL_END = "trial_will_end"  # subscription.trial_will_end: "your trial ends on <date>"
     CARD_UPDATE = "card_update"  # a failed renewal charge: "update your card", once per Stripe invoice
+    PORTAL_INVITATION = "portal_invitation"  # the admin's "Invite to portal": the set-password link
 
 
 class NotificationEventV1(ContractModel):

@@ -23,6 +23,7 @@ from fastapi import APIRouter, BackgroundTasks, Request, Response
 from pydantic import BaseModel, EmailStr, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
+from contracts.notification import NotificationKind
 from kit.actor import AdminActor
 from kit.web import RequestUnitOfWork
 from services.notifications import repository as repo
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-INVITATION_KIND = "portal_invitation"
+INVITATION_KIND = NotificationKind.PORTAL_INVITATION
 ACTION_LABEL = "Set your password"
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from contracts.notification import NotificationKind
 from services.gateway.admin.api import ApiError
 from services.gateway.admin.common import api, clients_by_id, first_error, query_pairs, text
 from services.gateway.admin.invoices import _uuid_or_none
@@ -24,10 +25,15 @@ PAYMENT_STATUSES = [("", "Any status"), ("succeeded", "Succeeded"), ("pending", 
                     ("refunded", "Refunded"), ("partially_refunded", "Partially refunded")]
 EMAIL_STATUSES = [("", "Any status"), ("pending", "Pending"), ("sending", "Sending"), ("sent", "Sent"),
                   ("failed", "Failed"), ("skipped", "Skipped")]
-EMAIL_KINDS = [("", "Any kind"), ("invoice_sent", "Invoice sent"), ("payment_receipt", "Payment receipt"),
-               ("payment_failed", "Payment failed"), ("reminder_before_due", "Reminder before due"),
-               ("reminder_overdue", "Overdue notice"), ("invoice_cancelled", "Invoice cancelled"),
-               ("subscription", "Subscription"), ("portal_invitation", "Portal invitation")]
+# The filter offers every kind the notifications service sends (contracts.NotificationKind is the list).
+KIND_LABELS = {
+    NotificationKind.INVOICE_SENT: "Invoice sent", NotificationKind.PAYMENT_RECEIPT: "Payment receipt",
+    NotificationKind.PAYMENT_FAILED: "Payment failed", NotificationKind.REMINDER_BEFORE_DUE: "Reminder before due",
+    NotificationKind.REMINDER_OVERDUE: "Overdue notice", NotificationKind.INVOICE_CANCELLED: "Invoice cancelled",
+    NotificationKind.SUBSCRIPTION: "Subscription", NotificationKind.TRIAL_WILL_END: "Trial ends",
+    NotificationKind.CARD_UPDATE: "Update your card", NotificationKind.PORTAL_INVITATION: "Portal invitation",
+}
+EMAIL_KINDS = [("", "Any kind"), *((kind.value, KIND_LABELS.get(kind, kind.value)) for kind in NotificationKind)]
 
 
 @router.get("/payments")
