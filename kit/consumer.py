@@ -25,6 +25,7 @@ from contracts.deadletter import DeadLetterV1
 from contracts.envelope import CloudEvent
 from kit import tracing
 from kit.db import Database, UnitOfWork
+from kit.deadletter import EventFailureMixin, failure_model_of, forget_failures, record_failure
 from kit.errors import AppError
 from kit.logging import bind_correlation_id
 from kit.metrics import DEAD_LETTERED, EVENTS_HANDLED
@@ -43,44 +44,68 @@ class EventConsumer:
         *,
         retry_delays: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0, 2.0),
         max_redeliveries: int = 5,
+        failure_model: type[EventFailureMixin] | None = None,
     ) -> None:
         self._db = db
         self.name = name
         self._handlers = handlers
         self._retry_delays = retry_delays
         self._max_redeliveries = max_redeliveries
-        self._failures: dict[str, int] = {}  # event id -> redeliveries that failed (this process)
+        # Failed deliveries are counted in the service's event_failures table (found on its Base unless
+        # given), so the count survives a restart or a rebalance; in this process only if it has none.
+        self._failure_model = failure_model or failure_model_of(db)
+        self._failures: dict[str, int] = {}  # event id -> failed deliveries, when the table is missing or down
+        if self._failure_model is None:
+            log.warning("event_failures_not_durable", consumer=name)
 
     async def apply(self, event: CloudEvent) -> bool:
         """Apply one event once. Returns False when it was a duplicate or of no interest."""
         handler = self._handlers.get(event.type)
         if handler is None:
             return False
-        async with self._db.unit_of_work() as uow:
+        async with self._db.transaction() as uow:
+            if self._failure_model is not None:  # applied (or a duplicate): its earlier failures are moot
+                await forget_failures(uow.session, self._failure_model, consumer=self.name, event_id=event.id)
             if not await uow.claim_event(event.id, event.type, self.name):
                 log.info("event_duplicate_skipped", event_id=event.id, event_type=event.type)
                 return False
             await handler(uow, event)
-            await uow.commit()
         return True
 
-    async def _dead_letter(self, event: CloudEvent, error: Exception, attempts: int) -> bool:
+    async def _count_failure(self, event: CloudEvent, error: Exception) -> int:
+        """One more failed delivery of `event`; returns how many there were, in every process."""
+        if self._failure_model is not None:
+            try:
+                failures = await record_failure(self._db, self._failure_model, consumer=self.name, event=event,
+                                                error=error)
+            except Exception as exc:  # the database is down: count here, park later if it comes back
+                log.error("event_failure_not_recorded", consumer=self.name, event_id=event.id, error=str(exc)[:500])
+            else:
+                self._failures.pop(event.id, None)
+                return failures
+        failures = self._failures.get(event.id, 0) + 1
+        self._failures[event.id] = failures
+        return failures
+
+    async def _dead_letter(self, event: CloudEvent, error: Exception, attempts: int, topic: str | None = None) -> bool:
         """Park the event on billing.deadletter through the outbox. False if even that fails (e.g. the
         database is down): then the event is redelivered as before, nothing is lost."""
         if self._db.outbox_model is None:
             return False
         try:
-            async with self._db.unit_of_work() as uow:
+            async with self._db.transaction() as uow:
                 parked = DeadLetterV1(consumer=self.name, event_id=event.id, event_type=event.type,
                                       error=str(error)[:2000], attempts=attempts,
-                                      event=event.model_dump(mode="json"))
+                                      event=event.model_dump(mode="json"), topic=topic)
                 uow.publish(
                     CloudEvent.create(source=self.name, type=DEADLETTER_TYPE, subject=event.subject or event.id,
                                       data=parked, correlation_id=event.correlationid,
                                       dataschema=DEADLETTER_SCHEMA),
                     topic=topics.DEADLETTER, key=event.subject or event.id,
                 )
-                await uow.commit()
+                # Gone with the parking: a replay (after the fix) is a fresh event with its full retries.
+                if self._failure_model is not None:
+                    await forget_failures(uow.session, self._failure_model, consumer=self.name, event_id=event.id)
         except Exception as exc:
             log.error("event_dead_letter_failed", consumer=self.name, event_id=event.id, error=str(exc))
             return False
@@ -121,14 +146,15 @@ class EventConsumer:
                 break
             except Exception as exc:
                 if delay is None:
-                    failures = self._failures.get(event.id, 0) + 1
-                    if failures >= self._max_redeliveries and await self._dead_letter(event, exc, failures):
+                    failures = await self._count_failure(event, exc)
+                    if failures >= self._max_redeliveries and await self._dead_letter(
+                            event, exc, failures, topic=_topic_of(message)):
                         self._failures.pop(event.id, None)
-                        DEAD_LETTERED.labels(self.name, getattr(message.raw_message, "topic", "")).inc()
+                        DEAD_LETTERED.labels(self.name, _topic_of(message) or "").inc()
                         outcome = "dead_lettered"
                         break  # parked: ack it so the partition moves on
-                    self._failures[event.id] = failures
-                    log.error("event_failed_will_redeliver", consumer=self.name, event_id=event.id, error=str(exc))
+                    log.error("event_failed_will_redeliver", consumer=self.name, event_id=event.id,
+                              failures=failures, error=str(exc))
                     await message.nack()  # rewinds the partition: the event comes back
                     return "failed"
                 log.warning("event_retry", consumer=self.name, attempt=attempt + 1, error=str(exc))
@@ -144,7 +170,7 @@ class EventConsumer:
             # The raw bytes are parsed here, so a malformed event is dropped with a log, not a crash loop.
             started = time.perf_counter()
             outcome = await self.handle_message(message)
-            EVENTS_HANDLED.labels(self.name, getattr(message.raw_message, "topic", ""), group_id,
+            EVENTS_HANDLED.labels(self.name, _topic_of(message) or "", group_id,
                                   outcome).observe(time.perf_counter() - started)
 
         handler.__name__ = f"{self.name}_handler"
@@ -157,3 +183,9 @@ class EventConsumer:
                 max_workers=workers,
                 title=f"{self.name}:{topic}",
             )(handler)
+
+
+def _topic_of(message: KafkaMessage) -> str | None:
+    """The topic a message was read from (recorded with a dead letter, for its replay)."""
+    topic = getattr(message.raw_message, "topic", None)
+    return topic if isinstance(topic, str) else None

@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from contracts.invoice import InvoiceStatus
 from kit.clock import utcnow
 from kit.db import InboxMixin, OutboxMixin
+from kit.deadletter import EventFailureMixin
 from kit.idempotency import IdempotencyMixin
 
 
@@ -40,6 +41,10 @@ class OutboxMessage(OutboxMixin, Base):
 
 
 class InboxEvent(InboxMixin, Base):
+    pass
+
+
+class EventFailure(EventFailureMixin, Base):  # durable redelivery counts (kit.deadletter)
     pass
 
 

@@ -39,6 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from contracts.invoice import OPEN_STATUSES, InvoiceStatus
 from kit.db import InboxMixin, OutboxMixin
+from kit.deadletter import EventFailureMixin
 
 # Invoice states that still expect money (reminders go out only for these), in the order the
 # migration's partial index lists them: the scan's query repeats this predicate word for word.
@@ -57,6 +58,10 @@ class OutboxMessage(OutboxMixin, Base):
 
 
 class InboxEvent(InboxMixin, Base):
+    pass
+
+
+class EventFailure(EventFailureMixin, Base):  # durable redelivery counts (kit.deadletter)
     pass
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from kit.db import InboxMixin, OutboxMixin
+from kit.deadletter import EventFailureMixin
 from kit.idempotency import IdempotencyMixin
 
 
@@ -41,6 +42,10 @@ class OutboxMessage(OutboxMixin, Base):
 
 
 class InboxEvent(InboxMixin, Base):
+    pass
+
+
+class EventFailure(EventFailureMixin, Base):  # durable redelivery counts (kit.deadletter)
     pass
 
 
