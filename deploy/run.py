@@ -16,8 +16,10 @@ that dies is reported and restarted with a capped backoff (1 s doubling to 30 s)
 PostgreSQL, Kafka, the Stripe stand-ins and the mail sink. Ctrl-C (or SIGTERM) stops the services,
 then the infrastructure, in reverse order, and exits 0. Logs: .run/logs/.
 
-Ports: all of the above are fixed; one already taken stops the run with a message naming it (stop
-the other `make run`, or whatever holds it). The services' ports are deploy/services.py's.
+Ports: the ones above; BILLING_PORT_OFFSET=N moves every one of them by N (e.g. 100: gateway 8100,
+PostgreSQL 55532, Kafka 9192), for a second checkout beside the first or a port another program
+holds. One already taken stops the run with a message naming it. (Kafka's data is kept per
+controller port: a new offset starts it empty.)
 
 Environment: BILLING_ADMIN_PASSWORD (default admin-password), STRIPE_WEBHOOK_SECRET (default
 whsec_local), STRIPE_SECRET_KEY (default sk_test_local). A fresh BILLING_INTERNAL_TOKEN is made per run.
@@ -62,6 +64,7 @@ KAFKA_CONTROLLER_PORT = 9093
 STRIPE_MOCK_PORT = 12111
 STRIPE_STANDIN_PORT = 12113
 SMTP_PORT = 1025
+PORT_OFFSET_VARIABLE = "BILLING_PORT_OFFSET"
 STANDIN_STATE = RUN_DIR / "stripe-standin" / "state.json"
 
 
@@ -73,6 +76,17 @@ class _Running:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def _port_offset() -> int:
+    text = os.environ.get(PORT_OFFSET_VARIABLE, "0").strip() or "0"
+    try:
+        offset = int(text)
+    except ValueError:
+        raise InfraError(f"{PORT_OFFSET_VARIABLE} must be a whole number of ports (got {text!r})") from None
+    if not 0 <= offset <= 10000:
+        raise InfraError(f"{PORT_OFFSET_VARIABLE} must be between 0 and 10000 (got {offset})")
+    return offset
 
 
 def _check_ports(ports: dict[str, int]) -> None:
@@ -126,19 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = 0
     try:
         specs = [] if args.infra_only else list(SERVICES)
+        offset = _port_offset()
+        service_ports = {spec.name: spec.port + offset for spec in SERVICES}
         # (Postgres checks its own port: a server left behind by a killed run on .run/pg is restarted.)
         _check_ports(
             {
-                "kafka": KAFKA_PORT,
-                "kafka controller": KAFKA_CONTROLLER_PORT,
-                "stripe-mock": STRIPE_MOCK_PORT,
-                "stripe stand-in": STRIPE_STANDIN_PORT,
-                "smtp": SMTP_PORT,
+                "kafka": KAFKA_PORT + offset,
+                "kafka controller": KAFKA_CONTROLLER_PORT + offset,
+                "stripe-mock": STRIPE_MOCK_PORT + offset,
+                "stripe stand-in": STRIPE_STANDIN_PORT + offset,
+                "smtp": SMTP_PORT + offset,
             }
-            | {spec.name: spec.port for spec in specs if spec.runnable}
+            | {spec.name: service_ports[spec.name] for spec in specs if spec.runnable}
         )
 
-        postgres = PostgresServer(RUN_DIR / "pg", POSTGRES_PORT)
+        postgres = PostgresServer(RUN_DIR / "pg", POSTGRES_PORT + offset)
         fresh_databases = not (postgres.data_dir / "PG_VERSION").exists()
         postgres.ensure_installed()
         postgres.start()
@@ -147,18 +163,21 @@ def main(argv: list[str] | None = None) -> int:
         database_urls = {spec.name: postgres.create_database(spec.database_name) for spec in SERVICES}
 
         kafka = KafkaServer(
-            RUN_DIR / "kafka", KAFKA_PORT, KAFKA_CONTROLLER_PORT, jars_dir=ensure_kafka_jars(RUN_DIR / "kafka-jars")
+            RUN_DIR / "kafka",
+            KAFKA_PORT + offset,
+            KAFKA_CONTROLLER_PORT + offset,
+            jars_dir=ensure_kafka_jars(RUN_DIR / "kafka-jars"),
         )
         kafka.start()
         running.append(_Running("kafka", kafka.stop))
         supervisor.watch_kafka(kafka)
 
-        mail = MailSink(RUN_DIR / "mail", SMTP_PORT, log_path=log_dir / "mailsink.log")
+        mail = MailSink(RUN_DIR / "mail", SMTP_PORT + offset, log_path=log_dir / "mailsink.log")
         mail.start()
         running.append(_Running("mail sink", mail.stop))
         supervisor.watch(Unit("mail sink", lambda: mail.running, mail.start, log_dir / "mailsink.log"))
 
-        standin_url = f"http://127.0.0.1:{STRIPE_STANDIN_PORT}"
+        standin_url = f"http://127.0.0.1:{STRIPE_STANDIN_PORT + offset}"
         infra = InfraEndpoints(
             kafka_bootstrap=kafka.bootstrap,
             database_urls=database_urls,
@@ -166,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             smtp_host=mail.host,
             smtp_port=mail.port,
             mail_dir=mail.directory,
+            ports=service_ports,
         )
         stripe_mock_url: str | None = None
         if not infra.uses_real_stripe:
-            stripe_mock = StripeMock(STRIPE_MOCK_PORT, bin_dir=RUN_DIR / "bin", log_path=log_dir / "stripe-mock.log")
+            stripe_mock = StripeMock(
+                STRIPE_MOCK_PORT + offset, bin_dir=RUN_DIR / "bin", log_path=log_dir / "stripe-mock.log"
+            )
             stripe_mock.start()
             running.append(_Running("stripe-mock", stripe_mock.stop))
             supervisor.watch(Unit("stripe-mock", lambda: stripe_mock.running, stripe_mock.start,
@@ -180,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 STANDIN_STATE.unlink()
             STANDIN_STATE.parent.mkdir(parents=True, exist_ok=True)
             standin = StripeStandin(
-                STRIPE_STANDIN_PORT,
+                STRIPE_STANDIN_PORT + offset,
                 stripe_mock.url,
                 webhook_urls=[infra.stripe_webhook_url],
                 webhook_secret=infra.stripe_webhook_secret,
