@@ -239,6 +239,8 @@ class StripeEvent(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # W3C trace context of the delivery (kit.tracing), continued by the worker; NULL while tracing is off.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONB)
 
 
 class StripeObjectState(Base):

@@ -13,6 +13,7 @@ built from this module's request and response models, so the document describes 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kit import tracing
 from kit.db import Database
 from kit.errors import AppError, error_body
 from kit.logging import CORRELATION_HEADER, bind_correlation_id
@@ -117,9 +119,9 @@ def verify(body: bytes, signature: str | None, secret: str, tolerance: int) -> S
 
 _INSERT_EVENT = """
 INSERT INTO stripe_events (id, type, created, livemode, object_id, payload, status, outcome, attempts,
-                           next_attempt_at, received_at, processed_at)
+                           next_attempt_at, received_at, processed_at, trace_context)
 VALUES ($1, $2, $3, $4, $5, $6, $7::varchar, $8, 0, now(), now(),
-        CASE WHEN $7::varchar = 'pending' THEN NULL ELSE now() END)
+        CASE WHEN $7::varchar = 'pending' THEN NULL ELSE now() END, $9::jsonb)
 ON CONFLICT (id) DO NOTHING
 RETURNING id, status
 """
@@ -154,7 +156,12 @@ class WebhookIntake:
             self._pool = None
 
     async def receive(self, body: bytes, signature: str | None) -> WebhookAck:
+        with tracing.span("stripe.webhook.intake"):
+            return await self._receive(body, signature)
+
+    async def _receive(self, body: bytes, signature: str | None) -> WebhookAck:
         event = verify(body, signature, self.settings.stripe_webhook_secret, self.settings.webhook_tolerance)
+        tracing.set_attributes({"stripe.event_id": event.id, "stripe.event_type": event.type})
         status, outcome = "pending", None
         if event.type not in HANDLERS:
             status, outcome = "ignored", f"event type {event.type} is not handled"
@@ -163,9 +170,12 @@ class WebhookIntake:
         object_id = event.data.object.id
         if self._pool is None:
             raise RuntimeError("webhook intake not started")
+        # Stored with the event: the worker handles it later in a span of this same trace.
+        trace_context = tracing.current_context()
         inserted = await self._pool.fetchval(
             _INSERT_EVENT, event.id, event.type, event.created, event.livemode,
             object_id[:255] if object_id else None, body, status, outcome,
+            None if trace_context is None else json.dumps(trace_context),
         ) is not None
         if inserted and status == "pending":
             self.on_stored()

@@ -18,6 +18,7 @@ import structlog
 from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 
+from kit import tracing
 from kit.clock import utcnow
 from kit.db import Database, UnitOfWork
 from kit.worker import PollingWorker, backoff_delay
@@ -102,7 +103,11 @@ class WebhookWorker(PollingWorker):
         handler = HANDLERS.get(row.type)
         if handler is None:  # stored as pending by a version that handled it; not any more
             return functools.partial(_not_handled, row.type)
-        return functools.partial(handler.handle, payments, handler.parse(row.payload))
+        apply = functools.partial(handler.handle, payments, handler.parse(row.payload))
+        # In a span continuing the delivery's trace (stored by the intake): the events it publishes,
+        # and all that follows from them in the other services, join the webhook's trace.
+        return tracing.traced(apply, row.trace_context, "stripe.webhook.process",
+                              attributes={"stripe.event_id": row.id, "stripe.event_type": row.type})
 
     async def _apply_batch(self, uow: UnitOfWork, ready: list[tuple[StripeEvent, Apply]]) -> bool:
         """All events in one savepoint; False (nothing kept) when one of them fails."""
