@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from deploy.infra import (
     KAFKA_VERSION,
@@ -147,6 +148,15 @@ def _pip_install_kubernetes_validate() -> None:
     _stream([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off",
              KUBERNETES_VALIDATE], show=lambda line: line if line.startswith(("Collecting", "Successfully", "ERROR"))
             else None)
+
+
+def ensure_kubernetes_validate() -> ModuleType:
+    """The kubernetes_validate module, pip-installed into this interpreter first when it is missing."""
+    if _kubernetes_validate_missing():
+        _say(f"    pip install {KUBERNETES_VALIDATE} (PyPI)")
+        _pip_install_kubernetes_validate()
+        importlib.invalidate_caches()
+    return importlib.import_module("kubernetes_validate")
 
 
 def _missing_pdf_packages() -> list[str]:

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
 from contracts import topics
-from deploy.install import ensure_kustomize
+from deploy.install import ensure_kubernetes_validate, ensure_kustomize
 from deploy.k8s import settings as k8s_settings
 from deploy.services import GATEWAY, SERVICES
 
@@ -82,6 +81,7 @@ def crd_schemas() -> dict[tuple[str, str], Any]:
 
 
 def schema_errors(objs: list[Obj]) -> list[str]:
+    kubernetes_validate = ensure_kubernetes_validate()  # make install's; installed here when missing
     crds = crd_schemas()
     errors = []
     for obj in objs:
