@@ -93,6 +93,13 @@ def route_template(scope: Scope) -> str:
     named = scope.get(ROUTE_SCOPE_KEY)
     if isinstance(named, str):
         return named
+    # FastAPI puts the route as declared in scope["route"] (without the prefixes of the routers that
+    # include it: /admin/invoices would read /invoices); its effective route has the full template.
+    fastapi_scope = scope.get("fastapi")
+    if isinstance(fastapi_scope, dict):
+        effective = getattr(fastapi_scope.get("effective_route_context"), "path_format", None)
+        if isinstance(effective, str):
+            return effective
     route = scope.get("route")
     if route is None and "endpoint" in scope:  # a plain Starlette route under FastAPI's router (/openapi.json)
         route = _route_of(scope.get("router"), scope["endpoint"])

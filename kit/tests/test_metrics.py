@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import structlog
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from prometheus_client import REGISTRY
 from starlette.types import Receive, Scope, Send
 
@@ -49,6 +49,14 @@ def sample(name: str, **labels: str) -> float:
 
 def small_app(service: str) -> FastAPI:
     app = FastAPI()
+    pages, nested = APIRouter(prefix="/admin"), APIRouter()
+
+    @nested.get("/clients/{client_id}")
+    async def client_page(client_id: str) -> dict[str, str]:
+        return {"id": client_id}
+
+    pages.include_router(nested)
+    app.include_router(pages)
 
     @app.get("/things/{thing_id}")
     async def get_thing(thing_id: int) -> dict[str, int]:
@@ -74,6 +82,7 @@ async def test_requests_are_counted_by_route_template_and_status(log_lines: io.S
         assert (await http.get("/nowhere/at/all")).status_code == 404
         assert (await http.get("/boom")).status_code == 500
         assert (await http.request("BREW", "/things/1")).status_code == 405
+        assert (await http.get("/admin/clients/c-1")).status_code == 200
 
     template = "/things/{thing_id}"
     assert sample("billing_http_requests_total", service=service, method="GET", route=template, status="200") == 3
@@ -83,18 +92,21 @@ async def test_requests_are_counted_by_route_template_and_status(log_lines: io.S
     # a method a client made up is one label value, not a new series per invention
     assert sample("billing_http_requests_total", service=service, method="OTHER", route=template, status="405") == 1
     assert sample("billing_http_request_duration_seconds_count", service=service, route=template) == 5
+    # a route included through a router with a prefix: the whole template, not the one declared inside it
+    assert sample("billing_http_requests_total", service=service, method="GET", route="/admin/clients/{client_id}",
+                  status="200") == 1
     # no series carries a raw path
     raw = [s for m in REGISTRY.collect() if m.name == "billing_http_requests"
            for s in m.samples if s.labels.get("service") == service and "/things/1" in s.labels.get("route", "")]
     assert raw == []
 
     access = [line for line in parsed(log_lines) if line.get("event") == "http_request"]
-    assert len(access) == 7  # one line per request
+    assert len(access) == 8  # one line per request
     first = access[0]
     assert first["method"] == "GET" and first["route"] == template and first["status"] == 200
     assert first["correlation_id"] == "c-1" and first["level"] == "info" and first["logger"] == "kit.access"
     assert isinstance(first["duration_ms"], float) and first["duration_ms"] >= 0
-    assert [line["status"] for line in access] == [200, 200, 200, 422, 404, 500, 405]
+    assert [line["status"] for line in access] == [200, 200, 200, 422, 404, 500, 405, 200]
 
 
 def service_app(name: str) -> FastAPI:
