@@ -218,9 +218,17 @@ def build_runtime(settings: ReportingSettings | None = None) -> tuple[ServiceRun
         runtime.on_startup.append(live.start)
         runtime.on_shutdown.append(live.stop)
         # /metrics: the feed's lag from the positions it keeps with the read models (it commits none
-        # to Kafka). Readiness does not judge it: which partitions this replica holds is the feed's.
+        # to Kafka). Readiness: dead when its task has ended (it restarts itself on any error, so only
+        # a cancellation or a BaseException ends it); not judged stuck, as which partitions this
+        # replica holds is known only inside the feed's consumer.
+        feed = live
+
+        def feed_problem() -> str | None:
+            task = feed._task  # noqa: SLF001 - the feed is this service's own
+            return "dead: the feed task has ended" if task is not None and task.done() else None
+
         runtime.consumers.append(Subscription(name=f"consumer:{settings.group_id}:feed", group=settings.group_id,
-                                              topics=tuple(settings.topics), assigned=set,
+                                              topics=tuple(settings.topics), assigned=set, problem=feed_problem,
                                               positions=live.feed.stored_positions))
     return runtime, live
 
