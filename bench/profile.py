@@ -18,7 +18,7 @@ py-spy needs ptrace (root here, or CAP_SYS_PTRACE); it pauses the process for ea
 per second: py-spy's idle detection counts a thread pool worker waiting on its queue, or a loop in
 epoll, as busy, which buried the real costs under waits; with --gil a process's sample count /
 (rate x seconds) is the share of the time its Python code ran, the most one GIL allows being 1.0.
-`--all-threads` samples every thread not idle instead.
+`--all-threads` samples every thread not idle instead. `--summarize DIR` rewrites DIR's summaries.
 """
 
 from __future__ import annotations
@@ -165,6 +165,15 @@ class Profile:
                 out[frame] += n
         return out
 
+    def ours(self) -> Counter[str]:
+        """Like inclusive(), of the repository's own code (services/, kit/, contracts/) only."""
+        out: Counter[str] = Counter()
+        for (_, frames), n in self.stacks.items():
+            for frame in {short(f) for f in frames if not _PLUMBING.search(f)}:
+                if frame.split("(", 1)[-1].startswith(("services/", "kit/", "contracts/")):
+                    out[frame] += n
+        return out
+
     def packages(self) -> Counter[str]:
         out: Counter[str] = Counter()
         for (_, frames), n in self.stacks.items():
@@ -181,7 +190,9 @@ class Profile:
                                    ("own time per package (the frame on top of the stack)", self.packages(), TOP),
                                    (f"top {TOP} functions by own time", self.own(), TOP),
                                    (f"top {TOP} functions by total time (anywhere on the stack)",
-                                    self.inclusive(), TOP)]:
+                                    self.inclusive(), TOP),
+                                   (f"top {TOP} of our own functions (services/, kit/, contracts/) by total time",
+                                    self.ours(), TOP)]:
             lines.append(f"\n## {title}")
             lines += [f"{n / total:6.1%} {n:7d}  {key}" for key, n in counts.most_common(top)]
         return "\n".join(lines) + "\n"
@@ -248,17 +259,20 @@ def package(frame: str) -> str:
     return parts[0].removesuffix(".py")
 
 
-def summarize(profiler: PySpyProfiler) -> list[Path]:
+def summarize(out: Path) -> list[Path]:
+    """The speedscope file and the top lists of every process sampled into `out` (see profile.json)."""
+    meta = json.loads((out / "profile.json").read_text())
     written: list[Path] = []
-    for sampler, seconds in profiler.done:
-        if not sampler.raw.exists():
-            log = profiler.out / f"{sampler.name}.py-spy.log"
-            print(f"[profile] {sampler.name}: no samples written; {log}:\n{log.read_text(errors='replace')[-2000:]}")
+    for name, seconds in meta["seconds"].items():
+        raw = out / f"{name}.txt"
+        if not raw.exists():
+            log = out / f"{name}.py-spy.log"
+            print(f"[profile] {name}: no samples written; {log}:\n{log.read_text(errors='replace')[-2000:]}")
             continue
-        profile = Profile.read(sampler.name, sampler.raw)
-        (profiler.out / f"{sampler.name}.speedscope.json").write_text(json.dumps(profile.speedscope()))
-        text = profile.summary(seconds, profiler.rate)
-        top = profiler.out / f"{sampler.name}.top.txt"
+        profile = Profile.read(name, raw)
+        (out / f"{name}.speedscope.json").write_text(json.dumps(profile.speedscope()))
+        text = profile.summary(seconds, meta["rate"])
+        top = out / f"{name}.top.txt"
         top.write_text(text)
         written.append(top)
         print("\n" + text)
@@ -272,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         argv, bench_args = argv[: argv.index("--")], argv[argv.index("--") + 1:]
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=list(BENCHES))
+    parser.add_argument("bench", choices=list(BENCHES), nargs="?")
+    parser.add_argument("--summarize", type=Path, metavar="DIR",
+                        help="only rewrite the summaries of an earlier run's directory")
     parser.add_argument("--duration", type=float, help="seconds to sample from the load's start (default: all of it)")
     parser.add_argument("--out", type=Path, help="directory for the files (default .run/profiles/BENCH-<time>)")
     parser.add_argument("--rate", type=int, default=100, help="samples per second (py-spy's default 100)")
@@ -282,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="sample every thread not idle, not only the one holding the GIL (py-spy --gil, "
                              "the default: threads waiting in C, a pool's queue or epoll count as idle then)")
     args = parser.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
+    if not args.bench:
+        parser.error("name a bench")
     out = args.out or RUN_DIR / "profiles" / f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     py_spy()
@@ -294,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_stack.OBSERVER = None
         profiler.stop()
     (out / "figures.json").write_text(json.dumps({args.bench: entry}, indent=2) + "\n")
-    written = summarize(profiler)
+    (out / "profile.json").write_text(json.dumps({
+        "bench": args.bench, "args": bench_args, "rate": args.rate, "gil": not args.all_threads,
+        "seconds": {sampler.name: round(seconds, 1) for sampler, seconds in profiler.done}}, indent=2) + "\n")
+    written = summarize(out)
     print(f"[profile] {len(written)} profiles in {out}")
     return code
 
