@@ -641,6 +641,15 @@ async def test_invite_to_portal_emails_a_one_time_password_link_once(
     assert len(await mails_to(fresh_mail_sink, email)) == 1
     await page.goto("/admin/emails?kind=portal_invitation")
     await expect(page.get_by_test_id("email-table")).to_contain_text(email)
+    # Audited once each: the login the page created (in its transaction) and the emailed invitation.
+    made = []
+    for action in ("user.create", "client.invite"):
+        entries = (await admin.get("/api/audit", params={"action": action, "limit": 100})).json()["items"]
+        made += [(e["action"], e["outcome"], e["path"]) for e in entries
+                 if ((e["summary"] or {}).get("body") or {}).get("email") == email]
+    invite_page = f"/admin/clients/{state['client_id']}/invite"
+    assert sorted(made) == [("client.invite", "succeeded", "/api/notifications/invitations")] * 2 + [
+        ("user.create", "succeeded", invite_page)], made
 
     guest = await new_tab(browser, stack[GATEWAY].url)
     try:

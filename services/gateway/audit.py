@@ -93,6 +93,8 @@ AUDITED: dict[tuple[str, str], Audited] = {
     ("POST", "/api/notifications/invitations"): Audited("client.invite", creates="notification_id"),
     # the gateway's own
     ("POST", "/api/users"): Audited("user.create", creates="user_id"),
+    # the admin page's "Invite to portal" creates the client's login itself (not through /api/users)
+    ("POST", "/admin/clients/{client_id}/invite"): Audited("user.create", creates="user_id"),
 }
 
 # Every other change an admin can reach, and why it is not an audited action.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -183,6 +184,11 @@ async def invite_client(request: Request, session: AdminSession, client_id: str)
         return await _client_page(request, session, client_id)  # its error page: unknown or unavailable
     async with request_database(request).transaction() as uow:
         login = await _portal_login(request, uow, client_id, email)
+        if isinstance(login, _NewLogin):  # audited with the login it creates, in the same transaction
+            await request.app.state.gateway.audit.record_own(
+                uow, request, user_id=session.claims.user_id, status=201, created=str(login.user.id),
+                body={"email": email, "role": "client", "clientId": client_id})
+            login = login.user
     if isinstance(login, str):
         return await _client_page(request, session, client_id, status_code=422,
                                   invite={"email": email, "error": login})
@@ -205,7 +211,12 @@ async def invite_client(request: Request, session: AdminSession, client_id: str)
     return await _client_page(request, session, client_id, invite=invite)
 
 
-async def _portal_login(request: Request, uow: UnitOfWork, client_id: str, email: str) -> User | str:
+@dataclass(frozen=True)
+class _NewLogin:
+    user: User
+
+
+async def _portal_login(request: Request, uow: UnitOfWork, client_id: str, email: str) -> User | _NewLogin | str:
     """The client's login for `email`, created when there is none; a sentence for the admin otherwise."""
     users = UserRepository(uow.session)
     existing = await users.get_by_email(email) if email else None
@@ -224,4 +235,4 @@ async def _portal_login(request: Request, uow: UnitOfWork, client_id: str, email
         return exc.message
     created = await users.get_by_email(email)
     assert created is not None
-    return created
+    return _NewLogin(created)
