@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
     args = parser.parse_args(argv)
-    old, new = (json.loads(p.read_text()) for p in (args.old, args.new))
+    try:
+        old, new = (json.loads(p.read_text()) for p in (args.old, args.new))
+    except (OSError, ValueError) as exc:
+        print(f"cannot read the runs: {exc}", file=sys.stderr)
+        return 2
     print("\n".join(compare(old, new)))
     return 0
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 
+from bench.report import current
 from services.invoice.pdf import (
     BankDetails,
     ClientInfo,
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default 3)")
     args = parser.parse_args(argv)
 
+    rep = current("pdfs")
     tpl = make_template()
     docs = {10: make_document(10), 200: make_document(200)}
     print(f"invoice PDF benchmark: python {platform.python_version()}, 1 process, 1 thread, {args.seconds:g}s each")
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     for lines, doc in docs.items():
         pdf = render_invoice_pdf(doc, tpl)
         rl[lines], runs = rate(lambda doc=doc: render_invoice_pdf(doc, tpl), args.seconds)
+        rep.figure(f"reportlab {lines} lines", rl[lines], "PDFs/s")
         print(f"  reportlab  {lines:>3} lines: {rl[lines]:8.1f} PDFs/s  ({1000 / rl[lines]:6.1f} ms, {len(pdf):,} B)")
 
     cache: dict[str, bytes] = {document_fingerprint(d, tpl): render_invoice_pdf(d, tpl) for d in docs.values()}
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             return cache[document_fingerprint(doc, tpl)]
 
         r, _ = rate(cached, min(args.seconds, 1.5))
+        rep.figure(f"cached {lines} lines", r, "downloads/s")
         print(f"  cached     {lines:>3} lines: {r:8.0f} downloads/s  (fingerprint + dict lookup, {1e6 / r:.0f} µs)")
 
     weasy = weasyprint_renderer()
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     for lines, doc in docs.items():
         pdf = weasy(doc, tpl)
         r, runs = rate(lambda doc=doc: weasy(doc, tpl), args.seconds, min_runs=2)
-        ratio = rl[lines] / r
+        rep.figure(f"weasyprint {lines} lines", r, "PDFs/s")
+        ratio = rep.ratio(f"reportlab / weasyprint {lines} lines", rl[lines], r, target=">= 5x (500%)")
         verdict = "ok" if ratio >= 5 else "below the 5x target"
         print(
             f"  WeasyPrint {lines:>3} lines: {r:8.1f} PDFs/s  ({1000 / r:6.1f} ms, {len(pdf):,} B)"

@@ -35,6 +35,7 @@ import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from bench.report import current
 from deploy.infra import RUN_DIR, MailSink, PostgresServer, free_port
 from kit.db import Database
 from kit.logging import configure_logging
@@ -269,6 +270,17 @@ async def run(args: argparse.Namespace, database_url: str, smtp_host: str, smtp_
 
 def print_report(r: dict[str, Any]) -> None:
     f, s, d = r["find"], r["scan"], r["delivery"]
+    rep = current("reminders")
+    rep.figure("find due, indexed query", f["indexed_s"] * 1000, "ms")
+    rep.figure("find due, naive full scan", f["naive_python_s"] * 1000, "ms")
+    rep.ratio("naive / indexed", f["naive_python_s"], f["indexed_s"])
+    rep.figure("scan first day", s["first_day_s"] * 1000, "ms")
+    rep.figure("scan next day", s["next_day_s"] * 1000, "ms")
+    rep.figure("delivery emails/s", d["emails_per_s"], "emails/s")
+    rep.check("same day again queues nothing", s["repeat_created"] == 0, f"{s['repeat_created']} reminders")
+    if d["sink_files_written"] is not None:
+        rep.check("every handled message reached the sink once", d["sink_files_written"] == d["handled"],
+                  f"{d['sink_files_written']} .eml files for {d['handled']} handled")
     say("")
     say(f"Reminder scan benchmark: {r['invoices_open']:,} open + {r['invoices_closed']:,} closed invoices, "
         f"as of {r['as_of']}")

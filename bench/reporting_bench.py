@@ -41,6 +41,7 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from bench.report import current
 from bench.stack import LoadResult, Stack, run_load, running_stack
 from contracts import topics
 from contracts.envelope import CloudEvent
@@ -281,19 +282,30 @@ async def measure(stack: Stack, service: ServiceProcess, bare_url: str, concurre
         jpy_rows = (await http.get("/api/reports/outstanding", params={"limit": 1, "currency": "JPY"})).json()
 
     seconds, records, loaded = rebuild_figures
+    rep = current("reporting")
+    rep.figure("rebuild events/s", records / seconds if seconds else 0.0, "events/s")
+    rep.figure("rebuild seconds", seconds, "s")
+    rep.check("rebuild read every event loaded", records >= loaded, f"{records:,} rebuilt of {loaded:,} loaded")
     print(f"\n== reporting, {loaded:,} events ({records:,} rebuilt), concurrency {concurrency}, 2-core machine ==")
     print(f"rebuild (python -m services.reporting rebuild): {seconds:,.1f} s for {records:,} events = "
           f"{records / seconds:,.0f} events/s  (target >= 5,000/s)")
     for result in results:
         print(result.line())
+        rep.load(result.label, result)
     base = results[0]
     for result in results[1:]:
+        rep.ratio(f"{result.label} / bare", result.rate, base.rate)
         print(f"  {result.label}: {result.rate / base.rate:6.1%} of the bare rate, p99 {result.pct(99) * 1000:.1f} ms"
               f" vs bare {base.pct(99) * 1000:.1f} ms  (target p99 < 50 ms)")
     for label, (secs, size, before, peak), rows in (("xlsx, JPY only", tenth, jpy_rows["total"]),
                                                     ("xlsx, every open invoice", full, total_open["total"])):
+        rep.figure(f"{label} seconds", secs, "s")
+        rep.figure(f"{label} rows/s", rows / secs if secs else 0.0, "rows/s")
+        rep.figure(f"{label} RSS peak", peak, "MB")
         print(f"{label:<26} {rows:>8,} rows  {secs:6.1f} s  {rows / secs:,.0f} rows/s  {size / 1e6:6.1f} MB  "
               f"service RSS {before:.0f} MB before, peak {peak:.0f} MB (+{peak - before:.0f})")
+    rep.figure("service RSS idle", idle, "MB")
+    rep.figure("service RSS after both exports", after, "MB")
     print(f"service RSS idle {idle:.0f} MB, after both exports {after:.0f} MB  (target: flat, peak < 200 MB)")
 
 

@@ -57,6 +57,7 @@ from fastapi import FastAPI, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.report import current
 from bench.stack import LoadResult, Stack, percentile, run_load, running_stack
 from bench.webhook_bench import fixed_load
 from deploy.infra import REPO_ROOT, ServiceProcess, StripeStandin, free_port
@@ -822,6 +823,44 @@ def report(args: argparse.Namespace, setup: Setup, previews: list[LoadResult],
           f"mirror in the new period {c.mirrored_new_period}/{n}")
     print("RESULT:", "no renewal invoice lost or doubled" if c.ok and c.stripe_renewals == n
           else "RENEWAL INVOICES LOST, DOUBLED OR UNFINISHED")
+    record(args, previews, renewal, watch, c, n)
+
+
+def record(args: argparse.Namespace, previews: list[LoadResult], renewal: Renewal, watch: Watch, c: Checks,
+           n: int) -> None:
+    """The figures and guarantees printed above, for `python -m bench --json` (checks printed already)."""
+    rep = current("subscriptions")
+    rep.figure("subscriptions", n, "count", better="higher")
+    for name, result in zip(["bare", "create_preview direct", "change-preview"], previews, strict=False):
+        rep.load(f"{name} c{args.concurrency}", result)
+    bare, _, preview = previews
+    rep.ratio("change-preview / bare rate", preview.rate, bare.rate)
+    t0 = renewal.started
+    for name, at in [("emitted", renewal.emitted), ("delivered", renewal.delivered),
+                     ("numbered", renewal.numbered_all), ("PAID", renewal.paid_all),
+                     ("renewed", renewal.renewed_all)]:
+        rep.figure(f"advance -> all {name}", at - t0 if at is not None else float("nan"), "s")
+    paid_times = [at - t0 for at in watch.paid_at.values()]
+    rep.figure("advance -> PAID p50", percentile(paid_times, 50), "s")
+    rep.figure("advance -> PAID p99", percentile(paid_times, 99), "s")
+    if renewal.paid_all is not None:
+        rep.figure("renewal invoices/s", n / (renewal.paid_all - t0), "invoices/s")
+    for name, bad, detail in [
+        ("renewal invoices lost", c.lost, f"of {c.ours} ours"), ("renewal invoices doubled", c.doubled, ""),
+        ("renewal invoices PAID in full and numbered", c.not_paid + c.unnumbered,
+         f"{c.not_paid} not PAID, {c.unnumbered} unnumbered"),
+        ("invoice numbers gapless", c.gaps + c.repeats, f"{c.numbers} in use, {c.gaps} gaps, {c.repeats} repeats"),
+        ("card payments lost", c.payments_lost, ""), ("card payments doubled", c.payments_doubled, ""),
+        ("invoice.paid lost/doubled (Kafka)", c.kafka_paid_lost + c.kafka_paid_doubled,
+         f"{c.kafka_paid_lost} lost, {c.kafka_paid_doubled} doubled"),
+        ("payment.succeeded lost/doubled (Kafka)", c.kafka_payment_lost + c.kafka_payment_doubled,
+         f"{c.kafka_payment_lost} lost, {c.kafka_payment_doubled} doubled"),
+        ("subscription.renewed lost/doubled (Kafka)", c.renewed_lost + c.renewed_doubled,
+         f"{c.renewed_lost} lost, {c.renewed_doubled} doubled"),
+        ("every subscription renewed once by Stripe", abs(c.stripe_renewals - n),
+         f"{c.stripe_renewals} renewal invoices for {n} subscriptions"),
+    ]:
+        rep.check(name, not bad, detail.strip() or str(bad), show=False)
 
 
 def _loadavg() -> str:
