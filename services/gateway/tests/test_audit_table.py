@@ -76,7 +76,11 @@ def test_every_reachable_change_is_audited_or_says_why_not(reachable: set[tuple[
 
 
 def test_the_table_names_only_routes_that_exist(reachable: set[tuple[str, str]]) -> None:
-    stale = sorted(op for op in [*AUDITED, *NOT_AUDITED] if op not in reachable)
+    # Admin pages mostly change things through the APIs above (recorded as those); the few that write
+    # the gateway's own tables (the invite page creates a login) are listed under their page route.
+    gateway = create_app(make_settings("postgresql+asyncpg://nobody@127.0.0.1:1/none"))
+    pages = {(method, path) for method, path in _operations(gateway) if path.startswith("/admin/")}
+    stale = sorted(op for op in [*AUDITED, *NOT_AUDITED] if op not in reachable | pages)
     assert not stale, f"no such route any more: {stale}"
     assert not set(AUDITED) & set(NOT_AUDITED)
     assert all(reason.strip() for reason in NOT_AUDITED.values())
