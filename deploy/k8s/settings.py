@@ -43,7 +43,8 @@ _ALSO_SECRET = {"SMTP_USERNAME"}
 # Not settings of ours but read by every process: uvicorn trusts X-Forwarded-For from these peers.
 # "*" is safe here because the NetworkPolicies let only the ingress controller reach the gateway
 # and only the gateway (and service-to-service callers) reach the others.
-PROCESS_ENV = {"FORWARDED_ALLOW_IPS": "*"}
+# OTEL_EXPORTER_OTLP_ENDPOINT (kit/tracing.py): empty is off; an overlay sets its collector's URL.
+PROCESS_ENV = {"FORWARDED_ALLOW_IPS": "*", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
 
 
 @dataclass(frozen=True)
