@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 TYPECHECK_PATHS ?= kit contracts
 
-.PHONY: install deps test test-unit typecheck lint run bench clean-run asyncapi
+.PHONY: install deps test test-unit typecheck lint run bench clean-run asyncapi chaos
 
 install: $(STAMP)
 	@$(PY) -m deploy.install
@@ -52,6 +52,11 @@ run: install
 
 bench: install
 	$(PY) -m bench
+
+# A bounded chaos run on its own loopback stack (python -m deploy.chaos --help): load, kill -9 of every
+# service and of Kafka, PostgreSQL -m immediate, then reconciliation; exit 1 on anything lost or doubled.
+chaos: install
+	$(PY) -m deploy.chaos $(CHAOS_ARGS)
 
 # AsyncAPI 3 documents of every service that declares `asyncapi_app` in its consumers.py.
 asyncapi: $(STAMP)

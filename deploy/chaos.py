@@ -172,6 +172,7 @@ class FaultRecord:
     recover_s: float | None = None  # kill -> first success of its probe through the gateway
     first_ok_s: float | None = None  # kill -> first accepted load request through it, started after the kill
     errors: int = 0  # failed load attempts that ended in the fault's window
+    probes: dict[str, float] = field(default_factory=dict)  # probe path -> seconds from the kill to its first 200
     error: str | None = None
     _restarted_at: float = 0.0
     _recovered_at: float = 0.0
@@ -393,7 +394,7 @@ class Faults:
         if name == "kafka":
             first = self._first_publish()
             record.first_ok_s = round(first - record.at, 2) if first else None
-        record._recovered_at = self._probe(name)
+        record._recovered_at = self._probe(name, record)
         if record._recovered_at:
             record.recover_s = round(record._recovered_at - record.at, 2)
         say(f"fault {name}: injected, back in {record.down_s}s, answering in {record.recover_s}s")
@@ -440,7 +441,7 @@ class Faults:
             time.sleep(0.1)
         return 0.0
 
-    def _probe(self, name: str, timeout: float = 180.0) -> float:
+    def _probe(self, name: str, record: FaultRecord, timeout: float = 180.0) -> float:
         """Wall clock of the first success of the fault's probe (0.0 if none before the timeout)."""
         paths = list(PROBES.values()) if name == "postgres" else [PROBES[name]] if name in PROBES else []
         deadline = time.monotonic() + timeout
@@ -450,6 +451,7 @@ class Faults:
                 with contextlib.suppress(httpx.HTTPError):
                     if self.http.get(path).status_code == 200:
                         pending.discard(path)
+                        record.probes[path] = round(time.time() - record.at, 2)
             if not pending and (name != "kafka" or self._all_ready()):
                 return time.time()
             time.sleep(0.1)
@@ -985,6 +987,8 @@ class Report:
     inconsistent: int
     findings: dict[str, list[str]]
     info: dict[str, int]
+    unknown_calls: list[str] = field(default_factory=list)
+    errors_outside: list[str] = field(default_factory=list)
     stack_root: str = ""
     pids: dict[str, int] = field(default_factory=dict)  # the last pid of each process started
 
@@ -1030,6 +1034,8 @@ def execute(stack: Stack, args: argparse.Namespace) -> Report:
     say("load stopping: waiting for the requests in flight...")
     thread.join(args.request_deadline + 60)
     elapsed = time.monotonic() - started
+    unknown_calls = [f"flow {c.flow} {c.step} {c.path} (last answer {c.status}, {c.attempts} attempts)"
+                     for c in ledger.calls() if c.outcome == "unknown"]
     unknown, unresolved = asyncio.run(settle_unknowns(stack, ledger, token))
     say(f"unknown outcomes: {unknown}, still unknown after asking again: {unresolved}")
     drained, drain_s, left = asyncio.run(drain(stack, ledger, args.drain_timeout))
@@ -1041,6 +1047,7 @@ def execute(stack: Stack, args: argparse.Namespace) -> Report:
     calls = list(ledger.calls())
     in_window = [(r.at, (r._recovered_at or r._restarted_at or r.at) + 2.0) for r in records if r.injected]
     errors = [a for a in ledger.attempts if not a.ok]
+    outside = [a for a in errors if not any(lo <= a.ended <= hi for lo, hi in in_window)]
     findings = {"lost": found.lost, "doubled": found.doubled, "inconsistent": found.inconsistent}
     refused = [c for c in calls if c.outcome == "refused"]
     findings["inconsistent"] += [f"flow {c.flow} {c.step} {c.path}: refused {c.status} {_short(c.body)}"
@@ -1052,7 +1059,9 @@ def execute(stack: Stack, args: argparse.Namespace) -> Report:
         requests_accepted=sum(1 for c in calls if c.outcome == "accepted"),
         requests_refused=len(refused), requests_unknown=unknown, unknown_unresolved=unresolved,
         errors_total=len(errors),
-        errors_outside_faults=sum(1 for a in errors if not any(lo <= a.ended <= hi for lo, hi in in_window)),
+        errors_outside_faults=len(outside),
+        unknown_calls=unknown_calls,
+        errors_outside=[f"+{a.ended - load.started_at:.1f}s {a.step}: {a.status}" for a in outside],
         replayed=replayed,
         faults=[{k: v for k, v in asdict(r).items() if not k.startswith("_")} for r in records],
         drained=drained, drain_s=round(drain_s, 1), drain_left=left,
@@ -1070,7 +1079,7 @@ def _progress(ledger: Ledger, started: float, next_at: float) -> float:
     paid = sum(1 for f in ledger.flows if f.total and _expected_paid(f) == f.total)
     say(f"+{time.monotonic() - started:5.0f}s  invoices {len(ledger.flows)}  paid {paid}  requests "
         f"{len(ledger.attempts)}  accepted {accepted}  errors {errors}")
-    return next_at + 10
+    return time.monotonic() + 10  # not next_at + 10: a long fault must not leave a backlog of lines
 
 
 def print_report(report: Report) -> None:
@@ -1091,11 +1100,15 @@ def print_report(report: Report) -> None:
         lines.append(f"  {f['name']:<14}{'yes' if f['injected'] and f['restarted'] else 'NO':>9}{f['errors']:>8}"
                      f"{_num(f['down_s']):>10}{_num(f['recover_s']):>13}{_num(f['first_ok_s']):>17}"
                      + (f"  {f['error'].splitlines()[0]}" if f["error"] else ""))
+        if len(f["probes"]) > 1:
+            lines.append("      answers: " + ", ".join(f"{path} {sec:.1f}s" for path, sec in f["probes"].items()))
     lines += [
         "",
         f"  pipeline drained            {'yes' if report.drained else 'NO'} in {report.drain_s}s"
         + ("" if report.drained else f" (left: {report.drain_left})"),
         "  " + ", ".join(f"{k} {v}" for k, v in report.info.items()),
+        *(f"  outcome unknown: {item}" for item in report.unknown_calls),
+        *(f"  failed outside fault windows: {item}" for item in report.errors_outside[:10]),
         "",
         f"  lost {report.lost} / doubled {report.doubled} / inconsistent {report.inconsistent}",
     ]
