@@ -37,7 +37,15 @@ COMMANDS = [
     "bench.pdf_bench",
     "bench.reminder_bench",
     "bench.bare_app",
+    "bench.reporting_bench",
+    "bench.subscriptions_bench",
+    "bench.profile",
+    "bench.compare",
+    "deploy.supervise",
+    "deploy.k8s.settings",
+    "deploy.k8s.migrate",
     "services.payments.stripe_setup",
+    "services.subscriptions.stripe_setup",
 ]
 # Settings from the caller's environment must not leak into what a test expects.
 _FOREIGN_PREFIXES = ("BILLING_", "STRIPE_", "SMTP_", "MAIL_FROM", *(f"{name.upper()}_" for name in SERVICES))
