@@ -46,6 +46,7 @@ COMMANDS = [
     "deploy.k8s.migrate",
     "services.payments.stripe_setup",
     "services.subscriptions.stripe_setup",
+    "kit.deadletter",
 ]
 # Settings from the caller's environment must not leak into what a test expects.
 _FOREIGN_PREFIXES = ("BILLING_", "STRIPE_", "SMTP_", "MAIL_FROM", *(f"{name.upper()}_" for name in SERVICES))
