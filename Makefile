@@ -25,8 +25,11 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	@echo "pip install -e '.[dev,local]' (quiet)..."
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,local]'
+	@echo "[install] pip install -e '.[dev,local]': about 200 Python packages (a few minutes the first time)"
+	@mkdir -p .run && set -o pipefail && $(PY) -m pip install --disable-pip-version-check -e '.[dev,local]' 2>&1 \
+	  | tee .run/pip.log | awk '/^Collecting /{n++; if (n % 10 == 1) {printf "[install] pip: %d packages resolved (%s)\n", n, $$2; fflush()}} \
+	    /^Successfully installed/{print "[install] pip: installed " NF-2 " packages"; fflush()}' \
+	  || { tail -30 .run/pip.log; echo "[install] pip failed: the whole log is in .run/pip.log"; exit 1; }
 	@touch $(STAMP)
 
 deps: $(STAMP)
