@@ -24,8 +24,10 @@ CORRELATION_HEADER = "X-Correlation-Id"
 # Libraries whose INFO lines are routine chatter (consumer-group joins, one line per internal HTTP
 # call: the access line of the service called says it): warnings and errors still come through.
 QUIET_LIBRARIES = ("aiokafka", "kafka", "httpx", "httpcore")
-# Libraries that install a stream handler of their own at import (and stop propagation).
-OWN_HANDLER_LIBRARIES = ("faststream", "faststream.access", "faststream.access.kafka")
+# Libraries that install a stream handler of their own (at import, or uvicorn's default dictConfig
+# when something in the process ran it with its own log config) and stop propagation.
+OWN_HANDLER_LIBRARIES = ("faststream", "faststream.access", "faststream.access.kafka",
+                         "uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 class _Handler(logging.StreamHandler[IO[str]]):
@@ -91,6 +93,7 @@ def configure_logging(service: str, level: str = "INFO", json: bool = False, *, 
         for own in [h for h in library.handlers if type(h) is logging.StreamHandler]:
             library.removeHandler(own)
         library.propagate = True
+        library.disabled = False
     structlog.contextvars.bind_contextvars(service=service)
 
 
