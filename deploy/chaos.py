@@ -949,7 +949,10 @@ async def create_clients(stack: Stack, ledger: Ledger, token: str, run_id: str) 
 
 def start_services(stack: Stack) -> None:
     for spec in SERVICES:
-        extra = {f"{spec.env_prefix}OUTBOX_POLL_INTERVAL": "0.5"}
+        # JSON logs, as in containers: the console renderer prints each exception as a rich traceback
+        # with every frame's locals (some 30,000 lines per error, seconds of CPU in the event loop),
+        # which after a PostgreSQL crash kept the invoice service from answering for minutes.
+        extra = {f"{spec.env_prefix}OUTBOX_POLL_INTERVAL": "0.5", f"{spec.env_prefix}LOG_JSON": "true"}
         if spec.name == "invoice":
             extra["INVOICE_OVERDUE_SCAN_INTERVAL"] = "3600"
         if spec.name == "notifications":
