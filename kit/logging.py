@@ -65,7 +65,10 @@ def configure_logging(service: str, level: str = "INFO", json: bool = False, *, 
         tail: list[structlog.typing.Processor] = [structlog.processors.format_exc_info, renderer]
     else:
         colours = out.isatty() and "NO_COLOR" not in os.environ
-        renderer = structlog.dev.ConsoleRenderer(colors=colours)
+        # A plain traceback: the default (rich, with every frame's locals) made one error ~30,000 lines,
+        # rendered inside the request, and kept the invoice service answering 504s for minutes after a
+        # PostgreSQL crash in the chaos run.
+        renderer = structlog.dev.ConsoleRenderer(colors=colours, exception_formatter=structlog.dev.plain_traceback)
         tail = [renderer]
     # structlog's own events are rendered and written directly: through stdlib logging each line cost
     # ~5x more (two LogRecords, caller lookup), and the access line is written once per request.

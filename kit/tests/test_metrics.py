@@ -202,3 +202,27 @@ async def test_middleware_overhead_is_small() -> None:
     best = min([await per_request(measured, 5000) - await per_request(bare, 5000) for _ in range(3)])
     print(f"HttpMetrics overhead: {best * 1e6:.1f} us per request")
     assert best < 200e-6  # generous for a loaded 2-core machine; typically a few microseconds
+
+
+def test_a_console_traceback_is_plain_and_short() -> None:
+    """An error's traceback without every frame's local variables: the rich default made one error
+    ~30,000 lines in a service log and stalled the service that rendered it."""
+    buffer = io.StringIO()
+
+    def deep(n: int, payload: str) -> None:
+        if n == 0:
+            raise RuntimeError("database went away")
+        deep(n - 1, payload)
+
+    try:
+        configure_logging("fmt-test", "INFO", json=False, stream=buffer)
+        try:
+            deep(30, "x" * 10_000)
+        except RuntimeError:
+            structlog.get_logger("kit.test").exception("request_failed")
+    finally:
+        configure_logging("fmt-test", "INFO", json=False)
+    text = buffer.getvalue()
+    assert "RuntimeError: database went away" in text and "request_failed" in text
+    assert "x" * 100 not in text  # no locals
+    assert len(text.splitlines()) < 120
