@@ -1,13 +1,15 @@
 # Local development and CI entry points. Everything runs from this directory; run state lives in .run/.
 #   make install   venv + Python deps (skipped while .venv is newer than pyproject.toml),
-#                  PostgreSQL (apt), Kafka jars (Maven -> .run/kafka-jars), stripe-mock (go -> .run/bin)
+#                  PostgreSQL (apt), Kafka jars (Maven -> .run/kafka-jars), stripe-mock and kustomize (go -> .run/bin)
 #   make test      install, ruff, mypy, then pytest (starts throwaway Kafka/Postgres/stripe-mock/mail sink)
 #                  extra pytest arguments: make test PYTEST_ARGS="deploy -x"
 #   make test-unit the tests that need no infrastructure (pytest -m "not infra"): seconds, no server
 #   make typecheck mypy over kit/ and contracts/ (make typecheck TYPECHECK_PATHS="kit contracts services")
 #   make run       install, then the whole stack (python -m deploy.run); Ctrl-C stops it
 #   make lint      ruff
-#   make bench     python -m bench
+#   make bench     python -m bench (python -m bench --json FILE keeps every figure)
+#   make chaos     python -m deploy.chaos: load + kill -9 of each service, Kafka and PostgreSQL, then a
+#                  reconciliation (lost / doubled / inconsistent must be 0); make chaos CHAOS_ARGS="--duration 60"
 #   make asyncapi  regenerate docs/asyncapi/*.json from the FastStream apps
 
 SHELL := /bin/bash
