@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger(__name__)
@@ -116,6 +118,21 @@ def _clean_validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any
     return cleaned
 
 
+def database_unreachable(exc: DBAPIError) -> bool:
+    """The connection was lost or could not be made (PostgreSQL restarting, a stale pooled connection
+    after a restart), as opposed to a statement the database refused."""
+    if exc.connection_invalidated:
+        return True
+    # SQLAlchemy's asyncpg adapter wraps the driver's exception: it is the wrapper's __cause__.
+    causes = (exc.orig, getattr(exc.orig, "__cause__", None), exc.__cause__)
+    return any(isinstance(cause, _UNREACHABLE) for cause in causes)
+
+
+_UNREACHABLE = (OSError, asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.CannotConnectNowError,
+                asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
+                asyncpg.exceptions.InterfaceError)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
@@ -134,6 +151,16 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        if not database_unreachable(exc):
+            log.exception("unhandled_error", error=str(exc))
+            return JSONResponse(error_body("internal_error", "An unexpected error occurred."), status_code=500)
+        # Nothing was committed (the unit of work rolled back with the connection): safe to retry.
+        log.warning("database_unavailable", error=str(exc.orig or exc)[:300])
+        return JSONResponse(error_body("database_unavailable", "The database is not reachable right now; "
+                                       "retry shortly."), status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

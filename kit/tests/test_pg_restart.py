@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.orm import DeclarativeBase
 
 from contracts.envelope import CloudEvent
@@ -27,6 +28,7 @@ from deploy.testing import KafkaEventLog
 from kit.db import Database, OutboxMixin
 from kit.service import ServiceRuntime, create_service_app, make_broker
 from kit.settings import ServiceSettings
+from kit.web import RequestUnitOfWork
 from kit.worker import PollingWorker, asyncpg_dsn
 
 POLL = 5.0  # every loop's poll interval: anything well under it was woken by a NOTIFY
@@ -171,3 +173,46 @@ async def test_after_a_crash_restart_readiness_tells_and_notify_speed_comes_back
             await notifier.close()
         await runtime.stop()
         await reader.stop()
+
+
+async def test_a_request_on_a_connection_pooled_before_the_crash_is_a_503_then_works(
+    own_postgres: PostgresServer,
+) -> None:
+    """No pre-ping on checkout (it cost three round trips per transaction): the first request on a
+    connection from before a crash-restart is a 503 the caller may retry, never a 500, and the whole
+    pool is renewed by it; and while PostgreSQL is down, requests are 503s too."""
+    url = own_postgres.create_database("stale_test")
+    settings = ServiceSettings(service_name=f"stale-{uuid.uuid4().hex[:6]}", database_url=url,
+                               kafka_enabled=False, migrate_on_start=False)
+    db = Database(url, pool_size=2)
+    runtime = ServiceRuntime(settings=settings, db=db, broker=make_broker(settings))
+    app = create_service_app(runtime, title="stale connection test")
+
+    @app.get("/probe")
+    async def probe(uow: RequestUnitOfWork) -> dict[str, int]:
+        return {"one": (await uow.session.execute(text("SELECT 1"))).scalar_one()}
+
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                                     base_url="http://test") as http:
+            both = await asyncio.gather(http.get("/probe"), http.get("/probe"))  # two pooled connections
+            assert [r.status_code for r in both] == [200, 200]
+            crash_restart(own_postgres)
+            first = await http.get("/probe")
+            assert first.status_code == 503, first.text  # the stale connection: retry
+            assert first.json()["error"]["code"] == "database_unavailable" and first.headers["Retry-After"] == "1"
+            for _ in range(3):  # every pooled connection was renewed: no second 503
+                again = await http.get("/probe")
+                assert again.status_code == 200 and again.json() == {"one": 1}, again.text
+
+            own_postgres._as_postgres("pg_ctl", "stop", "-D", str(own_postgres.data_dir), "-m", "fast", "-w",
+                                      timeout=60)
+            try:
+                down = await http.get("/probe")
+                assert down.status_code == 503 and down.json()["error"]["code"] == "database_unavailable", down.text
+            finally:
+                own_postgres.start()
+            assert (await http.get("/probe")).status_code in (200, 503)
+            assert (await http.get("/probe")).status_code == 200
+    finally:
+        await db.dispose()
