@@ -34,7 +34,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -42,6 +41,7 @@ from aiokafka import AIOKafkaConsumer
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.openloop import RawHttp, steady_load
 from bench.report import Report, current, number_gaps, out_of_order
 from bench.stack import LoadResult, Stack, running_stack
 from contracts.envelope import CloudEvent
@@ -222,62 +222,6 @@ def deliveries_for(ids: list[str], duplicates: float, rng: random.Random) -> lis
     return deliveries
 
 
-@dataclass
-class SteadyResult:
-    sent: int
-    acks: list[float]  # due time -> 200, seconds
-    lateness: list[float]  # due time -> the request leaving the sender, seconds
-    errors: int
-    send_span: float  # first due -> last request fired
-    ack_span: float  # first due -> last answer
-    max_in_flight: int
-
-
-async def steady_load(label: str, items: Sequence[Any], send: Callable[[Any, float], Awaitable[None]],
-                      rate: float) -> SteadyResult:
-    """Open loop: item k is fired at start + k / rate by the clock, whether or not earlier ones were answered.
-
-    `send(item, due)` gets its due time (time.time() scale). A sender that cannot keep up shows as
-    lateness, not as a lower rate hidden behind the answers' latency."""
-    loop = asyncio.get_running_loop()
-    to_wall = time.time() - loop.time()
-    start = loop.time() + 0.2
-    acks: list[float] = []
-    lateness: list[float] = []
-    errors = 0
-    in_flight = max_in_flight = 0
-    last_fired = last_answer = start
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def fire(item: Any, due: float) -> None:
-        nonlocal errors, in_flight, max_in_flight, last_fired, last_answer
-        last_fired = loop.time()
-        lateness.append(last_fired - due)
-        in_flight += 1
-        max_in_flight = max(max_in_flight, in_flight)
-        try:
-            await send(item, due + to_wall)
-        except Exception as exc:
-            errors += 1
-            if errors <= 3:
-                print(f"  [{label}] error: {exc!r}", file=sys.stderr)
-        else:
-            last_answer = loop.time()
-            acks.append(last_answer - due)
-        finally:
-            in_flight -= 1
-
-    for k, item in enumerate(items):
-        due = start + k / rate
-        if (wait := due - loop.time()) > 0:
-            await asyncio.sleep(wait)
-        task = loop.create_task(fire(item, due))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    return SteadyResult(len(items), acks, lateness, errors, last_fired - start, last_answer - start, max_in_flight)
-
-
 def signed_headers(body: bytes, secret: str) -> dict[str, str]:
     return {"Stripe-Signature": stripe_events.sign_payload(body, secret), "Content-Type": "application/json"}
 
@@ -366,19 +310,22 @@ async def run_steady(rep: Report, stack: Stack, args: argparse.Namespace, clock:
     secret = stack.endpoints.stripe_webhook_secret
     deliveries = deliveries_for(ids, args.duplicates, random.Random(43))
     target = stack.url("gateway") if args.via_gateway else stack.url("payments")
-    # No pool limit below the cap: a pool of N connections would make this a closed loop of N again.
-    limits = httpx.Limits(max_connections=args.max_in_flight, max_keepalive_connections=args.max_in_flight)
     due_at: dict[str, float] = {}
+    # Up to the cap, a connection per request in flight: a pool of N would make this a closed loop of N.
+    http = RawHttp(target, args.max_in_flight)
     stack.load_begins()
-    async with httpx.AsyncClient(base_url=target, limits=limits, timeout=30) as http:
-        async def deliver(invoice_id: str, due: float) -> None:
-            body = bodies[invoice_id]
-            due_at.setdefault(invoice_id, due)
-            response = await http.post("/webhooks/stripe", content=body, headers=signed_headers(body, secret))
-            if response.status_code != 200:
-                raise RuntimeError(f"{response.status_code} {response.text[:200]}")
 
+    async def deliver(invoice_id: str, due: float) -> None:
+        body = bodies[invoice_id]
+        due_at.setdefault(invoice_id, due)
+        status, answer = await http.post("/webhooks/stripe", body, signed_headers(body, secret))
+        if status != 200:
+            raise RuntimeError(f"{status} {answer[:200]!r}")
+
+    try:
         result = await steady_load("steady webhooks", deliveries, deliver, args.rate)
+    finally:
+        await http.aclose()
     await clock.wait_all_paid(ids, timeout=180)
 
     print(f"\n== webhook steady rate: {args.rate:g} events/s for {args.steady_seconds:g} s, open loop, "
@@ -387,7 +334,8 @@ async def run_steady(rep: Report, stack: Stack, args: argparse.Namespace, clock:
     ack_rate = rep.figure("steady ack rate", len(result.acks) / result.ack_span if result.ack_span else 0.0,
                           "req/s")
     print(f"asked {args.rate:g}/s: fired {send_rate:.1f}/s, answered {ack_rate:.1f}/s, "
-          f"{result.errors} errors, at most {result.max_in_flight} in flight (cap {args.max_in_flight})")
+          f"{result.errors} errors, at most {result.max_in_flight} in flight (cap {args.max_in_flight}, "
+          f"{http.opened} connections opened)")
     print(f"sender lateness (due -> fired):   {rep.spread('steady sender lateness', result.lateness)}")
     print(f"ack (due -> 200):                 {rep.spread('steady ack', result.acks)}")
     rep.figure("steady max in flight", result.max_in_flight, "count")
