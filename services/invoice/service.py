@@ -312,21 +312,24 @@ class InvoiceService:
                                    code="invoice_empty")
             if invoice.total <= 0:
                 raise InvalidInput("An invoice with a zero total cannot be sent.", code="invoice_zero_total")
-            invoice.issue_date = invoice.issue_date or today
-            # The invoice keeps the template (look and defaults) current at sending; 0 = built-in defaults.
-            head = await TemplateRepository(self.uow.session).head()
-            invoice.template_version = head.version if head else 0
-            net_days = invoice.net_days
-            if net_days is None:
-                template_days = head.default_net_days if head else None
-                net_days = template_days if template_days is not None else self.default_net_days
-            invoice.due_date = invoice.due_date or invoice.issue_date + timedelta(days=net_days)
-            if invoice.invoice_number is None:
-                year = today.year
-                seq = await self.invoices.next_number(year)
-                invoice.number_year, invoice.number_seq = year, seq
-                invoice.invoice_number = format_number(year, seq)
-            invoice.sent_at = utcnow()
+            # The queries below would each flush what is assigned so far (one UPDATE of the invoice
+            # apiece): the whole change is written once, by _change.
+            with self.uow.session.no_autoflush:
+                invoice.issue_date = invoice.issue_date or today
+                # The invoice keeps the template (look and defaults) current at sending; 0 = built-in defaults.
+                head = await TemplateRepository(self.uow.session).head()
+                invoice.template_version = head.version if head else 0
+                net_days = invoice.net_days
+                if net_days is None:
+                    template_days = head.default_net_days if head else None
+                    net_days = template_days if template_days is not None else self.default_net_days
+                invoice.due_date = invoice.due_date or invoice.issue_date + timedelta(days=net_days)
+                if invoice.invoice_number is None:
+                    year = today.year
+                    seq = await self.invoices.next_number(year)
+                    invoice.number_year, invoice.number_seq = year, seq
+                    invoice.invoice_number = format_number(year, seq)
+                invoice.sent_at = utcnow()
             await self._change(invoice, InvoiceEventType.SENT, to=S.SENT)
             return invoice
         if resend and invoice.status in OPEN:
