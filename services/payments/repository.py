@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy import BigInteger, String, and_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,7 +34,39 @@ _INVOICE = select(InvoiceCopy).where(InvoiceCopy.id == bindparam("invoice_id"))
 # The locked row's current values, also over a copy this session read before the lock.
 _INVOICE_FOR_UPDATE = _INVOICE.with_for_update().execution_options(populate_existing=True)
 _SESSION = select(CheckoutSession).where(CheckoutSession.id == bindparam("session_id"))
-_SESSION_FOR_UPDATE = _SESSION.with_for_update()
+# The locked row's current values: complete_session() writes the row without going through its object.
+_SESSION_FOR_UPDATE = _SESSION.with_for_update().execution_options(populate_existing=True)
+
+
+def _complete_session() -> Any:
+    """Lock and complete a session in one UPDATE ... RETURNING (a SELECT ... FOR UPDATE, then an UPDATE at
+    the next flush, were two round trips). The same rules as the attribute writes they replace, and
+    updated_at moves only when a value does (as the ORM's onupdate)."""
+    t = CheckoutSession
+    intent = bindparam("payment_intent", type_=String)
+    payment_status = bindparam("payment_status", type_=String)
+    created = bindparam("created", type_=BigInteger)
+    # The intent is set once, from the first event that names one.
+    new_intent = case((and_(func.coalesce(intent, "") != "", func.coalesce(t.stripe_payment_intent_id, "") == ""),
+                       intent), else_=t.stripe_payment_intent_id)
+    # A paid session stays paid; an event without a payment status leaves it.
+    new_payment_status = case((and_(func.coalesce(payment_status, "") != "", t.payment_status != "paid"),
+                               payment_status), else_=t.payment_status)
+    new_created = func.greatest(t.last_event_created, created)
+    changed = or_(new_intent.is_distinct_from(t.stripe_payment_intent_id), t.status != "complete",
+                  new_payment_status != t.payment_status, new_created != t.last_event_created)
+    return (
+        update(t).where(t.id == bindparam("session_id"))
+        .values(stripe_payment_intent_id=new_intent, status="complete", payment_status=new_payment_status,
+                last_event_created=new_created, updated_at=case((changed, func.now()), else_=t.updated_at))
+        .returning(t.client_id, t.amount, t.currency)
+        # ORM-enabled (pending changes of this session are flushed first), objects not synchronized: a
+        # later locked read of the row loads it again (_SESSION_FOR_UPDATE).
+        .execution_options(synchronize_session=False)
+    )
+
+
+_COMPLETE_SESSION = _complete_session()
 
 
 def _stripe_payment(by_intent: bool, by_session: bool, for_update: bool) -> Any:
@@ -98,6 +130,14 @@ def _as_uuid(value: str | None) -> uuid.UUID | None:
         return uuid.UUID(str(value))
     except ValueError:
         return None
+
+
+class CheckoutTerms(NamedTuple):
+    """What a completed Checkout Session asked for, as the payment of it is judged against."""
+
+    client_id: str | None
+    amount: int
+    currency: str
 
 
 class Repository:
@@ -219,6 +259,17 @@ class Repository:
     async def get_session(self, session_id: str, *, for_update: bool = False) -> CheckoutSession | None:
         stmt = _SESSION_FOR_UPDATE if for_update else _SESSION
         return (await self.session.scalars(stmt, {"session_id": session_id})).first()
+
+    async def complete_session(
+        self, session_id: str, *, payment_intent: str | None, payment_status: str | None, created: int
+    ) -> CheckoutTerms | None:
+        """Mark our session complete (complete is final: an older "expired" never comes after it), with
+        its payment intent and payment status as the event tells them; None when it is not ours."""
+        row = (await self.session.execute(_COMPLETE_SESSION, {
+            "session_id": session_id, "payment_intent": payment_intent, "payment_status": payment_status,
+            "created": created,
+        })).first()
+        return None if row is None else CheckoutTerms(row.client_id, row.amount, row.currency)
 
     async def reusable_session(
         self, invoice_id: str, amount: int, currency: str, valid_until: datetime

@@ -41,7 +41,7 @@ from kit.stripe import StripeUnavailable
 from services.payments.config import PaymentsSettings
 from services.payments.invoice_client import InvoiceReader, InvoiceServiceUnavailable
 from services.payments.models import CheckoutSession, InvoiceCopy, Payment, Refund, StripeInvoiceCharge
-from services.payments.repository import SETTLED, PaymentFilter, Repository
+from services.payments.repository import SETTLED, CheckoutTerms, PaymentFilter, Repository
 from services.payments.schemas import MarkPaidRequest
 from services.payments.stripe.gateway import StripeGateway
 
@@ -268,7 +268,7 @@ async def outstanding(repo: Repository, copy: InvoiceCopy) -> int:
 
 
 async def assess(
-    repo: Repository, copy: InvoiceCopy | None, amount: int, currency: str, session_row: CheckoutSession | None
+    repo: Repository, copy: InvoiceCopy | None, amount: int, currency: str, session_row: CheckoutTerms | None
 ) -> Assessment:
     """What a human may want to know about a Stripe payment of this amount (flags), and whether it is held."""
     flags: list[str] = []
@@ -730,20 +730,11 @@ class StripePayments:
 
     async def _touch_session(
         self, ref: StripeEventRef, charge: StripeCharge, *, payment_status: str | None
-    ) -> CheckoutSession | None:
+    ) -> CheckoutTerms | None:
         if not charge.session_id:
             return None
-        row = await self.repo.get_session(charge.session_id, for_update=True)
-        if row is None:
-            return None
-        if charge.payment_intent and not row.stripe_payment_intent_id:
-            row.stripe_payment_intent_id = charge.payment_intent
-        # complete is final for a session: an older "expired" never comes after it.
-        row.status = "complete"
-        if payment_status and row.payment_status != "paid":
-            row.payment_status = payment_status
-        row.last_event_created = max(row.last_event_created, ref.created)
-        return row
+        return await self.repo.complete_session(charge.session_id, payment_intent=charge.payment_intent,
+                                                payment_status=payment_status, created=ref.created)
 
     async def _payment_pending(self, ref: StripeEventRef, charge: StripeCharge) -> Outcome:
         copy = await self.copies.get(charge.invoice_id)  # may ask the invoice service: before the lock below
@@ -773,7 +764,7 @@ class StripePayments:
         await self.uow.session.flush()
         return processed(f"payment {payment.id} pending (asynchronous payment method)")
 
-    async def _settle(self, ref: StripeEventRef, charge: StripeCharge, session_row: CheckoutSession | None) -> Outcome:
+    async def _settle(self, ref: StripeEventRef, charge: StripeCharge, session_row: CheckoutTerms | None) -> Outcome:
         # The copy first (locked; when none exists the invoice service is asked before any lock of ours
         # for this event), then the payment: every path locks copy before payment.
         copy = await self.copies.get(charge.invoice_id, for_update=True)
@@ -820,7 +811,7 @@ class StripePayments:
         return processed(f"payment {payment.id} succeeded: {amount} {currency}{extra}")
 
     async def _assess(
-        self, copy: InvoiceCopy | None, amount: int, currency: str, session_row: CheckoutSession | None
+        self, copy: InvoiceCopy | None, amount: int, currency: str, session_row: CheckoutTerms | None
     ) -> Assessment:
         return await assess(self.repo, copy, amount, currency, session_row)
 
