@@ -22,7 +22,13 @@ from kit.logging import current_correlation_id
 from kit.pagination import PageRequest, PageResult
 from services.invoice.models import Client, Invoice, InvoiceItem, InvoicePayment
 from services.invoice.money import AmountError, LineInput, compute_totals, stripe_line_price, stripe_totals
-from services.invoice.repository import ClientRepository, InvoiceFilter, InvoiceRepository, TemplateRepository
+from services.invoice.repository import (
+    ClientRef,
+    ClientRepository,
+    InvoiceFilter,
+    InvoiceRepository,
+    TemplateRepository,
+)
 from services.invoice.schemas import ClientCreate, InvoiceCreate, InvoiceFields, InvoicePreview, InvoiceUpdate, ItemIn
 from services.invoice.status import OPEN, InvoiceStatus, can_transition
 
@@ -62,15 +68,18 @@ def format_number(year: int, seq: int) -> str:
     return f"{year}-{seq:04d}"
 
 
-def snapshot(invoice: Invoice, *, cause_id: str | None = None, reason: str | None = None) -> InvoiceSnapshotV1:
+def snapshot(invoice: Invoice, *, cause_id: str | None = None, reason: str | None = None,
+             client: Client | ClientRef | None = None) -> InvoiceSnapshotV1:
+    """`client`: the invoice's client when the instance does not carry it (a new invoice)."""
+    client = client or invoice.client
     return InvoiceSnapshotV1(
         id=str(invoice.id),
         invoice_number=invoice.invoice_number,
         status=invoice.status,
         currency=invoice.currency,
         client_id=str(invoice.client_id),
-        client_name=invoice.client.name if invoice.client else None,
-        client_email=invoice.client.email if invoice.client else None,
+        client_name=client.name if client else None,
+        client_email=client.email if client else None,
         project_id=invoice.project_id,
         subtotal=invoice.subtotal,
         discount_amount=invoice.discount_amount,
@@ -171,10 +180,8 @@ class InvoiceService:
     async def create_invoice(self, data: InvoiceCreate) -> Invoice:
         client = await self._existing_client(data.client_id)
         invoice = self._draft(data, client_id=client.id, currency=data.currency or client.currency)
-        invoice.client = client
-        self.invoices.add(invoice)
-        await self.uow.session.flush()
-        self._emit(invoice, InvoiceEventType.CREATED)
+        await self.invoices.insert_new(invoice)
+        self._emit(invoice, InvoiceEventType.CREATED, client=client)
         return invoice
 
     async def preview_invoice(self, data: InvoicePreview) -> Invoice:
@@ -186,8 +193,8 @@ class InvoiceService:
             raise InvalidInput("Give a currency or a clientId.", details=[{"field": "currency"}])
         return self._draft(data, client_id=data.client_id, currency=currency)
 
-    async def _existing_client(self, client_id: uuid.UUID) -> Client:
-        client = await self.clients.get(client_id)
+    async def _existing_client(self, client_id: uuid.UUID) -> ClientRef:
+        client = await self.clients.ref(client_id)
         if client is None:
             raise InvalidInput(f"Client {client_id} does not exist.", details=[{"field": "clientId"}])
         return client
@@ -587,12 +594,12 @@ class InvoiceService:
         return S.VIEWED if invoice.viewed_at else S.SENT
 
     def _emit(self, invoice: Invoice, event_type: InvoiceEventType, *, cause_id: str | None = None,
-              reason: str | None = None) -> None:
+              reason: str | None = None, client: ClientRef | None = None) -> None:
         event = CloudEvent.create(
             source=SOURCE,
             type=event_type,
             subject=str(invoice.id),
-            data=snapshot(invoice, cause_id=cause_id, reason=reason),
+            data=snapshot(invoice, cause_id=cause_id, reason=reason, client=client),
             correlation_id=current_correlation_id(),
             dataschema=SCHEMA_V1,
         )
