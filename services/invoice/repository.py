@@ -14,7 +14,7 @@ import orjson
 from sqlalchemy import Integer, Select, bindparam, func, inspect, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import QueryableAttribute
+from sqlalchemy.orm import QueryableAttribute, joinedload
 
 from contracts.invoice import InvoiceStatus
 from kit.pagination import PageRequest, PageResult, SortKey, paginate
@@ -223,7 +223,8 @@ class InvoiceRepository:
 _GET_INVOICE = select(Invoice).where(Invoice.id == bindparam("id"))
 # Lock only the invoice row (the joined client is read, not locked), and take the row as it is once
 # the lock is ours: an instance read earlier in this unit of work may be stale.
-_GET_INVOICE_FOR_UPDATE = _GET_INVOICE.with_for_update(of=Invoice).execution_options(populate_existing=True)
+_GET_INVOICE_FOR_UPDATE = (_GET_INVOICE.options(joinedload(Invoice.items)).with_for_update(of=Invoice)
+                           .execution_options(populate_existing=True))
 _CLIENT_REF = select(Client.id, Client.name, Client.email, Client.currency).where(Client.id == bindparam("id"))
 # Every column but the server-side timestamps, which the INSERT returns.
 _INVOICE_INSERTED = tuple(c.key for c in Invoice.__table__.columns if c.key not in ("created_at", "updated_at"))
