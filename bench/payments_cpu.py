@@ -60,10 +60,10 @@ class NoInvoiceService:
 
 
 def _snapshot(invoice_id: str, client_id: str, *, paid: bool, cause_id: str | None = None) -> Any:
-    from contracts.invoice import InvoiceSnapshotV1
+    from contracts.invoice import InvoiceSnapshotV1, InvoiceStatus
 
     return InvoiceSnapshotV1(
-        id=invoice_id, invoice_number=None, status="PAID" if paid else "SENT", currency="EUR",
+        id=invoice_id, invoice_number=None, status=InvoiceStatus.PAID if paid else InvoiceStatus.SENT, currency="EUR",
         client_id=client_id, client_name="Bench client", client_email="bench@example.com",
         subtotal=AMOUNT, discount_amount=0, tax_amount=0, total=AMOUNT,
         amount_paid=AMOUNT if paid else 0, amount_due=0 if paid else AMOUNT,
