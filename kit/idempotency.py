@@ -71,13 +71,14 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
 async def claim(uow: UnitOfWork, model: Any, *, owner: str, key: str, print_: str) -> Any | None:
     """Claim `key` for `owner` in this unit of work. Returns the claimed row, or raises `Replay` /
     422 when the key was used before (waiting first if that request is still running)."""
-    inserted = (await uow.session.execute(
-        insert(model).values(owner=owner, key=key, fingerprint=print_)
-        .on_conflict_do_nothing().returning(model.key)
-    )).first()
-    row = await uow.session.scalar(select(model).where(model.owner == owner, model.key == key))
+    # A new key (the usual case) comes back from the INSERT itself, loaded as the row to answer into;
+    # a separate SELECT after it cost ~10% of a guarded create's CPU. Only a conflict reads the row.
+    claimed = select(model).from_statement(
+        insert(model).values(owner=owner, key=key, fingerprint=print_).on_conflict_do_nothing().returning(model))
+    inserted = (await uow.session.scalars(claimed)).first()
     if inserted is not None:
-        return row
+        return inserted
+    row = await uow.session.scalar(select(model).where(model.owner == owner, model.key == key))
     if row is None:  # the first request rolled back between our INSERT and SELECT: it never happened
         return await claim(uow, model, owner=owner, key=key, print_=print_)
     if row.fingerprint != print_:

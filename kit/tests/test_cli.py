@@ -41,6 +41,8 @@ COMMANDS = [
     "bench.subscriptions_bench",
     "bench.profile",
     "bench.compare",
+    "bench.invoice_cpu",
+    "bench.payments_cpu",
     "deploy.supervise",
     "deploy.k8s.settings",
     "deploy.k8s.migrate",
