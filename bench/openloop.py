@@ -68,9 +68,17 @@ class RawHttp:
     @staticmethod
     async def _exchange(conn: Connection, request: bytes, reused: bool) -> tuple[int, bytes, bool]:
         reader, writer = conn
-        writer.write(request)
-        await writer.drain()
-        status_line = await reader.readline()
+        try:
+            writer.write(request)
+            await writer.drain()
+            status_line = await reader.readline()
+        except (ConnectionResetError, BrokenPipeError):
+            # The server closed an idle keep-alive connection (uvicorn after 5 s) as we reused it: it
+            # read nothing, so sending again on a new connection is safe. A new connection that is
+            # reset is a real error.
+            if reused:
+                raise StaleConnection from None
+            raise
         if not status_line:
             if reused:
                 raise StaleConnection
