@@ -23,6 +23,7 @@ from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kit.db import Database, UnitOfWork
@@ -55,6 +56,18 @@ def utc_datetime(value: datetime) -> datetime:
         return value.astimezone(UTC)
     except OverflowError:
         raise ValueError("date and time out of range once converted to UTC") from None
+
+
+def one_line(value: str) -> str:
+    """Text that ends up in an email header or a one-line display (a name, a link): a CR/LF would
+    start a header of its own, the other C0/C1 controls, DEL and U+2028/2029 break or disguise what
+    the reader sees. A 422 naming the character."""
+    for char in value:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029):
+            raise PydanticCustomError("control_character", "must not contain control characters (found U+{code})",
+                                      {"code": f"{code:04X}"})
+    return value
 
 
 CalendarDate = Annotated[date, AfterValidator(calendar_date)]

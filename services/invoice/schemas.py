@@ -20,7 +20,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from kit.web import CalendarDate
+from kit.web import CalendarDate, one_line
 from services.invoice.money import MAX_AMOUNT, known_currencies
 from services.invoice.pdf import BankDetails, NormalizedLogo, TemplateSettings
 
@@ -33,18 +33,6 @@ def _no_nul(value: object) -> object:
     # PostgreSQL text and JSONB cannot hold U+0000: refuse it here rather than fail on insert.
     if isinstance(value, str) and "\x00" in value:
         raise ValueError("text must not contain NUL characters")
-    return value
-
-
-def _one_line(value: str) -> str:
-    # A client's name is the display name of every email to the client: a CR/LF there would start a
-    # header of its own (and its emails could never be built). C0 and C1 controls, DEL and U+2028/2029
-    # are refused (the email address is checked by EmailStr; invoice numbers are ours).
-    for char in value:
-        code = ord(char)
-        if code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029):
-            raise PydanticCustomError("control_character", "must not contain control characters (found U+{code})",
-                                      {"code": f"{code:04X}"})
     return value
 
 
@@ -80,7 +68,7 @@ class ClientCreate(InputModel):
     tax_id: Annotated[str, StringConstraints(max_length=64)] | None = None
 
     _currency = field_validator("currency")(_check_currency)
-    _name = field_validator("name")(_one_line)
+    _name = field_validator("name")(one_line)
 
 
 class ClientOut(ApiModel):

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from contracts.notification import NotificationKind
 from kit.actor import AdminActor
-from kit.web import RequestUnitOfWork
+from kit.web import RequestUnitOfWork, one_line
 from services.notifications import repository as repo
 from services.notifications.schemas import InputModel, NotificationOut
 
@@ -36,17 +36,6 @@ log = structlog.get_logger(__name__)
 
 INVITATION_KIND = NotificationKind.PORTAL_INVITATION
 ACTION_LABEL = "Set your password"
-
-
-def _one_line(value: str) -> str:
-    # The name becomes the To header's display name and the link an address in the email: a CR/LF
-    # would start a header of its own, the other controls break or disguise what the reader sees.
-    for char in value:
-        code = ord(char)
-        if code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029):
-            raise PydanticCustomError("control_character", "must not contain control characters (found U+{code})",
-                                      {"code": f"{code:04X}"})
-    return value
 
 
 def _web_address(value: str) -> str:
@@ -65,7 +54,7 @@ class InvitationRequest(InputModel):
 
     # mode="before": a control character is named as such, before EmailStr calls it a bad address.
     _lines = field_validator("client_id", "email", "name", "link", "portal_url", mode="before")(
-        lambda v: _one_line(v) if isinstance(v, str) else v)
+        lambda v: one_line(v) if isinstance(v, str) else v)
     _links = field_validator("link", "portal_url")(lambda v: _web_address(v) if isinstance(v, str) else v)
 
 
