@@ -219,7 +219,13 @@ async function settleAfterPayment(paymentId) {
   for (let i = 0; i < SETTLE_POLLS; i += 1) {
     const [inv, history] = await Promise.all([loadInvoice().catch(() => invoice), loadHistory()]);
     const applied = history && history.some((p) => String(p.paymentId) === String(paymentId));
-    if (applied || (inv && inv.status === "PAID")) return true;
+    if (inv && inv.status === "PAID") return true;
+    if (applied) {
+      // The two reads ran at once: the invoice may have been read just before the payment was applied
+      // (both commit together in the invoice service), so read it again now that the ledger has it.
+      await loadInvoice().catch(() => {});
+      return true;
+    }
     await sleep(POLL_FAST_MS);
   }
   return false;
