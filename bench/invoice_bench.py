@@ -30,10 +30,8 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.report import Report, current, number_gaps, out_of_order
+from bench.report import Report, current, invoice_numbers, number_gaps, out_of_order
 from bench.stack import LoadResult, Stack, percentile, run_load, running_stack
 from contracts.envelope import CloudEvent
 from deploy.infra import ServiceProcess, free_port
@@ -96,17 +94,6 @@ async def measured(label: str, operation: Any, concurrency: int, duration: float
     began = time.time()
     result = await run_load(label, operation, concurrency=concurrency, duration=duration, warmup=warmup)
     return Phase(result, began + warmup, time.time(), concurrency)
-
-
-async def invoice_numbers(database_url: str) -> list[tuple[int, int]]:
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT number_year, number_seq FROM invoices WHERE number_seq IS NOT NULL"))).all()
-        return [(int(year), int(seq)) for year, seq in rows]
-    finally:
-        await engine.dispose()
 
 
 async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Report) -> int:

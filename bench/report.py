@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from bench.stack import LoadResult, percentile
 
 Better = Literal["higher", "lower"]
@@ -128,3 +131,15 @@ def number_gaps(numbers: list[tuple[int, int]]) -> tuple[int, int, int]:
     for seqs in by_year.values():
         gaps += max(seqs) - len(seqs)  # seqs >= 1, so this counts the numbers missing from 1..max
     return len(numbers), repeats, gaps
+
+
+async def invoice_numbers(database_url: str) -> list[tuple[int, int]]:
+    """(year, sequence) of every numbered invoice in the invoice service's database, for number_gaps."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT number_year, number_seq FROM invoices WHERE number_seq IS NOT NULL"))).all()
+        return [(int(year), int(seq)) for year, seq in rows]
+    finally:
+        await engine.dispose()

@@ -38,11 +38,11 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.openloop import RawHttp, steady_load
-from bench.report import Report, current, number_gaps, out_of_order
+from bench.report import Report, current, invoice_numbers, number_gaps, out_of_order
 from bench.stack import LoadResult, Stack, running_stack
 from contracts.envelope import CloudEvent
 from deploy.infra import ServiceProcess, free_port
@@ -342,17 +342,6 @@ async def run_steady(rep: Report, stack: Stack, args: argparse.Namespace, clock:
     rep.ratio("steady achieved / asked rate", send_rate, args.rate, target="100%")
     rep.check("steady: every delivery answered 200", not result.errors, f"{result.errors} errors")
     return due_at, not result.errors
-
-
-async def invoice_numbers(database_url: str) -> list[tuple[int, int]]:
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT number_year, number_seq FROM invoices WHERE number_seq IS NOT NULL"))).all()
-        return [(int(year), int(seq)) for year, seq in rows]
-    finally:
-        await engine.dispose()
 
 
 async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Report) -> int:
