@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer
 
+from bench.cpu import CpuMeter, CpuSplit
 from bench.report import Report, current, invoice_numbers, number_gaps, out_of_order
 from bench.stack import LoadResult, Stack, percentile, run_load, running_stack
 from contracts.envelope import CloudEvent
@@ -85,15 +86,18 @@ class Phase:
     started: float  # epoch seconds of the measured window (after the warm-up)
     ended: float
     concurrency: int
+    cpu: CpuSplit  # over the measured window: where the cores went
 
     def delays(self, seen: list[Seen]) -> list[float]:
         return [s.delay for s in seen if s.type == "invoice.created" and self.started <= s.event_time <= self.ended]
 
 
-async def measured(label: str, operation: Any, concurrency: int, duration: float, warmup: float = 1.0) -> Phase:
+async def measured(label: str, operation: Any, concurrency: int, duration: float, meter: CpuMeter,
+                   warmup: float = 1.0) -> Phase:
     began = time.time()
+    asyncio.get_running_loop().call_later(warmup, meter.start)  # as run_load starts counting
     result = await run_load(label, operation, concurrency=concurrency, duration=duration, warmup=warmup)
-    return Phase(result, began + warmup, time.time(), concurrency)
+    return Phase(result, began + warmup, time.time(), concurrency, meter.stop())
 
 
 async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Report) -> int:
@@ -138,11 +142,13 @@ async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Repo
                            daemon=True)
         probe.start()
         await asyncio.to_thread(ready.wait, 60)
+        meter = CpuMeter.of(stack, **{"bench's Kafka probe": probe.pid})
         stack.load_begins()
-        create_phase = await measured("create invoice (gateway)", create, concurrency, duration)
-        send_phase = await measured("create + send (gateway, 2 calls)", create_and_send, concurrency, duration)
+        create_phase = await measured("create invoice (gateway)", create, concurrency, duration, meter)
+        send_phase = await measured("create + send (gateway, 2 calls)", create_and_send, concurrency, duration,
+                                    meter)
         low_phase = await measured(f"create invoice (gateway), c={args.low_concurrency}", create,
-                                   args.low_concurrency, duration)
+                                   args.low_concurrency, duration, meter)
         stack.load_ends()
         expected = len(created_ids) + len(sent_ids)
         deadline = time.monotonic() + 60
@@ -177,6 +183,11 @@ def report(rep: Report, args: argparse.Namespace, bare: LoadResult, create: Phas
         p99 = rep.figure(f"commit->kafka {name} p99", percentile(delays, 99) * 1000, "ms")
         print(f"commit -> Kafka, {name:<16} p50 {p50:6.1f} ms   p99 {p99:6.1f} ms   n={len(delays)}"
               "  (target p99 < 100 ms)")
+
+    for name, phase, unit in [(f"create c{c}", create, "invoice"), (f"create+send c{c}", send, "invoice"),
+                              (f"create c{lc}", low, "invoice")]:
+        print(f"\n{name}: {phase.cpu.table(len(phase.result.latencies), unit)}")
+        phase.cpu.record(rep, name, len(phase.result.latencies), unit)
 
     created = Counter(s.subject for s in seen if s.type == "invoice.created")
     sent = Counter(s.subject for s in seen if s.type == "invoice.sent")

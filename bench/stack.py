@@ -47,6 +47,7 @@ class Stack:
     kafka: KafkaServer
     endpoints: InfraEndpoints
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    stripe_pid: int | None = None  # stripe-mock's, when the stack has it
 
     def url(self, name: str) -> str:
         return self.endpoints.url_of(name)
@@ -86,12 +87,12 @@ def running_stack(services: Sequence[str], *, durable: bool = True, with_stripe:
         kafka = KafkaServer(root / "kafka", kafka_port, controller_port, jars_dir=jars)
         kafka.start()
         stops.append(kafka.stop)
-        stripe_url, smtp_port = "http://127.0.0.1:1", 1
+        stripe_url, smtp_port, stripe_pid = "http://127.0.0.1:1", 1, None
         if with_stripe:
             stripe = StripeMock(free_port(), bin_dir=RUN_DIR / "bin", log_path=root / "logs" / "stripe-mock.log")
             stripe.start()
             stops.append(stripe.stop)
-            stripe_url = stripe.url
+            stripe_url, stripe_pid = stripe.url, stripe.pid
         if with_mail:
             sink = MailSink(root / "mail", free_port(), log_path=root / "logs" / "mailsink.log")
             sink.start()
@@ -106,7 +107,7 @@ def running_stack(services: Sequence[str], *, durable: bool = True, with_stripe:
             mail_dir=root / "mail",
             ports=dict(zip([s.name for s in SERVICES], free_ports(len(SERVICES)), strict=True)),
         )
-        stack = Stack(root=root, postgres=postgres, kafka=kafka, endpoints=endpoints)
+        stack = Stack(root=root, postgres=postgres, kafka=kafka, endpoints=endpoints, stripe_pid=stripe_pid)
         for name in services:
             stack.start_service(name)
             stops.append(stack.processes[name].stop)

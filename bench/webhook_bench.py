@@ -41,6 +41,7 @@ from aiokafka import AIOKafkaConsumer
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.cpu import CpuMeter
 from bench.openloop import RawHttp, steady_load
 from bench.report import Report, current, invoice_numbers, number_gaps, out_of_order
 from bench.stack import LoadResult, Stack, running_stack
@@ -261,6 +262,13 @@ async def verify(rep: Report, mode: str, stack: Stack, clock: KafkaClock, ids: l
     return all(checks)
 
 
+def cpu_report(rep: Report, mode: str, meter: CpuMeter, payments: int) -> None:
+    """Where the cores went from the first delivery until the last invoice.paid, per payment."""
+    split = meter.stop()
+    print(f"{mode}, first delivery -> last PAID: {split.table(payments, 'payment')}")
+    split.record(rep, mode, payments, "payment")
+
+
 async def run_burst(rep: Report, stack: Stack, bare_url: str, args: argparse.Namespace, clock: KafkaClock,
                     ids: list[str], bodies: dict[str, bytes]) -> tuple[dict[str, float], bool]:
     """The bare endpoint, then the webhooks, each delivery sent as soon as a worker is free."""
@@ -278,7 +286,9 @@ async def run_burst(rep: Report, stack: Stack, bare_url: str, args: argparse.Nam
         bare_result = await fixed_load("bare FastAPI endpoint", deliveries, bare, args.concurrency)
 
     posted_at: dict[str, float] = {}
+    meter = CpuMeter.of(stack)
     stack.load_begins()
+    meter.start()
     async with httpx.AsyncClient(base_url=target, limits=limits, timeout=30) as http:
         async def deliver(invoice_id: str) -> None:
             body = bodies[invoice_id]
@@ -300,6 +310,7 @@ async def run_burst(rep: Report, stack: Stack, bare_url: str, args: argparse.Nam
     rep.load(f"burst webhook acks c{args.concurrency}", hook_result)
     ratio = rep.ratio("burst webhook acks / bare", hook_result.rate, bare_result.rate, target=">= 45%")
     print(f"ratio webhook acks / bare:              {ratio:6.1%}  (target >= 45%)")
+    cpu_report(rep, "burst", meter, len(ids))
     rep.check("burst: every delivery answered 200", not hook_result.errors, f"{hook_result.errors} errors")
     return posted_at, not hook_result.errors
 
@@ -313,7 +324,9 @@ async def run_steady(rep: Report, stack: Stack, args: argparse.Namespace, clock:
     due_at: dict[str, float] = {}
     # Up to the cap, a connection per request in flight: a pool of N would make this a closed loop of N.
     http = RawHttp(target, args.max_in_flight)
+    meter = CpuMeter.of(stack)
     stack.load_begins()
+    meter.start()
 
     async def deliver(invoice_id: str, due: float) -> None:
         body = bodies[invoice_id]
@@ -341,6 +354,7 @@ async def run_steady(rep: Report, stack: Stack, args: argparse.Namespace, clock:
     rep.figure("steady max in flight", result.max_in_flight, "count")
     rep.ratio("steady achieved / asked rate", send_rate, args.rate, target="100%")
     rep.check("steady: every delivery answered 200", not result.errors, f"{result.errors} errors")
+    cpu_report(rep, "steady", meter, len(ids))
     return due_at, not result.errors
 
 

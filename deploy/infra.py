@@ -370,6 +370,10 @@ class KafkaServer:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc.running
 
@@ -746,6 +750,13 @@ class PostgresServer:
             f"postgres ready on 127.0.0.1:{self.port}{mode} in {time.monotonic() - started:.1f}s (data {self.data_dir})"
         )
 
+    def postmaster_pid(self) -> int | None:
+        """The running server's pid (first line of postmaster.pid), None when it is not running."""
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
     def stop(self) -> None:
         if self.bin_dir is None or not (self.data_dir / "postmaster.pid").exists():
             return
@@ -819,6 +830,10 @@ class StripeMock:
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else None
         self.log_path = Path(log_path) if log_path else RUN_DIR / "logs" / f"stripe-mock-{port}.log"
         self._proc = _Process("stripe-mock", self.log_path)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
 
     @property
     def url(self) -> str:
