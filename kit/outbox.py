@@ -13,6 +13,7 @@ import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import structlog
 from faststream.kafka import KafkaBroker
@@ -20,11 +21,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy import inspect as sa_inspect
 
 from kit import tracing
+from kit.child import ChildContext, ChildProcess, ChildReport, run_worker
 from kit.db import OUTBOX_CHANNEL, Database, OutboxMixin
 from kit.metrics import OUTBOX_RELAYED
 from kit.worker import PollingWorker, WorkerState, asyncpg_dsn
 
-__all__ = ["OutboxRelay", "RelayThread", "asyncpg_dsn"]
+__all__ = ["OutboxRelay", "RelayProcess", "RelayThread", "asyncpg_dsn"]
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +57,7 @@ class OutboxRelay(PollingWorker):
         self._broker = broker
         self._lock_key = zlib.crc32(f"outbox:{service}".encode())
         self._relayed = OUTBOX_RELAYED.labels(service)
+        self.relayed_total = 0  # events published since start (a child relay reports it to its parent)
         self._relay_batch = batch_size
 
     async def run_once(self) -> int:
@@ -103,6 +106,7 @@ class OutboxRelay(PollingWorker):
                 update(table).where(table.c.id.in_([r.id for r in rows])).values(published_at=func.now())
             )
         self._relayed.inc(len(rows))  # counted once the marking committed with the block above
+        self.relayed_total += len(rows)
         log.debug("outbox_published", count=len(rows))
         return len(rows)
 
@@ -188,3 +192,38 @@ class RelayThread:
             await relay.stop()
             await broker.stop()
             await db.dispose()
+
+
+# -- the relay in a child process (kit.child): the default ------------------------------------------------
+
+
+async def _relay_child(ctx: ChildContext, database_url: str, outbox_model: type[OutboxMixin],
+                       broker_factory: Callable[[], KafkaBroker], service: str, poll_interval: float) -> None:
+    db = Database(database_url, outbox_model=outbox_model, pool_size=2)
+    broker = broker_factory()
+    try:
+        await broker.start()
+        relay = OutboxRelay(db, broker, service=service, poll_interval=poll_interval)
+        await run_worker(ctx, relay, lambda: {"relayed": relay.relayed_total})
+    finally:
+        await broker.stop()
+        await db.dispose()
+
+
+class RelayProcess(ChildProcess):
+    """The service's OutboxRelay in a child process (its own GIL, next to the service's requests and
+    consumers), restarted if it exits; its published count is carried into this process's
+    billing_outbox_relayed_total. `broker_factory` and `outbox_model` cross to the child by import
+    (a module-level function, or a functools.partial of one with picklable arguments)."""
+
+    def __init__(self, database_url: str, outbox_model: type[OutboxMixin], broker_factory: Callable[[], KafkaBroker],
+                 *, service: str, poll_interval: float = 1.0, log_level: str = "INFO", log_json: bool = False) -> None:
+        relayed = OUTBOX_RELAYED.labels(service)
+
+        def carry(report: ChildReport, previous: ChildReport | None) -> None:
+            before = previous.counters.get("relayed", 0.0) if previous is not None else 0.0
+            relayed.inc(max(0.0, report.counters.get("relayed", 0.0) - before))
+
+        args: tuple[Any, ...] = (database_url, outbox_model, broker_factory, service, poll_interval)
+        super().__init__(OutboxRelay.name, _relay_child, args, service=service, log_level=log_level,
+                         log_json=log_json, on_report=carry)

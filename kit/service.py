@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -47,7 +48,7 @@ from kit.metrics import (
     exposition,
 )
 from kit.migrations import upgrade_to_head_async
-from kit.outbox import RelayThread
+from kit.outbox import RelayProcess, RelayThread
 from kit.settings import ServiceSettings
 from kit.web import DEFAULT_MAX_BODY, BodyLimit, StrictQuery
 from kit.worker import WorkerState
@@ -128,7 +129,7 @@ class ServiceRuntime:
     broker: KafkaBroker
     migrations: Path | None = None
     jobs: Sequence[PeriodicJob] = ()
-    relay: RelayThread | None = None
+    relay: RelayProcess | RelayThread | None = None
     # The service's PollingWorkers (webhook worker, email delivery, ...): readiness reports them.
     workers: list[Watched] = field(default_factory=list)
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -160,10 +161,7 @@ class ServiceRuntime:
             await ensure_topics(self.settings.kafka_bootstrap, topics.ALL)
             await self.broker.start()
             if self.db.outbox_model is not None and self.settings.relay_enabled:
-                self.relay = RelayThread(
-                    self.settings.database_url, self.db.outbox_model, lambda: make_broker(self.settings),
-                    service=self.settings.service_name, poll_interval=self.settings.outbox_poll_interval,
-                )
+                self.relay = self._make_relay()
                 await self.relay.start()
             self.consumer_lag = ConsumerLag(
                 self.settings.kafka_bootstrap, lambda: [*broker_subscriptions(self.broker), *self.consumers],
@@ -172,8 +170,21 @@ class ServiceRuntime:
             self._kit_metrics.append(self.consumer_lag)
         for hook in self.on_startup:
             await hook()
+        if isinstance(self.relay, RelayProcess):  # spawned above; it started meanwhile
+            await self.relay.wait_ready()
         self._tasks = [asyncio.create_task(self._loop(job), name=job.name) for job in self.jobs]
         log.info("service_started", port=self.settings.port)
+
+    def _make_relay(self) -> RelayProcess | RelayThread:
+        assert self.db.outbox_model is not None
+        settings = self.settings
+        if settings.relay_mode == "thread":
+            return RelayThread(settings.database_url, self.db.outbox_model, lambda: make_broker(settings),
+                               service=settings.service_name, poll_interval=settings.outbox_poll_interval)
+        # Crosses to the child by pickling: make_broker by reference, the settings by value.
+        return RelayProcess(settings.database_url, self.db.outbox_model, functools.partial(make_broker, settings),
+                            service=settings.service_name, poll_interval=settings.outbox_poll_interval,
+                            log_level=settings.log_level, log_json=settings.log_json)
 
     async def stop(self) -> None:
         for task in self._tasks:

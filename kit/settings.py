@@ -1,5 +1,7 @@
 """Settings shared by every service; each service subclasses with its own env prefix."""
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,6 +26,9 @@ class ServiceSettings(BaseSettings):
     kafka_enabled: bool = True
     # Off lets an operator run the relay elsewhere; tests use it to stop between commit and publish.
     relay_enabled: bool = True
+    # "process": the relay runs in a child process of the service (its own GIL: commit -> Kafka does not
+    # queue behind request handling); "thread": in a thread of the service's process (kit.outbox).
+    relay_mode: Literal["process", "thread"] = "process"
     outbox_poll_interval: float = 1.0
     # Kafka consumer group; empty means the service name. Replicas of one deployment share it.
     consumer_group: str = ""

@@ -1,6 +1,6 @@
 """After a real PostgreSQL crash-restart (`pg_ctl restart -m immediate`) a service on kit listens
 again: /readyz is 503 while it cannot work, then 200, and commit → Kafka through the outbox relay
-(RelayThread) and a NOTIFY to a worker on a channel (as payments' webhook worker is woken) are fast
+(kit.outbox, in its child process) and a NOTIFY to a worker on a channel (as payments' webhook worker is woken) are fast
 again. Poll intervals are 5 s, so only a NOTIFY explains anything faster than that.
 
 The server restarted is this test's own (the session's PostgreSQL is shared by every test)."""
