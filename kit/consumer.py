@@ -8,11 +8,14 @@ skipped; a crash before commit leaves the offset uncommitted, so the event comes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
+from aiokafka import TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -25,7 +28,13 @@ from contracts.deadletter import DeadLetterV1
 from contracts.envelope import CloudEvent
 from kit import tracing
 from kit.db import Database, UnitOfWork
-from kit.deadletter import EventFailureMixin, failure_model_of, forget_failures, record_failure
+from kit.deadletter import (
+    EventFailureMixin,
+    failure_model_of,
+    forget_failures,
+    forget_many_failures,
+    record_failure,
+)
 from kit.errors import AppError
 from kit.logging import bind_correlation_id
 from kit.metrics import DEAD_LETTERED, EVENTS_HANDLED
@@ -33,6 +42,9 @@ from kit.metrics import DEAD_LETTERED, EVENTS_HANDLED
 log = structlog.get_logger(__name__)
 
 EventHandler = Callable[[UnitOfWork, CloudEvent], Awaitable[None]]
+# A batch consumer's poll waits this long for records when none are buffered (FastStream then sleeps as
+# long again): the extra delay of the first event after a quiet spell.
+BATCH_WAIT_MS = 20
 
 
 class EventConsumer:
@@ -127,6 +139,15 @@ class EventConsumer:
             log.error("event_malformed_dropped", consumer=self.name, error=str(exc)[:500])
             await message.ack()
             return "malformed"
+        outcome = await self._handle_event(event, _topic_of(message))
+        if outcome == "failed":
+            await message.nack()  # rewinds the partition: the event comes back
+        else:
+            await message.ack()
+        return outcome
+
+    async def _handle_event(self, event: CloudEvent, topic: str | None) -> str:
+        """Apply one event with its retries; its outcome. "failed": it must be delivered again."""
         bind_correlation_id(event.correlationid)
         for attempt, delay in enumerate((*self._retry_delays, None)):
             try:
@@ -148,23 +169,105 @@ class EventConsumer:
                 if delay is None:
                     failures = await self._count_failure(event, exc)
                     if failures >= self._max_redeliveries and await self._dead_letter(
-                            event, exc, failures, topic=_topic_of(message)):
+                            event, exc, failures, topic=topic):
                         self._failures.pop(event.id, None)
-                        DEAD_LETTERED.labels(self.name, _topic_of(message) or "").inc()
+                        DEAD_LETTERED.labels(self.name, topic or "").inc()
                         outcome = "dead_lettered"
-                        break  # parked: ack it so the partition moves on
+                        break  # parked: acked so the partition moves on
                     log.error("event_failed_will_redeliver", consumer=self.name, event_id=event.id,
                               failures=failures, error=str(exc))
-                    await message.nack()  # rewinds the partition: the event comes back
                     return "failed"
                 log.warning("event_retry", consumer=self.name, attempt=attempt + 1, error=str(exc))
                 await asyncio.sleep(delay)
-        await message.ack()
         return outcome
 
-    def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str, workers: int = 3) -> None:
+    # -- batches ------------------------------------------------------------------------------------
+
+    async def apply_batch(self, events: Sequence[CloudEvent]) -> list[CloudEvent]:
+        """Apply `events` in order in one transaction (one claim and one commit for all of them);
+        returns those applied (not duplicates, of interest). Raises, with nothing kept, if any fails."""
+        wanted = [e for e in events if e.type in self._handlers]
+        if not wanted:
+            return []
+        async with self._db.transaction() as uow:
+            if self._failure_model is not None:  # applied (or duplicates): their earlier failures are moot
+                await forget_many_failures(uow.session, self._failure_model, consumer=self.name,
+                                           event_ids=[e.id for e in wanted])
+            fresh = await uow.claim_events([(e.id, e.type) for e in wanted], self.name)
+            applied = []
+            for event in wanted:
+                if event.id in fresh:
+                    fresh.discard(event.id)  # an id twice in one batch is applied once
+                    bind_correlation_id(event.correlationid)  # what the events it publishes carry
+                    await self._handlers[event.type](uow, event)
+                    applied.append(event)
+        return applied
+
+    async def handle_batch(self, message: KafkaMessage) -> Counter[str]:
+        """Handle one batch of records (from one or more partitions, each in its order): all in one
+        transaction; if that fails, each on its own as `handle_message` does, and a record that must
+        come again rewinds its partition to it (the records behind it on that partition wait too).
+        The offsets are committed after. Returns the count of each outcome."""
+        records: tuple[Any, ...] = message.raw_message if isinstance(message.raw_message, tuple) else ()
+        outcomes: Counter[str] = Counter()
+        parsed: list[tuple[Any, CloudEvent]] = []
+        for record in records:
+            try:
+                parsed.append((record, CloudEvent.model_validate_json(record.value)))
+            except ValidationError as exc:
+                log.error("event_malformed_dropped", consumer=self.name, error=str(exc)[:500])
+                outcomes["malformed"] += 1
+        if await self._batch_at_once(parsed, outcomes):
+            await message.ack()
+            return outcomes
+        rewind: dict[TopicPartition, int] = {}
+        for record, event in parsed:
+            partition = TopicPartition(record.topic, record.partition)
+            if partition in rewind:
+                continue  # behind a record that comes again: it comes again too, in order
+            with tracing.consuming(_RecordView(record), consumer=self.name):
+                outcome = await self._handle_event(event, record.topic)
+            outcomes[outcome] += 1
+            if outcome == "failed":
+                rewind[partition] = record.offset
+        for partition, offset in rewind.items():
+            message.consumer.seek(partition, offset)
+        await message.ack()  # commits every partition's position: the rewound ones at their failed record
+        return outcomes
+
+    async def _batch_at_once(self, parsed: list[tuple[Any, CloudEvent]], outcomes: Counter[str]) -> bool:
+        if not parsed:
+            return True
+        spans = contextlib.ExitStack()
+        try:
+            with spans:
+                for record, _ in parsed:  # one span per record, each continuing its own trace
+                    spans.enter_context(tracing.consuming(_RecordView(record), consumer=self.name))
+                applied = await self.apply_batch([event for _, event in parsed])
+        except Exception as exc:  # redone one by one, with the retries and parking of each
+            log.info("event_batch_retry_one_by_one", consumer=self.name, events=len(parsed), error=str(exc)[:300])
+            return False
+        done = {event.id for event in applied}
+        for _, event in parsed:
+            outcome = ("applied" if event.id in done else "duplicate" if event.type in self._handlers
+                       else "ignored")
+            outcomes[outcome] += 1
+            if outcome == "applied":
+                self._failures.pop(event.id, None)
+                log.info("event_applied", consumer=self.name, event_type=event.type, subject=event.subject)
+        return True
+
+    def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str, workers: int = 3, batch: int = 0) -> None:
         """One subscriber per topic with `workers` consumers in the group: partitions are handled in
-        parallel, each partition (hence each aggregate) still strictly in order."""
+        parallel, each partition (hence each aggregate) still strictly in order.
+
+        `batch` > 0: one consumer per topic instead, taking up to `batch` records a poll and applying
+        them in one transaction (`handle_batch`): a commit per batch, not per event, which is what a
+        busy topic needs. Only for handlers whose effects are all in the database: a failed batch is
+        redone event by event, so a handler's outside effect (an email, an HTTP call) could happen twice."""
+        if batch > 0:
+            self._subscribe_batches(broker, topics, group_id=group_id, max_records=batch)
+            return
 
         async def handler(body: Any, message: KafkaMessage) -> None:
             # The raw bytes are parsed here, so a malformed event is dropped with a log, not a crash loop.
@@ -185,7 +288,43 @@ class EventConsumer:
             )(handler)
 
 
+    def _subscribe_batches(self, broker: KafkaBroker, topics: Sequence[str], *, group_id: str,
+                           max_records: int) -> None:
+        async def handler(body: Any, message: KafkaMessage) -> None:
+            started = time.perf_counter()
+            outcomes = await self.handle_batch(message)
+            each = (time.perf_counter() - started) / max(1, sum(outcomes.values()))
+            topic = _topic_of(message) or ""
+            for outcome, n in outcomes.items():
+                histogram = EVENTS_HANDLED.labels(self.name, topic, group_id, outcome)
+                for _ in range(n):
+                    histogram.observe(each)
+
+        handler.__name__ = f"{self.name}_batch_handler"
+        for topic in topics:
+            broker.subscriber(
+                topic,
+                group_id=group_id,
+                ack_policy=AckPolicy.MANUAL,
+                auto_offset_reset="earliest",
+                batch=True,
+                max_records=max_records,
+                batch_timeout_ms=BATCH_WAIT_MS,
+                title=f"{self.name}:{topic}",
+            )(handler)
+
+
+class _RecordView:
+    """A record of a batch as kit.tracing.consuming reads a message: its headers and the record."""
+
+    def __init__(self, record: Any) -> None:
+        self.raw_message = record
+        self.headers = {key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                        for key, value in (record.headers or ())}
+
+
 def _topic_of(message: KafkaMessage) -> str | None:
     """The topic a message was read from (recorded with a dead letter, for its replay)."""
-    topic = getattr(message.raw_message, "topic", None)
+    raw = message.raw_message
+    topic = getattr(raw[0] if isinstance(raw, tuple) and raw else raw, "topic", None)
     return topic if isinstance(topic, str) else None

@@ -11,7 +11,7 @@ in the same transaction as the change they describe, and a NOTIFY wakes the rela
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import cache
@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Mapped, declared_attr, mapped_column
 from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.sql.elements import TextClause
 
 from contracts.envelope import CONTENT_TYPE, CloudEvent
 from kit import tracing
@@ -155,6 +156,16 @@ class UnitOfWork:
         params = {"event_id": event_id, "consumer": consumer, "event_type": event_type}
         return (await self.session.execute(stmt, params)).first() is not None
 
+    async def claim_events(self, events: Sequence[tuple[str, str]], consumer: str) -> set[str]:
+        """claim_event for many (event id, type) pairs in one statement; the ids not handled before."""
+        if self._db.inbox_model is None:
+            raise RuntimeError("this service has no inbox table")
+        if not events:
+            return set()
+        stmt = _claim_many(self._db.inbox_model.__table__)  # type: ignore[attr-defined]
+        params = {"ids": [e[0] for e in events], "types": [e[1] for e in events], "consumer": consumer}
+        return {row[0] for row in await self.session.execute(stmt, params)}
+
     async def commit(self) -> None:
         if self._pending_events:
             await self.session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
@@ -165,6 +176,15 @@ class UnitOfWork:
 
 def new_id() -> uuid.UUID:
     return uuid.uuid4()
+
+
+@cache
+def _claim_many(table: Table) -> TextClause:
+    return text(
+        f"INSERT INTO {table.name} (event_id, consumer, event_type) "  # noqa: S608 - our own table's name
+        "SELECT unnest(CAST(:ids AS varchar[])), :consumer, unnest(CAST(:types AS varchar[])) "
+        "ON CONFLICT DO NOTHING RETURNING event_id"
+    )
 
 
 @cache

@@ -36,8 +36,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import DateTime, Delete, Integer, String, Table, Text, bindparam, delete, func
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import DateTime, Delete, Integer, String, Table, Text, any_, bindparam, delete, func
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -127,6 +127,18 @@ async def forget_failures(session: AsyncSession, model: type[EventFailureMixin],
                           event_id: str) -> None:
     """Drop the event's failure row, in the transaction that applies or parks it."""
     await session.execute(_forget(model.__table__), {"consumer": consumer, "event_id": event_id})  # type: ignore[attr-defined]
+
+
+async def forget_many_failures(session: AsyncSession, model: type[EventFailureMixin], *, consumer: str,
+                               event_ids: Sequence[str]) -> None:
+    """forget_failures for a batch of events, in one statement."""
+    await session.execute(_forget_many(model.__table__), {"consumer": consumer, "ids": list(event_ids)})  # type: ignore[attr-defined]
+
+
+@cache
+def _forget_many(table: Table) -> Delete:
+    return delete(table).where(table.c.consumer == bindparam("consumer"),
+                               table.c.event_id == any_(bindparam("ids", type_=ARRAY(String))))
 
 
 @cache
