@@ -16,6 +16,7 @@ import structlog
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, status
 
 from kit.actor import AdminActor, CurrentActor
+from kit.child import ChildProcess
 from kit.db import Database
 from kit.idempotency import IdempotentRoute
 from kit.metrics import QueryGauge
@@ -25,7 +26,7 @@ from kit.web import RequestUnitOfWork
 from services.payments.config import PaymentsSettings
 from services.payments.consumers import register_consumers
 from services.payments.invoice_client import HttpInvoiceReader, InvoiceReader
-from services.payments.models import IdempotencyKey, InboxEvent, OutboxMessage, Payment, Refund
+from services.payments.models import Payment, Refund, payments_database
 from services.payments.repository import PaymentFilter
 from services.payments.schemas import (
     CheckoutOut,
@@ -38,7 +39,7 @@ from services.payments.service import PaymentsService
 from services.payments.stripe import intake as stripe_intake
 from services.payments.stripe.gateway import StripeGateway, StripeSdkGateway
 from services.payments.stripe.intake import WebhookIntake
-from services.payments.stripe.worker import WebhookWorker
+from services.payments.stripe.worker import WebhookWorker, run_worker_child
 
 log = structlog.get_logger(__name__)
 MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
@@ -162,14 +163,21 @@ def build_runtime(
     invoice_reader: InvoiceReader | None = None,
 ) -> tuple[ServiceRuntime, PaymentsContext]:
     settings = settings or PaymentsSettings()
-    db = Database(settings.database_url, outbox_model=OutboxMessage, inbox_model=InboxEvent,
-                  idempotency_model=IdempotencyKey, pool_size=settings.db_pool_size)
+    db = payments_database(settings.database_url, settings.db_pool_size)
     broker = make_broker(settings)
     register_consumers(broker, db, group_id=settings.consumer_group)
     reader = invoice_reader or HttpInvoiceReader(settings.invoice_url, settings.internal_token)
     gateway = stripe_gateway or StripeSdkGateway.from_settings(settings)
-    worker = WebhookWorker(db, settings, reader, gateway)
-    intake = WebhookIntake(db, settings, worker.wake)
+    worker = WebhookWorker(db, settings, reader, gateway)  # inline mode's, and what tools drive by hand
+    # By default the worker runs in a child process (its own GIL: the intake's acks and the worker's
+    # processing no longer take turns); the intake's NOTIFY wakes it. Injected doubles only exist here.
+    child = (settings.webhook_worker_mode == "process" and settings.webhook_worker_enabled
+             and stripe_gateway is None and invoice_reader is None)
+    background: WebhookWorker | ChildProcess = worker
+    if child:
+        background = ChildProcess(WebhookWorker.name, run_worker_child, (settings,), service=settings.service_name,
+                                  log_level=settings.log_level, log_json=settings.log_json)
+    intake = WebhookIntake(db, settings, (lambda: None) if child else worker.wake)
     ctx = PaymentsContext(settings=settings, db=db, stripe=gateway, invoices=reader, intake=intake, worker=worker)
 
     async def close_reader() -> None:
@@ -181,9 +189,10 @@ def build_runtime(
         db=db,
         broker=broker,
         migrations=MIGRATIONS,
-        on_startup=[intake.start, worker.start],
-        on_shutdown=[worker.stop, intake.stop, close_reader],
-        workers=[worker],  # /readyz: 503 while it is dead, stuck or deaf
+        on_startup=[intake.start, background.start,
+                    *([background.wait_ready] if isinstance(background, ChildProcess) else [])],
+        on_shutdown=[background.stop, intake.stop, close_reader],
+        workers=[background],  # /readyz: 503 while it is dead, stuck or deaf
     )
     runtime.metrics += [  # /metrics: the stored Stripe events the worker has not yet processed, and failures
         QueryGauge(db, "billing_payments_webhook_events",

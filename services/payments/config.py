@@ -7,7 +7,7 @@ stops the process at start.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -73,6 +73,9 @@ class PaymentsSettings(ServiceSettings):
 
     # Webhook worker: processes stored Stripe events after the 200 went out.
     webhook_worker_enabled: bool = True
+    # "process": the worker runs in a child process of the service (kit.child), so the intake's acks and
+    # the worker's processing each have a GIL; "inline": in the service's own event loop.
+    webhook_worker_mode: Literal["process", "inline"] = "process"
     webhook_worker_start_delay: float = 0.0
     webhook_worker_poll_interval: float = 1.0
     webhook_worker_batch: int = 50

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from contracts.invoice import InvoiceStatus
-from kit.db import InboxMixin, OutboxMixin
+from kit.db import Database, InboxMixin, OutboxMixin
 from kit.deadletter import EventFailureMixin
 from kit.idempotency import IdempotencyMixin
 
@@ -256,3 +256,10 @@ class StripeObjectState(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+def payments_database(url: str, pool_size: int) -> Database:
+    """The payments database with its outbox, inbox and idempotency tables (the service's, and its
+    webhook worker's in a child process)."""
+    return Database(url, outbox_model=OutboxMessage, inbox_model=InboxEvent, idempotency_model=IdempotencyKey,
+                    pool_size=pool_size)

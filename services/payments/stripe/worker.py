@@ -19,15 +19,16 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 
 from kit import tracing
+from kit.child import ChildContext, run_worker
 from kit.clock import utcnow
 from kit.db import Database, UnitOfWork
 from kit.worker import PollingWorker, backoff_delay
 from services.payments.config import PaymentsSettings
-from services.payments.invoice_client import InvoiceReader, InvoiceServiceUnavailable
-from services.payments.models import StripeEvent
+from services.payments.invoice_client import HttpInvoiceReader, InvoiceReader, InvoiceServiceUnavailable
+from services.payments.models import StripeEvent, payments_database
 from services.payments.repository import Repository
 from services.payments.service import Outcome, RetryLater, StripePayments, ignored
-from services.payments.stripe.gateway import StripeGateway
+from services.payments.stripe.gateway import StripeGateway, StripeSdkGateway
 from services.payments.stripe.handlers import HANDLERS
 from services.payments.stripe.intake import WEBHOOK_CHANNEL
 
@@ -168,3 +169,15 @@ class WebhookWorker(PollingWorker):
         delay = backoff_delay(row.attempts, initial=QUICK_RETRY_INITIAL if quick else RETRY_INITIAL,
                               maximum=RETRY_MAX)
         row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+
+
+async def run_worker_child(ctx: ChildContext, settings: PaymentsSettings) -> None:
+    """The worker of a payments replica, in its child process (kit.child): its own pool, invoice
+    reader and Stripe client; woken by the intake's NOTIFY."""
+    db = payments_database(settings.database_url, settings.db_pool_size)
+    reader = HttpInvoiceReader(settings.invoice_url, settings.internal_token)
+    try:
+        await run_worker(ctx, WebhookWorker(db, settings, reader, StripeSdkGateway.from_settings(settings)))
+    finally:
+        await reader.aclose()
+        await db.dispose()
