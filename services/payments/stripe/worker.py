@@ -174,7 +174,9 @@ class WebhookWorker(PollingWorker):
 async def run_worker_child(ctx: ChildContext, settings: PaymentsSettings) -> None:
     """The worker of a payments replica, in its child process (kit.child): its own pool, invoice
     reader and Stripe client; woken by the intake's NOTIFY."""
-    db = payments_database(settings.database_url, settings.db_pool_size)
+    # A connection per worker task and one to spare (x2 with the overflow): docker-compose.yml and
+    # deploy/k8s/base/postgres.yaml count them in max_connections.
+    db = payments_database(settings.database_url, settings.webhook_worker_concurrency + 1)
     reader = HttpInvoiceReader(settings.invoice_url, settings.internal_token)
     try:
         await run_worker(ctx, WebhookWorker(db, settings, reader, StripeSdkGateway.from_settings(settings)))
