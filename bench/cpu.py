@@ -1,11 +1,12 @@
 """Where the cores went during a bench's measured load: CPU seconds per part of the stack.
 
 Every service, Kafka and stripe-mock runs in its own session (deploy.infra starts each with
-`start_new_session`), PostgreSQL's postmaster and all its backends share one, and a service's own
-child processes (its outbox relay, its webhook worker) stay in the service's: so summing the CPU of
-every live process by session id (/proc/<pid>/stat utime + stime, and cutime + cstime for children
-already reaped) splits the machine into the stack's parts. The load generator is this process. What
-the machine used beyond them (/proc/stat) is "other": other sessions' work, the kernel's, noise.
+`start_new_session`) and a service's own child processes (its outbox relay, its webhook worker) stay
+in it, so summing the CPU of every live process by session id (/proc/<pid>/stat utime + stime, and
+cutime + cstime for children already reaped) splits the machine into the stack's parts. PostgreSQL's
+backends each start a session of their own: it is summed over the postmaster's process tree. The
+load generator is this process. What the machine used beyond them (/proc/stat) is "other": other
+sessions' work, the kernel's, noise.
 
     meter = CpuMeter.of(stack)        # or CpuMeter({"payments": sid, ...})
     meter.start(); ...load...; split = meter.stop()
@@ -30,10 +31,26 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOAD_GENERATOR = "bench (load generator)"
 
 
-def _process_cpu() -> tuple[dict[int, float], dict[int, float]]:
-    """CPU seconds of every live process, summed by session id, and by pid."""
+@dataclass(frozen=True)
+class _Snapshot:
+    by_session: dict[int, float]
+    by_pid: dict[int, float]
+    parent: dict[int, int]
+
+    def tree(self, root: int) -> float:
+        """CPU of `root` and all its descendants (PostgreSQL's backends each start a session of their own)."""
+        total, frontier = 0.0, {root}
+        while frontier:
+            total += sum(self.by_pid.get(pid, 0.0) for pid in frontier)
+            frontier = {pid for pid, parent in self.parent.items() if parent in frontier}
+        return total
+
+
+def _process_cpu() -> _Snapshot:
+    """CPU seconds of every live process, summed by session id, by pid, and who is whose parent."""
     by_session: dict[int, float] = {}
     by_pid: dict[int, float] = {}
+    parent: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -45,7 +62,8 @@ def _process_cpu() -> tuple[dict[int, float], dict[int, float]]:
         session, seconds = int(fields[3]), sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
         by_session[session] = by_session.get(session, 0.0) + seconds
         by_pid[int(entry.name)] = seconds
-    return by_session, by_pid
+        parent[int(entry.name)] = int(fields[1])
+    return _Snapshot(by_session, by_pid, parent)
 
 
 def _own_cpu() -> float:
@@ -108,33 +126,38 @@ class CpuMeter:
     """`sessions`: a part per session (a service and its children); `pids`: a part per single process
     (one that shares the bench's session, e.g. its Kafka probe)."""
 
-    def __init__(self, sessions: Mapping[str, int | None], pids: Mapping[str, int | None] | None = None) -> None:
+    def __init__(self, sessions: Mapping[str, int | None], pids: Mapping[str, int | None] | None = None,
+                 trees: Mapping[str, int | None] | None = None) -> None:
         self.sessions = {name: sid for name, sid in sessions.items() if sid is not None}
         self.pids = {name: pid for name, pid in (pids or {}).items() if pid is not None}
-        self._start: tuple[float, dict[int, float], dict[int, float], float, float] | None = None
+        self.trees = {name: pid for name, pid in (trees or {}).items() if pid is not None}
+        self._start: tuple[float, _Snapshot, float, float] | None = None
 
     @classmethod
     def of(cls, stack: Stack, **own_pids: int | None) -> CpuMeter:
         """Postgres, Kafka, stripe-mock when running, every service of `stack`, and `own_pids` (the
         bench's helper processes, counted one by one)."""
-        pids: dict[str, int | None] = {"postgres": stack.postgres.postmaster_pid(), "kafka": stack.kafka.pid}
+        pids: dict[str, int | None] = {"kafka": stack.kafka.pid}
         if stack.stripe_pid is not None:
             pids["stripe-mock"] = stack.stripe_pid
         pids.update({name: process.pid for name, process in stack.processes.items()})
-        return cls({name: session_of(pid) for name, pid in pids.items()}, own_pids)
+        return cls({name: session_of(pid) for name, pid in pids.items()}, own_pids,
+                   trees={"postgres": stack.postgres.postmaster_pid()})
 
     def start(self) -> None:
-        self._start = (time.monotonic(), *_process_cpu(), _own_cpu(), _machine_busy())
+        self._start = (time.monotonic(), _process_cpu(), _own_cpu(), _machine_busy())
 
     def stop(self) -> CpuSplit:
         if self._start is None:
             raise RuntimeError("CpuMeter.stop() before start()")
-        began, sessions_before, pids_before, own_before, machine_before = self._start
-        (sessions_after, pids_after), own_after, machine_after = _process_cpu(), _own_cpu(), _machine_busy()
-        parts = {name: max(0.0, sessions_after.get(sid, 0.0) - sessions_before.get(sid, 0.0))
+        began, before, own_before, machine_before = self._start
+        after, own_after, machine_after = _process_cpu(), _own_cpu(), _machine_busy()
+        parts = {name: max(0.0, after.by_session.get(sid, 0.0) - before.by_session.get(sid, 0.0))
                  for name, sid in self.sessions.items()}
-        parts.update({name: max(0.0, pids_after.get(pid, 0.0) - pids_before.get(pid, 0.0))
+        parts.update({name: max(0.0, after.by_pid.get(pid, 0.0) - before.by_pid.get(pid, 0.0))
                       for name, pid in self.pids.items()})
+        # Backends that ended in the window are in the postmaster's reaped-children time (cutime).
+        parts.update({name: max(0.0, after.tree(root) - before.tree(root)) for name, root in self.trees.items()})
         parts[LOAD_GENERATOR] = own_after - own_before
         return CpuSplit(wall=time.monotonic() - began, parts=parts, machine=machine_after - machine_before,
                         cores=os.cpu_count() or 1)

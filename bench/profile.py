@@ -86,6 +86,9 @@ class PySpyProfiler:
             return
         self._started = True
         targets = {name: proc.pid for name, proc in stack.processes.items() if proc.pid is not None}
+        for name, pid in list(targets.items()):  # a service's loops in child processes (kit.child)
+            for n, child in enumerate(spawned_children(pid), start=1):
+                targets[f"{name}-child{n}"] = child
         if self.include_self:
             targets["bench"] = os.getpid()
         exe = py_spy()
@@ -118,6 +121,22 @@ class PySpyProfiler:
                 sampler.process.wait()
             self.done.append((sampler, time.monotonic() - sampler.started))
         self.samplers = []
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The multiprocessing children (kit.child: the relay, the webhook worker) of process `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 @dataclass

@@ -4,6 +4,10 @@ Only one relay per service publishes at a time (a transaction-scoped advisory lo
 one aggregate leave in commit order even with several replicas running. A crash between publish
 and marking rows published re-sends them: delivery is at least once and consumers deduplicate by
 event id.
+
+Where it runs (`<PREFIX>RELAY_MODE`): by default in a child process of the service (`RelayProcess`,
+kit.child), which has its own GIL, so commit → Kafka does not wait behind the service's request
+handling; `thread` runs it in a thread of the service (`RelayThread`), as before.
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ class PeriodicJob:
 
 
 class Watched(Protocol):
-    """What readiness asks of a background loop: a kit.worker.PollingWorker, or the RelayThread."""
+    """What readiness asks of a background loop: a kit.worker.PollingWorker, the relay, or a loop in a
+    child process (kit.child.ChildProcess)."""
 
     name: str
 

@@ -12,7 +12,8 @@ and polls at that pace until it listens again, so wake-ups come back without a s
 `state()` is what readiness reports (kit.service): running, listening, consecutive failures, the age
 of the last successful run, and the problem if any: dead (its tasks ended), stuck (failing with no
 success for more than `stuck_polls` poll intervals) or deaf (not listening for more than
-`listen_grace` seconds). It may be read from another thread (RelayThread).
+`listen_grace` seconds). It may be read from another thread (RelayThread); a worker in a child
+process publishes it to its parent (kit.child).
 """
 
 from __future__ import annotations
