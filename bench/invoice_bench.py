@@ -100,7 +100,7 @@ async def measured(label: str, operation: Any, concurrency: int, duration: float
     return Phase(result, began + warmup, time.time(), concurrency, meter.stop())
 
 
-async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Report) -> int:
+async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Report, bare_pid: int | None = None) -> int:
     concurrency, duration = args.concurrency, args.duration
     gateway = stack.url("gateway")
     pool = max(concurrency, args.low_concurrency) * 2
@@ -121,7 +121,10 @@ async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Repo
             async def bare(_: int) -> None:
                 (await bare_http.post("/bare", json={"clientId": client_id, "items": ITEMS})).raise_for_status()
 
+            bare_meter = CpuMeter({}, {"bare endpoint": bare_pid})
+            asyncio.get_running_loop().call_later(1.0, bare_meter.start)  # run_load's warm-up is 1 s
             bare_result = await run_load("bare FastAPI endpoint", bare, concurrency=concurrency, duration=duration)
+            bare_cpu = bare_meter.stop()
 
         async def create(_: int) -> None:
             created = await http.post("/api/invoices", json={"clientId": client_id, "items": ITEMS})
@@ -160,6 +163,8 @@ async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Repo
         probe.join(10)
 
     numbers = await invoice_numbers(stack.endpoints.database_urls["invoice"])
+    print(f"\nbare c{concurrency}: {bare_cpu.table(len(bare_result.latencies), 'request')}")
+    bare_cpu.record(rep, f"bare c{concurrency}", len(bare_result.latencies), "request")
     report(rep, args, bare_result, create_phase, send_phase, low_phase, seen, created_ids, sent_ids, numbers)
     return 0 if rep.ok else 1
 
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                               port=bare_port, log_path=stack.root / "logs" / "bare.log")
         bare.start()
         try:
-            return asyncio.run(bench(stack, bare.url, args, rep))
+            return asyncio.run(bench(stack, bare.url, args, rep, bare.pid))
         finally:
             bare.stop()
 
