@@ -148,7 +148,12 @@ def _child_entry(main: ChildMain, args: tuple[Any, ...], board: _Board, parent_p
     configure_logging(service, log_level, log_json)
     structlog.contextvars.bind_contextvars(component=component)
     tracing.configure(service)  # on when the parent's environment turns it on
-    asyncio.run(_child_main(main, args, board))
+    try:  # the loop uvicorn gives the service (uvicorn[standard] brings it): a cheaper event loop
+        import uvloop
+    except ImportError:
+        asyncio.run(_child_main(main, args, board))
+    else:
+        uvloop.run(_child_main(main, args, board))
 
 
 async def _child_main(main: ChildMain, args: tuple[Any, ...], board: _Board) -> None:
