@@ -265,52 +265,35 @@ class EventConsumer:
         them in one transaction (`handle_batch`): a commit per batch, not per event, which is what a
         busy topic needs. Only for handlers whose effects are all in the database: a failed batch is
         redone event by event, so a handler's outside effect (an email, an HTTP call) could happen twice."""
-        if batch > 0:
-            self._subscribe_batches(broker, topics, group_id=group_id, max_records=batch)
-            return
-
-        async def handler(body: Any, message: KafkaMessage) -> None:
+        async def one(body: Any, message: KafkaMessage) -> None:
             # The raw bytes are parsed here, so a malformed event is dropped with a log, not a crash loop.
             started = time.perf_counter()
             outcome = await self.handle_message(message)
             EVENTS_HANDLED.labels(self.name, _topic_of(message) or "", group_id,
                                   outcome).observe(time.perf_counter() - started)
 
-        handler.__name__ = f"{self.name}_handler"
-        for topic in topics:
-            broker.subscriber(
-                topic,
-                group_id=group_id,
-                ack_policy=AckPolicy.MANUAL,
-                auto_offset_reset="earliest",
-                max_workers=workers,
-                title=f"{self.name}:{topic}",
-            )(handler)
-
-
-    def _subscribe_batches(self, broker: KafkaBroker, topics: Sequence[str], *, group_id: str,
-                           max_records: int) -> None:
-        async def handler(body: Any, message: KafkaMessage) -> None:
+        async def many(body: Any, message: KafkaMessage) -> None:
             started = time.perf_counter()
             outcomes = await self.handle_batch(message)
             each = (time.perf_counter() - started) / max(1, sum(outcomes.values()))
-            topic = _topic_of(message) or ""
             for outcome, n in outcomes.items():
-                histogram = EVENTS_HANDLED.labels(self.name, topic, group_id, outcome)
+                histogram = EVENTS_HANDLED.labels(self.name, _topic_of(message) or "", group_id, outcome)
                 for _ in range(n):
                     histogram.observe(each)
 
-        handler.__name__ = f"{self.name}_batch_handler"
+        handler = many if batch > 0 else one
+        handler.__name__ = f"{self.name}_{'batch_' if batch > 0 else ''}handler"
+        # One consumer polling batches, or `workers` consumers of a record at a time.
+        mode: dict[str, Any] = ({"batch": True, "max_records": batch, "batch_timeout_ms": BATCH_WAIT_MS}
+                                if batch > 0 else {"max_workers": workers})
         for topic in topics:
             broker.subscriber(
                 topic,
                 group_id=group_id,
                 ack_policy=AckPolicy.MANUAL,
                 auto_offset_reset="earliest",
-                batch=True,
-                max_records=max_records,
-                batch_timeout_ms=BATCH_WAIT_MS,
                 title=f"{self.name}:{topic}",
+                **mode,
             )(handler)
 
 
