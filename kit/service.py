@@ -23,7 +23,7 @@ import structlog
 import uvicorn
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
@@ -33,7 +33,7 @@ from starlette.responses import Response
 from contracts import topics
 from kit import tracing
 from kit.db import Database
-from kit.errors import install_error_handlers
+from kit.errors import NotFound, install_error_handlers
 from kit.logging import CorrelationMiddleware, configure_logging
 from kit.metrics import (
     CONTENT_TYPE_LATEST,
@@ -54,6 +54,9 @@ from kit.web import DEFAULT_MAX_BODY, BodyLimit, StrictQuery
 from kit.worker import WorkerState
 
 log = structlog.get_logger(__name__)
+
+# What a reverse proxy adds to what it forwards (RFC 7239, and the de facto ones).
+FORWARDED_HEADERS = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip"})
 
 
 def make_broker(settings: ServiceSettings) -> KafkaBroker:
@@ -288,7 +291,12 @@ def create_service_app(
     render_metrics = exposition(runtime.metric_sources)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # For the scraper on the cluster's network, which asks the process directly: a request that a
+        # proxy forwarded (the compose nginx, an Ingress: they add these headers) is from outside, and
+        # finds nothing here, as for any unknown path.
+        if FORWARDED_HEADERS & {name.lower() for name in request.headers}:
+            raise NotFound("Not Found")
         return Response(await render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     for router in routers:

@@ -123,9 +123,14 @@ async def test_service_app_serves_metrics_outside_its_schema(log_lines: io.Strin
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         assert (await http.get("/healthz")).status_code == 200
         scraped = await http.get("/metrics")
+        # Through a reverse proxy (compose nginx, an Ingress): from outside, so nothing is there.
+        proxied = [await http.get("/metrics", headers={header: "203.0.113.9"})
+                   for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP")]
         schema = (await http.get("/openapi.json")).json()
         assert (await http.get("/no/such/page")).status_code == 404
     assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    assert [r.status_code for r in proxied] == [404, 404, 404]
+    assert all("billing_" not in r.text and r.json()["error"]["code"] == "not_found" for r in proxied)
     text = scraped.text
     assert "# HELP billing_http_requests_total " in text
     assert f'billing_http_requests_total{{method="GET",route="/healthz",service="{name}",status="200"}} 1.0' in text
