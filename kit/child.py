@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
+import uvloop
 
 from kit import tracing
 from kit.logging import configure_logging
@@ -47,6 +48,7 @@ _BOARD_SIZE = 16384  # bytes for one pickled report: a WorkerState and a few cou
 _HEADER = struct.Struct("<I")
 STARTUP_GRACE = 60.0  # seconds a new child may take to publish its first report
 REPORT_INTERVAL = 0.5
+COUNTER_CHECK = 0.02  # how often a child looks whether its counters moved (then it reports at once)
 STALE_AFTER = 15.0  # a child that has not reported for this long is stuck (its event loop is blocked)
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0  # a child that ran this long resets the restart backoff
@@ -122,13 +124,20 @@ ChildMain = Callable[..., Awaitable[None]]
 
 async def run_worker(ctx: ChildContext, worker: PollingWorker,
                      counters: Callable[[], Mapping[str, float]] | None = None) -> None:
-    """Start `worker`, publish its state every REPORT_INTERVAL until asked to stop, then stop it."""
+    """Start `worker` and publish its state until asked to stop, then stop it: every REPORT_INTERVAL,
+    and within COUNTER_CHECK of a counter changing (the parent's metrics then trail the child's work by
+    that much, not by a report interval)."""
     await worker.start()
     try:
+        published: dict[str, float] | None = None
+        due = 0.0
         while not ctx.stopping.is_set():
-            ctx.publish(worker.state(), counters() if counters else None)
+            values = dict(counters()) if counters else {}
+            if values != published or time.monotonic() >= due:
+                ctx.publish(worker.state(), values)
+                published, due = values, time.monotonic() + REPORT_INTERVAL
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stopping.wait(), REPORT_INTERVAL)
+                await asyncio.wait_for(ctx.stopping.wait(), COUNTER_CHECK)
     finally:
         await worker.stop()
 
@@ -148,12 +157,7 @@ def _child_entry(main: ChildMain, args: tuple[Any, ...], board: _Board, parent_p
     configure_logging(service, log_level, log_json)
     structlog.contextvars.bind_contextvars(component=component)
     tracing.configure(service)  # on when the parent's environment turns it on
-    try:  # the loop uvicorn gives the service (uvicorn[standard] brings it): a cheaper event loop
-        import uvloop
-    except ImportError:
-        asyncio.run(_child_main(main, args, board))
-    else:
-        uvloop.run(_child_main(main, args, board))
+    uvloop.run(_child_main(main, args, board))  # the loop uvicorn runs the service on
 
 
 async def _child_main(main: ChildMain, args: tuple[Any, ...], board: _Board) -> None:

@@ -84,7 +84,9 @@ async def test_every_service_serves_its_series(admin: httpx.AsyncClient, stack: 
     invoice = await scrape_until(stack["invoice"].url, lambda s: (
         value(s, "billing_outbox_backlog", service="invoice") == 0
         and (value(s, "billing_consumer_handling_seconds_count", consumer="invoice", outcome="applied") or 0) >= 1
-        and value(s, "billing_consumer_lag", group="invoice") == 0))
+        and value(s, "billing_consumer_lag", group="invoice") == 0
+        # The relay's child reports its count a moment after it publishes: wait for it too.
+        and (value(s, "billing_outbox_relayed_events_total", service="invoice") or 0) >= 3))
     for route, status in (("/api/invoices/{invoice_id}/send", "200"), ("/api/invoices/{invoice_id}", "404")):
         assert invoice_requests(invoice, route, status) - invoice_requests(invoice_before, route, status) == 1
     assert value(invoice, "billing_outbox_oldest_age_seconds", service="invoice") == 0
