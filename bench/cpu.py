@@ -66,6 +66,11 @@ def _process_cpu() -> _Snapshot:
     return _Snapshot(by_session, by_pid, parent)
 
 
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`."""
+    return sorted(child for child, parent in _process_cpu().parent.items() if parent == pid)
+
+
 def _own_cpu() -> float:
     times = os.times()
     return times.user + times.system  # this process and its threads (not the services: other sessions)

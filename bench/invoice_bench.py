@@ -121,10 +121,9 @@ async def bench(stack: Stack, bare_url: str, args: argparse.Namespace, rep: Repo
             async def bare(_: int) -> None:
                 (await bare_http.post("/bare", json={"clientId": client_id, "items": ITEMS})).raise_for_status()
 
-            bare_meter = CpuMeter({}, {"bare endpoint": bare_pid})
-            asyncio.get_running_loop().call_later(1.0, bare_meter.start)  # run_load's warm-up is 1 s
-            bare_result = await run_load("bare FastAPI endpoint", bare, concurrency=concurrency, duration=duration)
-            bare_cpu = bare_meter.stop()
+            bare_phase = await measured("bare FastAPI endpoint", bare, concurrency, duration,
+                                        CpuMeter({}, {"bare endpoint": bare_pid}))
+            bare_result, bare_cpu = bare_phase.result, bare_phase.cpu
 
         async def create(_: int) -> None:
             created = await http.post("/api/invoices", json={"clientId": client_id, "items": ITEMS})

@@ -39,6 +39,7 @@ from typing import Any
 
 from bench import stack as bench_stack
 from bench.__main__ import BENCHES, run_one
+from bench.cpu import children_of
 from bench.stack import Stack
 from deploy.infra import RUN_DIR
 
@@ -126,17 +127,13 @@ class PySpyProfiler:
 def spawned_children(pid: int) -> list[int]:
     """The multiprocessing children (kit.child: the relay, the webhook worker) of process `pid`."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for child in children_of(pid):
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:  # gone meanwhile
             continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
+    return found
 
 
 @dataclass

@@ -146,16 +146,20 @@ class EventConsumer:
             await message.ack()
         return outcome
 
+    def _done(self, event: CloudEvent, *, applied: bool) -> str:
+        """An event handled without error (applied, or not for this consumer): its outcome."""
+        self._failures.pop(event.id, None)
+        if applied:
+            log.info("event_applied", consumer=self.name, event_type=event.type, subject=event.subject)
+            return "applied"
+        return "duplicate" if event.type in self._handlers else "ignored"
+
     async def _handle_event(self, event: CloudEvent, topic: str | None) -> str:
         """Apply one event with its retries; its outcome. "failed": it must be delivered again."""
         bind_correlation_id(event.correlationid)
         for attempt, delay in enumerate((*self._retry_delays, None)):
             try:
-                applied = await self.apply(event)
-                self._failures.pop(event.id, None)
-                outcome = "applied" if applied else "duplicate" if event.type in self._handlers else "ignored"
-                if applied:
-                    log.info("event_applied", consumer=self.name, event_type=event.type, subject=event.subject)
+                outcome = self._done(event, applied=await self.apply(event))
                 break
             except AppError as exc:
                 # The domain refuses it (e.g. a payment for a cancelled invoice): retrying cannot help.
@@ -249,12 +253,7 @@ class EventConsumer:
             return False
         done = {event.id for event in applied}
         for _, event in parsed:
-            outcome = ("applied" if event.id in done else "duplicate" if event.type in self._handlers
-                       else "ignored")
-            outcomes[outcome] += 1
-            if outcome == "applied":
-                self._failures.pop(event.id, None)
-                log.info("event_applied", consumer=self.name, event_type=event.type, subject=event.subject)
+            outcomes[self._done(event, applied=event.id in done)] += 1
         return True
 
     def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str, workers: int = 3, batch: int = 0) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -183,19 +184,31 @@ class RelayThread:
         structlog.contextvars.bind_contextvars(service=self._service, component="outbox-relay")
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        db = Database(self._database_url, outbox_model=self._outbox_model, pool_size=2)
-        broker = self._broker_factory()
+        async with _relay_on_its_own(self._database_url, self._outbox_model, self._broker_factory,
+                                     self._service, self._poll_interval) as relay:
+            self._relay = relay
+            try:
+                await relay.start()
+                self._ready.set()
+                await self._stop.wait()
+            finally:
+                await relay.stop()
+
+
+@asynccontextmanager
+async def _relay_on_its_own(database_url: str, outbox_model: type[OutboxMixin],
+                            broker_factory: Callable[[], KafkaBroker], service: str,
+                            poll_interval: float) -> AsyncIterator[OutboxRelay]:
+    """A relay (not yet started) with an engine and a producer of its own, for a thread or a child
+    process; both are closed after."""
+    db = Database(database_url, outbox_model=outbox_model, pool_size=2)
+    broker = broker_factory()
+    try:
         await broker.start()
-        relay = OutboxRelay(db, broker, service=self._service, poll_interval=self._poll_interval)
-        self._relay = relay
-        try:
-            await relay.start()
-            self._ready.set()
-            await self._stop.wait()
-        finally:
-            await relay.stop()
-            await broker.stop()
-            await db.dispose()
+        yield OutboxRelay(db, broker, service=service, poll_interval=poll_interval)
+    finally:
+        await broker.stop()
+        await db.dispose()
 
 
 # -- the relay in a child process (kit.child): the default ------------------------------------------------
@@ -203,15 +216,8 @@ class RelayThread:
 
 async def _relay_child(ctx: ChildContext, database_url: str, outbox_model: type[OutboxMixin],
                        broker_factory: Callable[[], KafkaBroker], service: str, poll_interval: float) -> None:
-    db = Database(database_url, outbox_model=outbox_model, pool_size=2)
-    broker = broker_factory()
-    try:
-        await broker.start()
-        relay = OutboxRelay(db, broker, service=service, poll_interval=poll_interval)
+    async with _relay_on_its_own(database_url, outbox_model, broker_factory, service, poll_interval) as relay:
         await run_worker(ctx, relay, lambda: {"relayed": relay.relayed_total})
-    finally:
-        await broker.stop()
-        await db.dispose()
 
 
 class RelayProcess(ChildProcess):

@@ -32,6 +32,7 @@ from starlette.responses import Response
 
 from contracts import topics
 from kit import tracing
+from kit.child import ChildProcess
 from kit.db import Database
 from kit.errors import NotFound, install_error_handlers
 from kit.logging import CorrelationMiddleware, configure_logging
@@ -174,8 +175,9 @@ class ServiceRuntime:
             self._kit_metrics.append(self.consumer_lag)
         for hook in self.on_startup:
             await hook()
-        if isinstance(self.relay, RelayProcess):  # spawned above; it started meanwhile
-            await self.relay.wait_ready()
+        for loop in [self.relay, *self.workers]:  # children spawned above started meanwhile
+            if isinstance(loop, ChildProcess):
+                await loop.wait_ready()
         self._tasks = [asyncio.create_task(self._loop(job), name=job.name) for job in self.jobs]
         log.info("service_started", port=self.settings.port)
 
@@ -295,7 +297,7 @@ def create_service_app(
         # For the scraper on the cluster's network, which asks the process directly: a request that a
         # proxy forwarded (the compose nginx, an Ingress: they add these headers) is from outside, and
         # finds nothing here, as for any unknown path.
-        if FORWARDED_HEADERS & {name.lower() for name in request.headers}:
+        if any(header in request.headers for header in FORWARDED_HEADERS):  # case-insensitive
             raise NotFound("Not Found")
         return Response(await render_metrics(), media_type=CONTENT_TYPE_LATEST)
 

@@ -189,8 +189,7 @@ def build_runtime(
         db=db,
         broker=broker,
         migrations=MIGRATIONS,
-        on_startup=[intake.start, background.start,
-                    *([background.wait_ready] if isinstance(background, ChildProcess) else [])],
+        on_startup=[intake.start, background.start],  # a child is waited for by the runtime
         on_shutdown=[background.stop, intake.stop, close_reader],
         workers=[background],  # /readyz: 503 while it is dead, stuck or deaf
     )
