@@ -56,6 +56,10 @@ class NotificationsSettings(ServiceSettings):
     pdf_retry_base_delay: float = 10.0
     pdf_timeout: float = 15.0
     recipient_wait_attempts: int = 10  # tries to find the invoice copy for a payment email
+    # How long an "update your card" that past_due asked for waits for Stripe's failure event, which
+    # travels on another topic and alone knows the amount and the retry date. Stripe's event, when it
+    # comes, completes the waiting message and sends it at once.
+    card_update_wait: float = Field(default=60.0, ge=0, le=86_400)
 
     # SMTP (deployment-wide variables; NOTIFICATIONS_SMTP_* also accepted).
     smtp_host: str = Field(default="127.0.0.1", validation_alias=_alias("SMTP_HOST"))

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import ColumnElement, Row, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.invoice import OPEN_STATUSES, InvoiceSnapshotV1, InvoiceStatus
@@ -159,6 +159,32 @@ async def skip_pending(session: AsyncSession, dedupe_key: str, why: str) -> bool
         update(Notification)
         .where(Notification.dedupe_key == dedupe_key, Notification.status == "pending")
         .values(status="skipped", last_error=why, updated_at=func.now())
+        .returning(Notification.id)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def complete_pending(
+    session: AsyncSession, dedupe_key: str, part: str, details: dict[str, Any], *,
+    invoice_id: str | None = None, send_now: bool = False,
+) -> bool:
+    """A message not sent yet takes what a later event knows (its non-null `details` merged into
+    `context[part]`, the invoice when it had none), and goes now if `send_now`. A message being sent
+    is left alone: the delivery's claim holds the row, and it is no longer pending once that is done."""
+    merged = func.coalesce(Notification.context[part], text("'{}'::jsonb")).op("||")(
+        func.jsonb_strip_nulls(literal(details, JSONB))
+    )
+    values: dict[str, Any] = {
+        "context": Notification.context.op("||")(func.jsonb_build_object(part, merged)),
+        "invoice_id": func.coalesce(Notification.invoice_id, invoice_id),
+        "updated_at": func.now(),
+    }
+    if send_now:
+        values["next_attempt_at"] = func.least(Notification.next_attempt_at, func.now())
+    stmt = (
+        update(Notification)
+        .where(Notification.dedupe_key == dedupe_key, Notification.status == "pending")
+        .values(**values)
         .returning(Notification.id)
     )
     return (await session.execute(stmt)).first() is not None

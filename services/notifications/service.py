@@ -11,7 +11,7 @@ import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -295,9 +295,15 @@ class NotificationService:
         # Without the invoice's id (an older producer): once per subscription and billing period.
         period = sub.current_period_start.isoformat() if sub.current_period_start else str(sub.version)
         key = card_update_key(stripe_invoice_id or f"subscription:{sub.id}:{period}")
-        context = {"card": {"stripe_invoice_id": stripe_invoice_id, "plan_name": sub.plan_name},
-                   "eventType": event.type}
-        await self._add(uow, self._subscription_message(NotificationKind.CARD_UPDATE, key, sub, context, event))
+        card = {"stripe_invoice_id": stripe_invoice_id, "plan_name": sub.plan_name}
+        values = self._subscription_message(NotificationKind.CARD_UPDATE, key, sub,
+                                            {"card": card, "eventType": event.type}, event)
+        # Stripe's failure event (another topic, in no order with this one) knows the amount and the
+        # retry date: the message waits a little for it, and goes at once when it comes.
+        values["next_attempt_at"] = utcnow() + timedelta(seconds=self.settings.card_update_wait)
+        if not await self._add(uow, values):
+            # Stripe's came first and queued the message: the plan's name is ours to add.
+            await repo.complete_pending(uow.session, key, "card", card)
 
     async def on_stripe_payment_failed(self, uow: UnitOfWork, event: CloudEvent) -> None:
         """Stripe could not charge a subscription's invoice: "update your card", once per Stripe
@@ -310,23 +316,28 @@ class NotificationService:
             log.info("card_update_invoice_paid", stripe_invoice=data.invoice_id)
             return
         ours = await repo.invoice_info_of_stripe(uow.session, data.invoice_id)
-        context = {"card": {
+        card = {
             "stripe_invoice_id": data.invoice_id, "amount": data.amount_remaining or data.amount_due,
             "currency": data.currency, "next_attempt": _iso(data.next_payment_attempt),
-        }, "eventType": event.type}
+        }
+        key = card_update_key(data.invoice_id)
         values = self.message_values(
             kind=NotificationKind.CARD_UPDATE,
-            dedupe_key=card_update_key(data.invoice_id),
+            dedupe_key=key,
             invoice_id=ours.id if ours else None,
             client_id=data.client_id,
             # Unknown yet when Stripe's event overtakes our invoice's: resolved at delivery.
             recipient=ours.client_email if ours else None,
             recipient_name=ours.client_name if ours else None,
-            context=context,
+            context={"card": card, "eventType": event.type},
             invoice_snapshot=ours.snapshot if ours else None,
             correlation_id=event.correlationid,
         )
-        await self._add(uow, values)
+        if not await self._add(uow, values) and await repo.complete_pending(
+            uow.session, key, "card", card, invoice_id=ours.id if ours else None, send_now=True,
+        ):
+            # past_due came first: its message, still waiting, now has the amount and the retry date.
+            log.info("card_update_completed", stripe_invoice=data.invoice_id)
 
     async def on_stripe_invoice_paid(self, uow: UnitOfWork, event: CloudEvent) -> None:
         """Paid (a retry went through, or the client paid): no "update your card" about it any more."""
@@ -351,16 +362,19 @@ class NotificationService:
             correlation_id=event.correlationid,
         )
 
-    async def _add(self, uow: UnitOfWork, values: dict[str, Any]) -> None:
+    async def _add(self, uow: UnitOfWork, values: dict[str, Any]) -> bool:
+        """Queue a message; False when its dedupe key was queued before (nothing new is written)."""
         notification_id = await repo.insert_notification(uow.session, values)
         if notification_id is None:
             log.info("notification_duplicate_skipped", dedupe_key=values["dedupe_key"])
-        elif values["status"] == "skipped":
+            return False
+        if values["status"] == "skipped":
             log.info("notification_not_applicable", kind=values["kind"], invoice_id=values["invoice_id"],
                      notification_id=str(notification_id), why=values.get("last_error"))
         else:
             log.info("notification_queued", kind=values["kind"], invoice_id=values["invoice_id"],
                      notification_id=str(notification_id))
+        return True
 
     # ------------------------------------------------------------------------------------------
     # the message log

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -185,13 +186,12 @@ async def test_a_failed_renewal_gives_one_update_your_card_email_and_none_once_p
             StripeEventType.INVOICE_PAYMENT_FAILED, invoice_id=stripe_invoice_id,
             subscription_id=sub.stripe_subscription_id, client_id=client_id, attempt_count=attempt),
             sub.stripe_subscription_id)
-    # past_due comes on another topic, in no order with Stripe's: whichever is handled first writes the
-    # one email (past_due's knows no amount or retry date). Sent after Stripe's email is out, it must
-    # add none; the order is the test's, so the content checked below is Stripe's every time.
-    await mailbox.wait(lambda ms: bool(kind_of(mailbox.to(email), NotificationKind.CARD_UPDATE)),
-                       "the update-your-card email", timeout=40)
+    # past_due comes on another topic, in no order with Stripe's: whichever is handled first queues
+    # the one email, and it has Stripe's amount and retry date either way (past_due's waits for them).
     past_due = sub.model_copy(update={"latest_stripe_invoice_id": stripe_invoice_id})
     await publish(producer, topics.SUBSCRIPTION, subscription_event(SubscriptionEventType.PAST_DUE, past_due), sub.id)
+    await mailbox.wait(lambda ms: bool(kind_of(mailbox.to(email), NotificationKind.CARD_UPDATE)),
+                       "the update-your-card email", timeout=40)
     await asyncio.sleep(2)
     [mail] = kind_of(mailbox.to(email), NotificationKind.CARD_UPDATE)
     assert mail["Subject"] == "Action needed: update your card for your Billing subscription"
@@ -297,6 +297,85 @@ async def test_an_update_your_card_email_is_skipped_at_delivery_once_our_invoice
     await harness.worker.drain()
     assert (await harness.message(kind="card_update", client_id=client_id)).status == "skipped"
     assert not mailbox.to(email)
+
+
+def card_text(mail: EmailMessage) -> str:
+    return mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+async def test_an_update_your_card_email_past_due_asked_for_first_waits_and_gets_stripes_amount(
+    harness: Harness, mailbox: Mailbox
+) -> None:
+    """past_due overtakes Stripe's failure event (another topic): its message waits for it, then goes
+    at once with both events' words: the amount and retry date (Stripe's), the plan's name (ours)."""
+    email, client_id = unique_email("pastduefirst"), str(uuid.uuid4())
+    stripe_invoice_id = f"in_{uuid.uuid4().hex[:16]}"
+    sub = subscription(client_id, email, status=SubscriptionStatus.PAST_DUE,
+                       latest_stripe_invoice_id=stripe_invoice_id)
+    before = datetime.now(UTC)
+    assert await harness.consumer.apply(subscription_event(SubscriptionEventType.PAST_DUE, sub))
+    await harness.worker.drain()
+    waiting = await harness.message(kind="card_update", client_id=client_id)
+    assert waiting.status == "pending"
+    assert waiting.next_attempt_at >= before + timedelta(seconds=harness.settings.card_update_wait)
+    assert not mailbox.to(email)
+
+    assert await harness.consumer.apply(stripe_invoice_event(
+        StripeEventType.INVOICE_PAYMENT_FAILED, invoice_id=stripe_invoice_id,
+        subscription_id=sub.stripe_subscription_id, client_id=client_id))
+    await harness.worker.drain()
+    assert (await harness.message(kind="card_update", client_id=client_id)).status == "sent"
+    await mailbox.wait(lambda _: bool(mailbox.to(email)), "the card email")
+    [mail] = mailbox.to(email)
+    text = card_text(mail)
+    assert "We could not charge your card for €30.00 for your Retainer <Pro> subscription." in text, text
+    assert "we will try again on March 21, 2026" in text, text
+
+
+async def test_past_due_after_stripes_failure_adds_the_plan_to_the_queued_email_and_no_second(
+    harness: Harness, mailbox: Mailbox, fake_invoice_service: FakeInvoiceService
+) -> None:
+    email, client_id = unique_email("stripefirst"), str(uuid.uuid4())
+    fake_invoice_service.clients[client_id] = {"name": "Acme <Ltd> & Co", "email": email}
+    stripe_invoice_id = f"in_{uuid.uuid4().hex[:16]}"
+    sub = subscription(client_id, email, status=SubscriptionStatus.PAST_DUE,
+                       latest_stripe_invoice_id=stripe_invoice_id)
+    assert await harness.consumer.apply(stripe_invoice_event(
+        StripeEventType.INVOICE_PAYMENT_FAILED, invoice_id=stripe_invoice_id,
+        subscription_id=sub.stripe_subscription_id, client_id=client_id))
+    assert await harness.consumer.apply(subscription_event(SubscriptionEventType.PAST_DUE, sub))
+    await harness.worker.drain()
+    assert (await harness.message(kind="card_update", client_id=client_id)).status == "sent"
+    await mailbox.wait(lambda _: bool(mailbox.to(email)), "the card email")
+    [mail] = mailbox.to(email)
+    text = card_text(mail)
+    assert "We could not charge your card for €30.00 for your Retainer <Pro> subscription." in text, text
+    assert "we will try again on March 21, 2026" in text, text
+
+
+async def test_an_update_your_card_email_stripe_never_completes_goes_after_the_wait_without_an_amount(
+    make_settings: Callable[..., NotificationsSettings], mailbox: Mailbox
+) -> None:
+    h = await make_harness(make_settings(card_update_wait=1.0))
+    try:
+        email, client_id = unique_email("pastduealone"), str(uuid.uuid4())
+        sub = subscription(client_id, email, status=SubscriptionStatus.PAST_DUE,
+                           latest_stripe_invoice_id=f"in_{uuid.uuid4().hex[:16]}")
+        assert await h.consumer.apply(subscription_event(SubscriptionEventType.PAST_DUE, sub))
+        deadline = time.monotonic() + 20
+        while (await h.message(kind="card_update", client_id=client_id)).status == "pending":
+            assert time.monotonic() < deadline, "the card email never left its wait"
+            await h.worker.drain()
+            await asyncio.sleep(0.1)
+        assert (await h.message(kind="card_update", client_id=client_id)).status == "sent"
+        await mailbox.wait(lambda _: bool(mailbox.to(email)), "the card email")
+        [mail] = mailbox.to(email)
+        text = card_text(mail)
+        assert "We could not charge your card for your Retainer <Pro> subscription." in text, text
+        assert "try again on" not in text
+    finally:
+        await h.worker.stop()
+        await h.db.dispose()
 
 
 async def test_subscription_emails_without_an_address_ask_the_invoice_service(
