@@ -113,6 +113,20 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+def pid_alive(pid: int) -> bool:
+    """True while the process runs: a zombie (exited, not yet reaped by its parent) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # /proc/<pid>/stat is "pid (comm) state ..."; comm may itself hold ") "
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _require_free(port: int, what: str) -> None:
     if not port_is_free(port):
         raise InfraError(f"{what}: port 127.0.0.1:{port} is already in use (another run still up?)")

@@ -53,6 +53,7 @@ from deploy.infra import (
     free_port,
     free_ports,
     make_traversable,
+    pid_alive,
 )
 from deploy.services import SERVICES, InfraEndpoints
 from deploy.stripe_standin.testing import WebhookReceiver
@@ -101,20 +102,10 @@ def _start_on_free_ports(make: Callable[[], S], start: Callable[[S], None]) -> S
     raise AssertionError("unreachable")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale_session_dirs() -> None:
     for path in RUN_DIR.glob("test-*"):
         match = re.fullmatch(r"test-(\d+)", path.name)
-        if not match or not path.is_dir() or _pid_alive(int(match.group(1))):
+        if not match or not path.is_dir() or pid_alive(int(match.group(1))):
             continue
         pg_dir = path / "pg"
         if (pg_dir / "postmaster.pid").exists() and find_postgres_bin() is not None:

@@ -6,30 +6,15 @@ left running afterwards."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from deploy.infra import REPO_ROOT
+from deploy.infra import REPO_ROOT, pid_alive
 
 FAULTS = ["payments", "invoice", "postgres", "kafka"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purpose (its parent, the chaos run, has exited and init reaps it).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.mark.infra
@@ -54,5 +39,5 @@ def test_a_short_chaos_run_loses_and_doubles_nothing(tmp_path: Path) -> None:
     assert report["unknown_unresolved"] == 0 and report["drained"], output
     assert proc.returncode == 0, output
     # Clean-up: every process it started is gone, and so is its stack directory.
-    assert report["pids"] and not [name for name, pid in report["pids"].items() if _alive(pid)]
+    assert report["pids"] and not [name for name, pid in report["pids"].items() if pid_alive(pid)]
     assert not Path(report["stack_root"]).exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.infra import pid_alive
 from kit.child import ChildContext, ChildProcess, ChildReport
 from kit.worker import WorkerState
 
@@ -43,17 +44,6 @@ async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 async def test_reports_restarts_and_stops() -> None:
     seen: list[float] = []
 
@@ -80,7 +70,7 @@ async def test_reports_restarts_and_stops() -> None:
         await _until(lambda: child.pid != first_pid and child.state().ok and child.state().runs > 0)
     finally:
         await child.stop()
-    assert child.pid is not None and not _alive(child.pid)
+    assert child.pid is not None and not pid_alive(child.pid)
 
 
 async def test_a_failing_child_is_dead_for_readiness() -> None:
@@ -124,12 +114,12 @@ def test_the_child_dies_with_a_killed_parent() -> None:
             line = parent.stdout.readline()
             assert line, "the parent ended before its child reported"
         child_pid = int(line.split()[1])
-        assert _alive(child_pid)
+        assert pid_alive(child_pid)
         parent.kill()
         parent.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(child_pid) and time.monotonic() < deadline:
+        while pid_alive(child_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child_pid), "the child outlived its killed parent"
+        assert not pid_alive(child_pid), "the child outlived its killed parent"
     finally:
         parent.kill()
