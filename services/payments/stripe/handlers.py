@@ -1,5 +1,5 @@
 """One short handler per Stripe event type: the typed event in, one call to the domain
-(services/payments/service.py) out.
+(services/payments/stripe/payments.py) out.
 
 `HANDLERS` is the only list of the event types payments handles. The intake stores any other type
 as ignored (Stripe still gets its 200), the setup command subscribes the webhook endpoint to exactly
@@ -14,16 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Generic
 
 from contracts.stripe import StripeInvoiceV1
-from services.payments.service import (
-    Outcome,
-    StripeCharge,
-    StripeEventRef,
-    StripeInvoiceCollection,
-    StripePayments,
-    StripeRefund,
-    combined,
-    ignored,
-)
 from services.payments.stripe import normalize
 from services.payments.stripe.events import (
     Charge,
@@ -34,6 +24,16 @@ from services.payments.stripe.events import (
     PaymentIntent,
     Subscription,
     parse_event,
+)
+from services.payments.stripe.payments import (
+    Outcome,
+    StripeCharge,
+    StripeEventRef,
+    StripeInvoiceCollection,
+    StripePayments,
+    StripeRefund,
+    combined,
+    ignored,
 )
 
 

@@ -27,10 +27,10 @@ from services.payments.config import PaymentsSettings
 from services.payments.invoice_client import HttpInvoiceReader, InvoiceReader, InvoiceServiceUnavailable
 from services.payments.models import StripeEvent, payments_database
 from services.payments.repository import Repository
-from services.payments.service import Outcome, RetryLater, StripePayments, ignored
 from services.payments.stripe.gateway import StripeGateway, StripeSdkGateway
 from services.payments.stripe.handlers import HANDLERS
 from services.payments.stripe.intake import WEBHOOK_CHANNEL
+from services.payments.stripe.payments import Outcome, RetryLater, StripePayments, ignored
 
 log = structlog.get_logger(__name__)
 
