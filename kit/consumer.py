@@ -207,20 +207,21 @@ class EventConsumer:
                     applied.append(event)
         return applied
 
-    async def handle_batch(self, message: KafkaMessage) -> Counter[str]:
-        """Handle one batch of records (from one or more partitions, each in its order): all in one
-        transaction; if that fails, each on its own as `handle_message` does, and a record that must
-        come again rewinds its partition to it (the records behind it on that partition wait too).
-        The offsets are committed after. Returns the count of each outcome."""
+    async def handle_batch(self, message: KafkaMessage) -> Counter[tuple[str, str]]:
+        """Handle one batch of records (from one or more partitions of one or more topics, each
+        partition in its order): all in one transaction; if that fails, each on its own as
+        `handle_message` does, and a record that must come again rewinds its partition to it (the
+        records behind it on that partition wait too). The offsets are committed after. Returns the
+        count of each (topic, outcome)."""
         records: tuple[Any, ...] = message.raw_message if isinstance(message.raw_message, tuple) else ()
-        outcomes: Counter[str] = Counter()
+        outcomes: Counter[tuple[str, str]] = Counter()
         parsed: list[tuple[Any, CloudEvent]] = []
         for record in records:
             try:
                 parsed.append((record, CloudEvent.model_validate_json(record.value)))
             except ValidationError as exc:
                 log.error("event_malformed_dropped", consumer=self.name, error=str(exc)[:500])
-                outcomes["malformed"] += 1
+                outcomes[(record.topic, "malformed")] += 1
         if await self._batch_at_once(parsed, outcomes):
             await message.ack()
             return outcomes
@@ -231,7 +232,7 @@ class EventConsumer:
                 continue  # behind a record that comes again: it comes again too, in order
             with tracing.consuming(_RecordView(record), consumer=self.name):
                 outcome = await self._handle_event(event, record.topic)
-            outcomes[outcome] += 1
+            outcomes[(record.topic, outcome)] += 1
             if outcome == "failed":
                 rewind[partition] = record.offset
         for partition, offset in rewind.items():
@@ -239,7 +240,8 @@ class EventConsumer:
         await message.ack()  # commits every partition's position: the rewound ones at their failed record
         return outcomes
 
-    async def _batch_at_once(self, parsed: list[tuple[Any, CloudEvent]], outcomes: Counter[str]) -> bool:
+    async def _batch_at_once(self, parsed: list[tuple[Any, CloudEvent]],
+                             outcomes: Counter[tuple[str, str]]) -> bool:
         if not parsed:
             return True
         spans = contextlib.ExitStack()
@@ -252,18 +254,21 @@ class EventConsumer:
             log.info("event_batch_retry_one_by_one", consumer=self.name, events=len(parsed), error=str(exc)[:300])
             return False
         done = {event.id for event in applied}
-        for _, event in parsed:
-            outcomes[self._done(event, applied=event.id in done)] += 1
+        for record, event in parsed:
+            outcomes[(record.topic, self._done(event, applied=event.id in done))] += 1
         return True
 
     def subscribe(self, broker: KafkaBroker, *topics: str, group_id: str, workers: int = 3, batch: int = 0) -> None:
         """One subscriber per topic with `workers` consumers in the group: partitions are handled in
         parallel, each partition (hence each aggregate) still strictly in order.
 
-        `batch` > 0: one consumer per topic instead, taking up to `batch` records a poll and applying
-        them in one transaction (`handle_batch`): a commit per batch, not per event, which is what a
-        busy topic needs. Only for handlers whose effects are all in the database: a failed batch is
-        redone event by event, so a handler's outside effect (an email, an HTTP call) could happen twice."""
+        `batch` > 0: one consumer for all the topics instead, taking up to `batch` records a poll and
+        applying them in one transaction (`handle_batch`): a commit per batch, not per event, which is
+        what a busy topic needs. Only for handlers whose effects are all in the database: a failed batch
+        is redone event by event, so a handler's outside effect (an email, an HTTP call) could happen
+        twice. One consumer, so one member of the group: a start or a restart is one rebalance, where a
+        consumer per topic joined one after another, each join a rebalance of its own (about 3 s each:
+        the members rejoin on their next heartbeat)."""
         async def one(body: Any, message: KafkaMessage) -> None:
             # The raw bytes are parsed here, so a malformed event is dropped with a log, not a crash loop.
             started = time.perf_counter()
@@ -275,25 +280,26 @@ class EventConsumer:
             started = time.perf_counter()
             outcomes = await self.handle_batch(message)
             each = (time.perf_counter() - started) / max(1, sum(outcomes.values()))
-            for outcome, n in outcomes.items():
-                histogram = EVENTS_HANDLED.labels(self.name, _topic_of(message) or "", group_id, outcome)
+            for (topic, outcome), n in outcomes.items():
+                histogram = EVENTS_HANDLED.labels(self.name, topic, group_id, outcome)
                 for _ in range(n):
                     histogram.observe(each)
 
-        handler = many if batch > 0 else one
-        handler.__name__ = f"{self.name}_{'batch_' if batch > 0 else ''}handler"
-        # One consumer polling batches, or `workers` consumers of a record at a time.
-        mode: dict[str, Any] = ({"batch": True, "max_records": batch, "batch_timeout_ms": BATCH_WAIT_MS}
-                                if batch > 0 else {"max_workers": workers})
+        common: dict[str, Any] = {"group_id": group_id, "ack_policy": AckPolicy.MANUAL,
+                                  "auto_offset_reset": "earliest"}
+        if batch > 0:
+            many.__name__ = f"{self.name}_batch_handler"
+            # The document's channels stay "<name>:<topic>" (FastStream adds the topic to the title
+            # of a subscriber of several).
+            title = self.name if len(topics) > 1 else f"{self.name}:{topics[0]}"
+            broker.subscriber(*topics, title=title, batch=True, max_records=batch, batch_timeout_ms=BATCH_WAIT_MS,
+                              **common)(many)
+            return
+        one.__name__ = f"{self.name}_handler"
+        # `workers` consumers of a record at a time per topic (FastStream's concurrent manual-commit
+        # subscriber takes a single topic).
         for topic in topics:
-            broker.subscriber(
-                topic,
-                group_id=group_id,
-                ack_policy=AckPolicy.MANUAL,
-                auto_offset_reset="earliest",
-                title=f"{self.name}:{topic}",
-                **mode,
-            )(handler)
+            broker.subscriber(topic, title=f"{self.name}:{topic}", max_workers=workers, **common)(one)
 
 
 class _RecordView:

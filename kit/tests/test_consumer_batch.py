@@ -19,6 +19,7 @@ from contracts.envelope import CloudEvent
 from kit.consumer import EventConsumer
 from kit.db import Database, InboxMixin, OutboxMixin, UnitOfWork
 from kit.deadletter import EventFailureMixin
+from kit.metrics import EVENTS_HANDLED
 
 
 class _Base(DeclarativeBase):
@@ -167,6 +168,50 @@ async def test_a_poison_event_in_a_batch_is_parked_and_the_partition_moves_on(
             failures = await uow.session.scalar(select(func.count()).select_from(EventFailure))
         assert len(parked) == 1 and CloudEvent.model_validate_json(parked[0]).data["eventId"] == bad.id
         assert failures == 0, "the parked event's failure count is gone with the parking"
+    finally:
+        await broker.stop()
+        await db.dispose()
+
+
+async def test_a_batch_consumer_of_several_topics_is_one_member_and_counts_each_topic(
+    kafka: Any, database_url_factory: Callable[[str], str]
+) -> None:
+    """One consumer for all its topics (one member of the group, one rebalance at a start), each
+    record's outcome counted under its own topic, each partition of each topic still in order."""
+    db = await _setup(database_url_factory, "batch_topics")
+    first, second = (f"test.batch.{uuid.uuid4().hex[:8]}" for _ in range(2))
+    kafka.create_topics([first, second], partitions=2)
+
+    async def effect(uow: UnitOfWork, event: CloudEvent) -> None:
+        uow.session.add(Effect(subject=event.subject, n=event.data["n"], event_id=event.id))
+
+    consumer = EventConsumer(db, f"batch-topics-{uuid.uuid4().hex[:6]}", {"test.effect": effect})
+    broker = KafkaBroker(kafka.bootstrap)
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    consumer.subscribe(broker, first, second, group_id=group, batch=50)
+    assert len(broker.subscribers) == 1
+    events = {first: [_event(f"a-{i % 3}", i) for i in range(60)],
+              second: [_event(f"b-{i % 3}", i) for i in range(40)]}
+    await broker.start()
+    try:
+        for topic, published in events.items():
+            for event in published:
+                await broker.publish(event.to_bytes(), topic=topic, key=event.subject.encode())
+
+        async def all_applied() -> bool:
+            return len(await _effects(db)) >= 100
+
+        await _until(all_applied)
+        effects = await _effects(db)
+        assert sorted(e.event_id for e in effects) == sorted(e.id for p in events.values() for e in p)
+        for subject in {e.subject for e in effects}:
+            mine = [e.n for e in effects if e.subject == subject]
+            assert mine == sorted(mine), (subject, mine)
+        for topic, published in events.items():
+            samples = [s for m in EVENTS_HANDLED.collect() for s in m.samples
+                       if s.name.endswith("_count") and s.labels.get("topic") == topic
+                       and s.labels.get("consumer") == consumer.name and s.labels.get("outcome") == "applied"]
+            assert [s.value for s in samples] == [len(published)], (topic, samples)
     finally:
         await broker.stop()
         await db.dispose()

@@ -2,13 +2,14 @@
 subscription's Stripe invoice events (billing.stripe: a failed renewal charge, then paid) become emails.
 
 One consumer group ("notifications") across replicas: each partition is read by one replica. Each
-event is applied once (kit inbox) in the transaction that queues its email; the delivery worker is
-woken after the commit.
+event is applied once (kit inbox) in the transaction that queues its email, a poll's events in one
+transaction (the handlers only write the database: the emails go out from the delivery worker); the
+delivery worker is woken after the commit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
@@ -39,6 +40,12 @@ class NotificationConsumer(EventConsumer):
             self._after_commit()
         return applied
 
+    async def apply_batch(self, events: Sequence[CloudEvent]) -> list[CloudEvent]:
+        applied = await super().apply_batch(events)
+        if applied:
+            self._after_commit()
+        return applied
+
 
 def register_consumers(
     broker: KafkaBroker,
@@ -48,8 +55,10 @@ def register_consumers(
 ) -> NotificationConsumer:
     consumer = NotificationConsumer(db, CONSUMER_NAME, service.handlers(), after_commit=after_commit)
     group_id = service.settings.consumer_group or GROUP_ID
+    # Batches: one consumer for the four topics (a start is one rebalance, not twelve consumers'),
+    # a commit per poll.
     consumer.subscribe(broker, topics.INVOICE, topics.PAYMENT, topics.SUBSCRIPTION, topics.STRIPE,
-                       group_id=group_id)
+                       group_id=group_id, batch=100)
     # Declared for the AsyncAPI document: what this service publishes (through its outbox).
     broker.publisher(
         topics.NOTIFICATION, title="notification.sent and notification.failed", schema=NotificationEventV1,
