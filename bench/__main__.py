@@ -9,6 +9,7 @@
     reporting  2.4M events rebuilt (events/s), summary and monthly revenue vs a bare endpoint, 200k-row xlsx
     subscriptions  a month of renewals over 10,000 subscriptions: until all PAID, invoices/s, lost/doubled;
                change-preview p50/p99 vs a bare endpoint
+    startup    each service's first start and restarts until /healthz answers (Kafka group joins)
 
 Each prints its figures, ratios and checks (nothing lost or doubled, order, gapless numbers); none
 passes or fails on speed, the exit code is 1 when a check failed. `--json FILE` also writes
@@ -39,6 +40,7 @@ BENCHES = {
     "reminders": "bench.reminder_bench",
     "reporting": "bench.reporting_bench",
     "subscriptions": "bench.subscriptions_bench",
+    "startup": "bench.startup_bench",
 }
 
 
