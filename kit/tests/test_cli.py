@@ -43,6 +43,7 @@ COMMANDS = [
     "bench.compare",
     "bench.invoice_cpu",
     "bench.payments_cpu",
+    "bench.startup_bench",
     "deploy.supervise",
     "deploy.k8s.settings",
     "deploy.k8s.migrate",
